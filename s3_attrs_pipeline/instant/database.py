@@ -1,0 +1,473 @@
+"""The SQL that reads `$files` from an InstantDB database and writes the two new attrs' triples.
+
+Every statement is parameterised. Reads run outside transactions (autocommit) so that no snapshot
+is held while S3 is being asked; each batch's writes are one short transaction.
+"""
+
+import dataclasses
+import json
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Json
+
+from s3_attrs_pipeline.instant.file_attrs import (
+    FILES_ETYPE,
+    HASH,
+    LAST_MODIFIED,
+    LOCATION_ID,
+    NEW_ATTRS,
+    SYSTEM_CATALOG_APP_ID,
+    AttrSpec,
+    json_text,
+    value_md5,
+)
+from s3_attrs_pipeline.instant.partitions import AppIdRange
+
+PROGRESS_CONFIG_KEY = "s3-attrs-migration-status"
+APPLICATION_NAME = "s3-attrs-pipeline"
+
+
+class DatabaseUrlError(ValueError):
+    """INSTANT_DATABASE_URL is missing or not a libpq connection string."""
+
+
+class CatalogMismatch(RuntimeError):
+    """The system catalog's `$files` attrs are missing or not what InstantDB defines."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionLimits:
+    """Guards for a live database: no statement or lock wait may run longer than these."""
+
+    statement_timeout_ms: int = 30_000
+    lock_timeout_ms: int = 5_000
+    connect_timeout_s: int = 10
+
+
+def validate_database_url(url: str | None) -> str:
+    if not url or not url.strip():
+        raise DatabaseUrlError("INSTANT_DATABASE_URL is not set: give the libpq URL of the InstantDB database")
+    try:
+        psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        # libpq's own message quotes the string, password and all: keep it out of logs.
+        raise DatabaseUrlError(
+            "INSTANT_DATABASE_URL is not a valid libpq connection string "
+            "(expected postgresql://user:password@host:port/dbname)"
+        ) from None
+    return url
+
+
+def connect(url: str, limits: SessionLimits = SessionLimits()) -> psycopg.Connection:
+    """An autocommit connection whose session carries `limits`."""
+    return psycopg.connect(
+        validate_database_url(url),
+        autocommit=True,
+        connect_timeout=limits.connect_timeout_s,
+        application_name=APPLICATION_NAME,
+        options=f"-c statement_timeout={limits.statement_timeout_ms} -c lock_timeout={limits.lock_timeout_ms}",
+    )
+
+
+# --- the system catalog -------------------------------------------------------------------------
+
+_INSERT_ATTR = """
+INSERT INTO attrs (id, app_id, value_type, cardinality, is_unique, is_indexed, forward_ident,
+                   checked_data_type, is_required, etype, label)
+VALUES (%(id)s, %(app_id)s, 'blob', 'one', %(is_unique)s, %(is_indexed)s, %(ident_id)s,
+        %(checked_data_type)s::checked_data_type, %(is_required)s, %(etype)s, %(label)s)
+ON CONFLICT DO NOTHING
+"""
+
+_INSERT_IDENT = """
+INSERT INTO idents (id, app_id, attr_id, etype, label)
+VALUES (%(ident_id)s, %(app_id)s, %(id)s, %(etype)s, %(label)s)
+ON CONFLICT DO NOTHING
+"""
+
+_SELECT_ATTR = """
+SELECT a.id, a.value_type, a.cardinality, a.is_unique, a.is_indexed, a.checked_data_type::text,
+       a.forward_ident, i.id IS NOT NULL AS has_ident
+FROM attrs a LEFT JOIN idents i ON i.id = a.forward_ident AND i.attr_id = a.id
+WHERE a.app_id = %(app_id)s AND a.etype = %(etype)s AND a.label = %(label)s
+"""
+
+
+def _attr_params(spec: AttrSpec) -> dict:
+    return {
+        "id": spec.attr_id,
+        "ident_id": spec.ident_id,
+        "app_id": SYSTEM_CATALOG_APP_ID,
+        "etype": FILES_ETYPE,
+        "label": spec.label,
+        "is_unique": spec.is_unique,
+        "is_indexed": spec.is_indexed,
+        "checked_data_type": spec.checked_data_type,
+        "is_required": spec.is_required,
+    }
+
+
+def _check_attr(conn: psycopg.Connection, spec: AttrSpec, *, check_type: bool, require_ident: bool = True) -> None:
+    row = conn.execute(_SELECT_ATTR, _attr_params(spec)).fetchone()
+    where = f"attrs row {FILES_ETYPE}.{spec.label} of the system catalog app {SYSTEM_CATALOG_APP_ID}"
+    if row is None:
+        raise CatalogMismatch(f"{where} does not exist")
+    attr_id, value_type, cardinality, is_unique, is_indexed, checked_data_type, forward_ident, has_ident = row
+    expected = {
+        "id": spec.attr_id,
+        "value_type": "blob",
+        "cardinality": "one",
+        "is_unique": spec.is_unique,
+        "is_indexed": spec.is_indexed,
+        "forward_ident": spec.ident_id,
+    }
+    actual = {
+        "id": attr_id,
+        "value_type": value_type,
+        "cardinality": cardinality,
+        "is_unique": is_unique,
+        "is_indexed": is_indexed,
+        "forward_ident": forward_ident,
+    }
+    if check_type:
+        expected["checked_data_type"] = spec.checked_data_type
+        actual["checked_data_type"] = checked_data_type
+    wrong = [f"{name} is {actual[name]!r}, expected {value!r}" for name, value in expected.items() if actual[name] != value]
+    if require_ident and not has_ident:
+        wrong.append(f"its ident {spec.ident_id} is missing")
+    if wrong:
+        raise CatalogMismatch(f"{where} is not as InstantDB defines it: " + "; ".join(wrong))
+
+
+def ensure_file_attrs(conn: psycopg.Connection) -> None:
+    """Create `$files.hash` and `$files.lastModified` (attrs and idents) if missing, then check the
+    catalog rows this pipeline relies on. Safe to run from many processes at once."""
+    with conn.transaction():
+        for spec in NEW_ATTRS:
+            params = _attr_params(spec)
+            conn.execute(_INSERT_ATTR, params)
+            # Checked before the ident goes in: an attr of this label with another id would make the
+            # ident insert fail with a bare foreign-key error.
+            _check_attr(conn, spec, check_type=True, require_ident=False)
+            conn.execute(_INSERT_IDENT, params)
+    _check_attr(conn, LOCATION_ID, check_type=False)
+    for spec in NEW_ATTRS:
+        _check_attr(conn, spec, check_type=True)
+
+
+# --- reading the files to backfill --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingFile:
+    """A `$files` entity with a `location-id` and no `hash` yet."""
+
+    app_id: uuid.UUID
+    entity_id: uuid.UUID
+    location_value_json: str  # the location-id triple's value, exactly as Postgres prints it
+
+    @property
+    def location_value(self) -> object:
+        return json.loads(self.location_value_json)
+
+
+# The scan walks the `ave` index (app_id, attr_id, value) of the location-id triples, keyset by
+# (app_id, value), so each page costs what it returns, never the size of `triples`.
+_PENDING_FILES = """
+SELECT l.app_id, l.entity_id, l.value::text
+FROM triples l
+WHERE l.attr_id = %(location_attr)s AND l.ave
+  AND {after} AND l.app_id <= %(last_app)s
+  AND NOT EXISTS (
+    SELECT 1 FROM triples h
+    WHERE h.app_id = l.app_id AND h.entity_id = l.entity_id AND h.attr_id = %(hash_attr)s AND h.ea)
+ORDER BY l.app_id, l.attr_id, l.value
+LIMIT %(limit)s
+"""
+_FIRST_PAGE = sql.SQL(_PENDING_FILES).format(after=sql.SQL("l.app_id >= %(first_app)s"))
+_NEXT_PAGE = sql.SQL(_PENDING_FILES).format(
+    after=sql.SQL("(l.app_id, l.attr_id, l.value) > (%(after_app)s, %(location_attr)s, %(after_value)s::jsonb)")
+)
+
+
+def iter_pending_batches(
+    conn: psycopg.Connection, app_ids: AppIdRange, batch_size: int
+) -> Iterator[list[PendingFile]]:
+    """Pages of the range's files that still lack `hash`, in key order, `batch_size` at a time."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, not {batch_size}")
+    params = {
+        "location_attr": LOCATION_ID.attr_id,
+        "hash_attr": HASH.attr_id,
+        "first_app": app_ids.first,
+        "last_app": app_ids.last,
+        "limit": batch_size,
+    }
+    query = _FIRST_PAGE
+    while True:
+        batch = [PendingFile(*row) for row in conn.execute(query, params).fetchall()]
+        if not batch:
+            return
+        yield batch
+        if len(batch) < batch_size:
+            return
+        query = _NEXT_PAGE
+        params["after_app"] = batch[-1].app_id
+        params["after_value"] = batch[-1].location_value_json
+
+
+_COUNT_POPULATED = """
+SELECT count(*) FROM triples l
+WHERE l.attr_id = %(location_attr)s AND l.ave AND l.app_id BETWEEN %(first_app)s AND %(last_app)s
+  AND EXISTS (
+    SELECT 1 FROM triples h
+    WHERE h.app_id = l.app_id AND h.entity_id = l.entity_id AND h.attr_id = %(hash_attr)s AND h.ea)
+"""
+
+
+def count_populated_files(conn: psycopg.Connection, app_ids: AppIdRange) -> int:
+    params = {
+        "location_attr": LOCATION_ID.attr_id,
+        "hash_attr": HASH.attr_id,
+        "first_app": app_ids.first,
+        "last_app": app_ids.last,
+    }
+    return conn.execute(_COUNT_POPULATED, params).fetchone()[0]
+
+
+_PENDING_BY_PARTITION = """
+SELECT left(l.app_id::text, %(width)s), count(*)
+FROM triples l
+WHERE l.attr_id = %(location_attr)s AND l.ave
+  AND NOT EXISTS (
+    SELECT 1 FROM triples h
+    WHERE h.app_id = l.app_id AND h.entity_id = l.entity_id AND h.attr_id = %(hash_attr)s AND h.ea)
+GROUP BY 1
+"""
+
+
+def pending_files_by_partition(conn: psycopg.Connection, width: int) -> dict[str, int]:
+    """Files lacking `hash`, by partition key (the app id's first `width` hex digits)."""
+    params = {"width": width, "location_attr": LOCATION_ID.attr_id, "hash_attr": HASH.attr_id}
+    return dict(conn.execute(_PENDING_BY_PARTITION, params).fetchall())
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FileObjectAttrs:
+    """The values to write for one file: its object's ETag (unquoted) and Last-Modified in epoch ms."""
+
+    file: PendingFile
+    hash: str
+    last_modified_ms: int
+
+
+_INSERT_TRIPLES = """
+INSERT INTO triples (app_id, entity_id, attr_id, value, value_md5, ea, eav, av, ave, vae, checked_data_type)
+SELECT r.app_id, r.entity_id, r.attr_id, r.value, r.value_md5, r.ea, r.eav, r.av, r.ave, r.vae,
+       r.checked_data_type::checked_data_type
+FROM unnest(%(app_ids)s::uuid[], %(entity_ids)s::uuid[], %(attr_ids)s::uuid[], %(values)s::jsonb[],
+            %(value_md5s)s::text[], %(ea)s::bool[], %(eav)s::bool[], %(av)s::bool[], %(ave)s::bool[],
+            %(vae)s::bool[], %(checked_data_types)s::text[], %(location_values)s::jsonb[])
+     AS r(app_id, entity_id, attr_id, value, value_md5, ea, eav, av, ave, vae, checked_data_type, location_value)
+-- Write only for files that still have the location we asked S3 about: a file deleted or moved
+-- since it was read gets nothing.
+WHERE EXISTS (
+  SELECT 1 FROM triples l
+  WHERE l.app_id = r.app_id AND l.entity_id = r.entity_id AND l.attr_id = %(location_attr)s
+    AND l.ea AND l.value = r.location_value)
+ON CONFLICT DO NOTHING
+RETURNING entity_id
+"""
+
+_STILL_LOCATED = """
+SELECT l.entity_id FROM triples l
+JOIN unnest(%(app_ids)s::uuid[], %(entity_ids)s::uuid[], %(location_values)s::jsonb[]) AS f(app_id, entity_id, location_value)
+  ON l.app_id = f.app_id AND l.entity_id = f.entity_id AND l.value = f.location_value
+WHERE l.attr_id = %(location_attr)s AND l.ea
+"""
+
+
+def _triple_columns(files: Sequence[FileObjectAttrs]) -> dict[str, list]:
+    columns: dict[str, list] = {
+        name: []
+        for name in (
+            "app_ids", "entity_ids", "attr_ids", "values", "value_md5s", "ea", "eav", "av", "ave", "vae",
+            "checked_data_types", "location_values",
+        )
+    }
+    for attrs in files:
+        for spec, value in ((HASH, attrs.hash), (LAST_MODIFIED, attrs.last_modified_ms)):
+            columns["app_ids"].append(attrs.file.app_id)
+            columns["entity_ids"].append(attrs.file.entity_id)
+            columns["attr_ids"].append(spec.attr_id)
+            columns["values"].append(json_text(value))
+            columns["value_md5s"].append(value_md5(value))
+            for flag, on in spec.triple_flags.items():
+                columns[flag].append(on)
+            columns["checked_data_types"].append(spec.checked_data_type)
+            columns["location_values"].append(attrs.file.location_value_json)
+    return columns
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchWriteOutcome:
+    written: int  # files that got their triples from this write
+    already_populated: int  # files some other writer populated first
+    vanished: int  # files deleted, or given another location, since they were read
+
+
+def write_file_attrs(
+    conn: psycopg.Connection,
+    files: Sequence[FileObjectAttrs],
+    progress_after: Callable[[BatchWriteOutcome], "ProgressUpdate"],
+) -> BatchWriteOutcome:
+    """Write both triples of every file, and the progress that follows from what was written, in
+    one transaction: a batch is recorded whole or not at all."""
+    with conn.transaction():
+        if files:
+            params = _triple_columns(files) | {"location_attr": LOCATION_ID.attr_id}
+            inserted = {row[0] for row in conn.execute(_INSERT_TRIPLES, params).fetchall()}
+        else:
+            inserted = set()
+        unwritten = [f.file for f in files if f.file.entity_id not in inserted]
+        vanished = len(unwritten) - len(_still_located(conn, unwritten)) if unwritten else 0
+        outcome = BatchWriteOutcome(len(inserted), len(unwritten) - vanished, vanished)
+        record_progress(conn, progress_after(outcome))
+    return outcome
+
+
+def _still_located(conn: psycopg.Connection, files: Sequence[PendingFile]) -> set[uuid.UUID]:
+    params = {
+        "app_ids": [f.app_id for f in files],
+        "entity_ids": [f.entity_id for f in files],
+        "location_values": [f.location_value_json for f in files],
+        "location_attr": LOCATION_ID.attr_id,
+    }
+    return {row[0] for row in conn.execute(_STILL_LOCATED, params).fetchall()}
+
+
+# --- progress in the config row -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressUpdate:
+    """Increments to the migration's totals, and the latest state of one partition."""
+
+    partition_key: str
+    partition_state: dict
+    processed: int = 0
+    successful: int = 0
+    failed: int = 0
+    missing: int = 0
+    partition_count: int | None = None  # given when a partition ends: recompute `completed`
+
+
+# One statement, so concurrent partitions each add their increments under the row lock that
+# ON CONFLICT DO UPDATE takes; `config.v` is json, so the merge goes through jsonb.
+_RECORD_PROGRESS = """
+INSERT INTO config AS c (k, v) VALUES (%(key)s, %(initial)s::json)
+ON CONFLICT (k) DO UPDATE SET v = (
+  c.v::jsonb || jsonb_build_object(
+    'total-processed', coalesce((c.v->>'total-processed')::bigint, 0) + %(processed)s,
+    'total-successful', coalesce((c.v->>'total-successful')::bigint, 0) + %(successful)s,
+    'total-failed', coalesce((c.v->>'total-failed')::bigint, 0) + %(failed)s,
+    'total-missing', coalesce((c.v->>'total-missing')::bigint, 0) + %(missing)s,
+    'partitions', coalesce(c.v::jsonb->'partitions', '{}'::jsonb) || %(partition)s::jsonb)
+)::json
+"""
+
+_RECOMPUTE_COMPLETED = """
+UPDATE config SET v = jsonb_set(v::jsonb, '{completed}', to_jsonb(
+  (SELECT count(*) FROM jsonb_each(v::jsonb->'partitions') p WHERE p.value->>'status' = 'completed')
+  >= %(partition_count)s))::json
+WHERE k = %(key)s
+"""
+
+
+def record_progress(conn: psycopg.Connection, update: ProgressUpdate) -> None:
+    partition = {update.partition_key: update.partition_state}
+    initial = {
+        "total-processed": update.processed,
+        "total-successful": update.successful,
+        "total-failed": update.failed,
+        "total-missing": update.missing,
+        "completed": False,
+        "partitions": partition,
+    }
+    params = {
+        "key": PROGRESS_CONFIG_KEY,
+        "initial": Json(initial),
+        "processed": update.processed,
+        "successful": update.successful,
+        "failed": update.failed,
+        "missing": update.missing,
+        "partition": Json(partition),
+    }
+    with conn.transaction():
+        conn.execute(_RECORD_PROGRESS, params)
+        if update.partition_count is not None:
+            conn.execute(_RECOMPUTE_COMPLETED, {"key": PROGRESS_CONFIG_KEY, "partition_count": update.partition_count})
+
+
+def read_progress(conn: psycopg.Connection) -> dict:
+    row = conn.execute("SELECT v FROM config WHERE k = %s", (PROGRESS_CONFIG_KEY,)).fetchone()
+    return row[0] if row else {}
+
+
+def reset_progress(conn: psycopg.Connection) -> None:
+    conn.execute("DELETE FROM config WHERE k = %s", (PROGRESS_CONFIG_KEY,))
+
+
+# --- operator queries ---------------------------------------------------------------------------
+
+_FILE_COUNTS = """
+SELECT count(*), count(h.entity_id)
+FROM triples l
+LEFT JOIN triples h ON h.app_id = l.app_id AND h.entity_id = l.entity_id AND h.attr_id = %(hash_attr)s AND h.ea
+WHERE l.attr_id = %(location_attr)s AND l.ea
+"""
+
+
+def migration_stats(conn: psycopg.Connection) -> dict:
+    """The old migration's stats: counts from the triples, totals from the config row."""
+    total, processed = conn.execute(
+        _FILE_COUNTS, {"hash_attr": HASH.attr_id, "location_attr": LOCATION_ID.attr_id}
+    ).fetchone()
+    progress = read_progress(conn)
+    return {
+        "total-files": total,
+        "processed-files": processed,
+        "remaining-files": total - processed,
+        "completion-percentage": round(100 * processed / total, 2) if total else 100.0,
+        "total-processed": progress.get("total-processed", 0),
+        "total-successful": progress.get("total-successful", 0),
+        "total-failed": progress.get("total-failed", 0),
+        "total-missing": progress.get("total-missing", 0),
+        "completed": progress.get("completed", False),
+    }
+
+
+_DELETE_NEW_ATTR_TRIPLES = """
+DELETE FROM triples
+WHERE attr_id = ANY(%(attr_ids)s)
+  AND ctid = ANY(ARRAY(SELECT ctid FROM triples WHERE attr_id = ANY(%(attr_ids)s) LIMIT %(limit)s))
+"""
+
+
+def delete_new_attr_triples(conn: psycopg.Connection, chunk_size: int = 5_000) -> int:
+    """Delete every `hash` and `lastModified` triple, `chunk_size` rows a transaction so that no
+    lock is held for long. Returns how many were deleted."""
+    attr_ids = [spec.attr_id for spec in NEW_ATTRS]
+    deleted = 0
+    while True:
+        with conn.transaction():
+            count = conn.execute(_DELETE_NEW_ATTR_TRIPLES, {"attr_ids": attr_ids, "limit": chunk_size}).rowcount
+        deleted += count
+        if count == 0:
+            return deleted
