@@ -1,0 +1,185 @@
+"""HEAD objects concurrently and turn each answer into metadata, a miss, a failure or a stop."""
+
+import dataclasses
+import datetime
+import email.utils
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import functools
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+# Printable ASCII without quotes or spaces: what S3 and its look-alikes put inside an ETag.
+_ETAG_PATTERN = re.compile(r'[!#-~]{1,512}')
+# Errors that would answer every request the same way: asking further is futile.
+_ACCESS_ERROR_CODES = {
+    "403", "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "NoSuchBucket", "301", "PermanentRedirect",
+    "AuthorizationHeaderMalformed",
+}
+_MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+
+
+class S3AccessError(RuntimeError):
+    """The bucket cannot be read at all (access denied, no such bucket, no credentials)."""
+
+
+class MalformedObjectMetadata(ValueError):
+    """An object's ETag or Last-Modified header is not what S3 sends."""
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Settings:
+    bucket: str
+    endpoint_url: str | None = None
+    region_name: str | None = None
+    max_in_flight: int = 32
+    max_retries: int = 3
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 20.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectMetadata:
+    hash: str  # the ETag without its quotes
+    last_modified_ms: int
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadOutcome:
+    """What one HEAD found: metadata, a missing object, or why it failed after its retries."""
+
+    key: str
+    metadata: ObjectMetadata | None = None
+    missing: bool = False
+    failure: str | None = None
+    malformed: bool = False
+    retries: int = 0
+
+
+def parse_etag(header: str | None) -> str:
+    if header is None:
+        raise MalformedObjectMetadata("the response has no ETag header")
+    unquoted = header[1:-1] if len(header) >= 2 and header[0] == header[-1] == '"' else header
+    if not _ETAG_PATTERN.fullmatch(unquoted):
+        raise MalformedObjectMetadata(f"ETag {header[:80]!r} is not a quoted printable token")
+    return unquoted
+
+
+def parse_last_modified_ms(header: str | None) -> int:
+    if header is None:
+        raise MalformedObjectMetadata("the response has no Last-Modified header")
+    try:
+        instant = email.utils.parsedate_to_datetime(header)
+    except (TypeError, ValueError):
+        instant = None
+    if instant is None or instant.tzinfo is None:
+        raise MalformedObjectMetadata(f"Last-Modified {header[:80]!r} is not an HTTP date")
+    millis = round(instant.timestamp() * 1000)
+    if millis <= 0:
+        raise MalformedObjectMetadata(f"Last-Modified {header[:80]!r} is not after 1970")
+    return millis
+
+
+def object_metadata_from_headers(headers: dict[str, str]) -> ObjectMetadata:
+    """Metadata from a HEAD's raw headers (lower-case names), as S3 sent them."""
+    return ObjectMetadata(parse_etag(headers.get("etag")), parse_last_modified_ms(headers.get("last-modified")))
+
+
+def _error_code(error: botocore.exceptions.ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def _retries(response: dict) -> int:
+    return int(response.get("ResponseMetadata", {}).get("RetryAttempts", 0))
+
+
+@functools.cache
+def _shared_session() -> boto3.session.Session:
+    # Its loader caches the parsed service models: a client per partition then costs milliseconds.
+    return boto3.session.Session()
+
+
+class ObjectStore:
+    """One bucket, HEADed with at most `max_in_flight` requests at once.
+
+    botocore's adaptive retry mode does the retrying: exponential backoff with jitter, and a
+    client-side rate limit that slows down while S3 answers SlowDown.
+    """
+
+    def __init__(self, settings: S3Settings):
+        self.settings = settings
+        config = botocore.config.Config(
+            max_pool_connections=settings.max_in_flight,
+            connect_timeout=settings.connect_timeout_s,
+            read_timeout=settings.read_timeout_s,
+            retries={"mode": "adaptive", "max_attempts": settings.max_retries + 1},
+        )
+        self._client = _shared_session().client(
+            "s3", endpoint_url=settings.endpoint_url, region_name=settings.region_name, config=config
+        )
+        self._pool = ThreadPoolExecutor(max_workers=settings.max_in_flight, thread_name_prefix="s3-head")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._client.close()
+
+    def __enter__(self) -> "ObjectStore":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def check_bucket(self) -> None:
+        """Fail fast, before any file is read, if the bucket is missing or unreadable."""
+        bucket = self.settings.bucket
+        try:
+            self._client.head_bucket(Bucket=bucket)
+        except botocore.exceptions.ClientError as error:
+            code = _error_code(error)
+            if code in _MISSING_CODES or code == "NoSuchBucket":
+                raise S3AccessError(f"S3 bucket {bucket!r} does not exist (HEAD bucket answered {code})") from None
+            if code in _ACCESS_ERROR_CODES:
+                raise S3AccessError(
+                    f"S3 bucket {bucket!r} cannot be read: HEAD bucket answered {code} "
+                    "(check the credentials and that the policy allows s3:ListBucket and s3:GetObject)"
+                ) from None
+            raise S3AccessError(f"S3 bucket {bucket!r} did not answer HEAD bucket: {code} {error}") from None
+        except botocore.exceptions.NoCredentialsError:
+            raise S3AccessError("no AWS credentials were found (environment, config files or instance role)") from None
+        except botocore.exceptions.BotoCoreError as error:
+            raise S3AccessError(f"S3 endpoint for bucket {bucket!r} cannot be reached: {error}") from None
+
+    def head(self, key: str) -> HeadOutcome:
+        try:
+            response = self._client.head_object(Bucket=self.settings.bucket, Key=key)
+        except botocore.exceptions.ClientError as error:
+            code = _error_code(error)
+            if code in _MISSING_CODES:
+                return HeadOutcome(key, missing=True, retries=_retries(error.response))
+            if code in _ACCESS_ERROR_CODES:
+                raise S3AccessError(
+                    f"S3 answered {code} for s3://{self.settings.bucket}/{key}: the pipeline cannot read this "
+                    "bucket (check the credentials and that the policy allows s3:GetObject and s3:ListBucket)"
+                ) from None
+            return HeadOutcome(key, failure=f"S3 answered {code or 'an error'}", retries=_retries(error.response))
+        except botocore.exceptions.NoCredentialsError:
+            raise S3AccessError("no AWS credentials were found (environment, config files or instance role)") from None
+        except (botocore.exceptions.BotoCoreError, ValueError) as error:
+            # BotoCoreError: connection reset, timeout, unreachable endpoint after the retries;
+            # ValueError: botocore could not parse the response's headers.
+            return HeadOutcome(key, failure=f"{type(error).__name__}: {error}")
+        headers = response["ResponseMetadata"].get("HTTPHeaders", {})
+        try:
+            metadata = object_metadata_from_headers(headers)
+        except MalformedObjectMetadata as error:
+            return HeadOutcome(key, failure=str(error), malformed=True, retries=_retries(response))
+        return HeadOutcome(key, metadata=metadata, retries=_retries(response))
+
+    def head_many(self, keys: Sequence[str]) -> list[HeadOutcome]:
+        """HEAD every key, `max_in_flight` at a time; outcomes in the order of `keys`."""
+        return list(self._pool.map(self.head, keys))
