@@ -1,0 +1,1 @@
+"""The Dagster wiring: partitions, resources and assets over the backfill."""
