@@ -1,0 +1,195 @@
+"""`s3-attrs`: the operator's command line for the backfill."""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from s3_attrs_pipeline.instant import database as db
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+_STATS_ORDER = (
+    "total-files", "processed-files", "remaining-files", "completion-percentage",
+    "total-processed", "total-successful", "total-failed", "total-missing", "completed",
+)
+
+
+class SetupError(Exception):
+    """The environment does not say where the database or bucket is."""
+
+
+def _database_url() -> str:
+    try:
+        return db.validate_database_url(os.environ.get("INSTANT_DATABASE_URL"))
+    except db.DatabaseUrlError as error:
+        raise SetupError(str(error)) from None
+
+
+def _check_bucket_env() -> None:
+    from s3_attrs_pipeline.defs.resources import validate_bucket_name
+
+    try:
+        validate_bucket_name(os.environ.get("INSTANT_S3_BUCKET"))
+    except ValueError as error:
+        raise SetupError(str(error)) from None
+
+
+def _confirm(question: str, assume_yes: bool) -> bool:
+    if assume_yes:
+        return True
+    if not sys.stdin.isatty():
+        print(f"{question} Refusing without a terminal to ask on; pass --yes.", file=sys.stderr)
+        return False
+    return input(f"{question} Type 'yes' to go on: ").strip().lower() == "yes"
+
+
+def print_stats(as_json: bool) -> None:
+    with db.connect(_database_url()) as conn:
+        stats = db.migration_stats(conn)
+    if as_json:
+        print(json.dumps(stats))
+        return
+    for name in _STATS_ORDER:
+        print(f"{name:>22}: {stats[name]}")
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    print_stats(args.json)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    url = _database_url()
+    _check_bucket_env()
+    from s3_attrs_pipeline import runs
+    from s3_attrs_pipeline.backfill import partitions_with_work
+    from s3_attrs_pipeline.defs.partitions import PARTITION_WIDTH
+
+    every_key = runs.all_partition_keys()
+    unknown = sorted(set(args.partition or []) - set(every_key))
+    if unknown:
+        raise SetupError(f"unknown partition keys {', '.join(unknown)} (keys are {PARTITION_WIDTH} hex digits)")
+    keys = args.partition or every_key
+    if not args.partition and not args.all:
+        with db.connect(url) as conn:
+            keys = partitions_with_work(keys, db.pending_files_by_partition(conn, PARTITION_WIDTH), db.read_progress(conn))
+        print(f"{len(keys)} of {len(every_key)} partitions have work to do (--all runs every one)")
+    started = time.monotonic()
+    totals: dict[str, float] = {}
+    failed: list = []
+    for run in runs.materialize_partitions(
+        keys,
+        parallel=args.parallel,
+        batch_size=args.batch_size,
+        log_level="WARNING" if args.quiet else "INFO",
+        tags={"s3-attrs/launched-by": "cli"},
+    ):
+        for name in ("processed", "successful", "missing", "failed", "invalid_location_id", "already_populated"):
+            totals[name] = totals.get(name, 0) + run.metadata.get(name, 0)
+        if not run.success:
+            failed.append(run)
+            print(f"partition {run.partition_key} FAILED (run {run.run_id}): {run.error}", file=sys.stderr)
+        elif not args.quiet:
+            print(
+                f"partition {run.partition_key}: processed={run.metadata.get('processed', 0)} "
+                f"successful={run.metadata.get('successful', 0)} missing={run.metadata.get('missing', 0)}"
+            )
+    elapsed = time.monotonic() - started
+    print(
+        f"{len(keys)} partitions in {elapsed:.1f}s: {len(keys) - len(failed)} succeeded, {len(failed)} failed; "
+        + " ".join(f"{name}={int(value)}" for name, value in totals.items())
+    )
+    if failed:
+        print("failed partitions (rerun with --partition): " + " ".join(run.partition_key for run in failed), file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    url = _database_url()
+    if not _confirm(f"Clear the progress state (config row {db.PROGRESS_CONFIG_KEY!r})?", args.yes):
+        return EXIT_FAILED
+    with db.connect(url) as conn:
+        db.reset_progress(conn)
+    print("progress state cleared")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    url = _database_url()
+    if not _confirm(
+        "Delete every $files.hash and $files.lastModified triple in every app, and the progress state?", args.yes
+    ):
+        return EXIT_FAILED
+    with db.connect(url) as conn:
+        deleted = db.delete_new_attr_triples(conn)
+        db.reset_progress(conn)
+    print(f"deleted {deleted} hash and lastModified triples; progress state cleared")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from s3_attrs_pipeline.local import demo
+
+    return demo.main(services_only=args.services_only, stop=args.stop)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="s3-attrs",
+        description="Backfill InstantDB's $files hash and lastModified from S3. "
+        "Reads INSTANT_DATABASE_URL, INSTANT_S3_BUCKET and the standard AWS variables.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    stats = commands.add_parser("stats", help="counts from the triples and totals from the progress row")
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+    stats.set_defaults(handler=cmd_stats)
+
+    run = commands.add_parser("run", help="materialize partitions through Dagster (all by default)")
+    run.add_argument("--partition", action="append", metavar="KEY", help="a partition key, e.g. 3f; repeatable")
+    run.add_argument("--batch-size", type=int, default=50, help="files per batch (default 50)")
+    run.add_argument("--all", action="store_true", help="run every partition, even those with nothing new to do")
+    run.add_argument("--parallel", type=int, default=2, help="partition runs at once, in worker processes (default 2)")
+    run.add_argument("--quiet", action="store_true", help="print only failures and the summary")
+    run.set_defaults(handler=cmd_run)
+
+    for name, handler, text in (
+        ("reset", cmd_reset, "clear the progress state in the config row"),
+        ("rollback", cmd_rollback, "delete every hash and lastModified triple and clear the progress state"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+        command.set_defaults(handler=handler)
+
+    demo = commands.add_parser("demo", help="embedded PostgreSQL + local S3, seeded, backfilled, stats printed")
+    demo.add_argument("--services-only", action="store_true", help="start and seed the services, then return")
+    demo.add_argument("--stop", action="store_true", help="stop the demo's background services")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except SetupError as error:
+        print(f"s3-attrs: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except db.psycopg.OperationalError as error:
+        print(f"s3-attrs: cannot reach the InstantDB database: {_first_line(error)}", file=sys.stderr)
+        return EXIT_FAILED
+    except db.CatalogMismatch as error:
+        print(f"s3-attrs: {error}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
