@@ -1,0 +1,87 @@
+"""Real parts for every test: embedded PostgreSQL with InstantDB's tables, and moto's S3 server over HTTP.
+
+The server and the S3 endpoint are started once per session; each test gets its own database
+(cloned from a template that holds the schema) and its own bucket.
+"""
+
+import itertools
+import os
+
+import boto3
+import psycopg
+import pytest
+
+from s3_attrs_pipeline.local import postgres, s3_server, seed
+
+_TEMPLATE_DB = "instant_template"
+_counter = itertools.count()
+
+# boto3 in the tests and in the pipeline reads these; no real AWS account is ever involved.
+_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "S3_ATTRS_RUN_RETRIES": "0",
+}
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(tmp_path_factory) -> str:
+    url = postgres.start_embedded_postgres(tmp_path_factory.mktemp("pg") / "pgdata", keep_running=False)
+    template_url = postgres.create_database(url, _TEMPLATE_DB)
+    postgres.install_instant_schema(template_url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    process, endpoint_url = s3_server.start_s3_server()
+    yield endpoint_url
+    s3_server.stop_s3_server(process)
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch):
+    for name, value in _AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@pytest.fixture
+def instant_db_url(pg_server_url, monkeypatch) -> str:
+    """A fresh InstantDB database (schema and system catalog, no files), also in INSTANT_DATABASE_URL."""
+    name = f"instant_{os.getpid()}_{next(_counter)}"
+    url = postgres.create_database(pg_server_url, name, template=_TEMPLATE_DB)
+    monkeypatch.setenv("INSTANT_DATABASE_URL", url)
+    yield url
+    postgres.drop_database(pg_server_url, name)
+
+
+@pytest.fixture
+def bucket(s3_endpoint, monkeypatch) -> str:
+    name = f"files-{os.getpid()}-{next(_counter)}"
+    monkeypatch.setenv("INSTANT_S3_BUCKET", name)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    return name
+
+
+@pytest.fixture
+def s3_client(s3_endpoint, aws_env):
+    return boto3.client("s3", endpoint_url=s3_endpoint)
+
+
+@pytest.fixture
+def conn(instant_db_url):
+    with psycopg.connect(instant_db_url, autocommit=True) as connection:
+        yield connection
+
+
+SMALL_DATASET = seed.DatasetSpec(apps=6, files=240, missing_ratio=0.05, multipart_ratio=0.05, prepopulated_ratio=0.05)
+
+
+@pytest.fixture
+def seeded_files(conn, s3_client, bucket) -> list[seed.SeededFile]:
+    files = seed.plan_dataset(SMALL_DATASET)
+    seed.upload_objects(s3_client, bucket, files)
+    seed.insert_files(conn, s3_client, bucket, files)
+    return files

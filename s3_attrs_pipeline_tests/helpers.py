@@ -1,0 +1,50 @@
+"""Queries and S3 look-ups the end-to-end tests assert with."""
+
+import email.utils
+import uuid
+
+from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED, LOCATION_ID
+
+NEW_ATTR_IDS = (HASH.attr_id, LAST_MODIFIED.attr_id)
+
+
+def new_attr_triples(conn) -> dict[tuple[uuid.UUID, uuid.UUID], dict[uuid.UUID, tuple]]:
+    """{(app_id, entity_id): {attr_id: (value, value_md5, pg_md5, ea, eav, av, ave, vae, checked_data_type)}}."""
+    rows = conn.execute(
+        """SELECT app_id, entity_id, attr_id, value, value_md5, md5(value::text), ea, eav, av, ave, vae,
+                  checked_data_type::text
+           FROM triples WHERE attr_id = ANY(%s)""",
+        (list(NEW_ATTR_IDS),),
+    ).fetchall()
+    by_file: dict = {}
+    for app_id, entity_id, attr_id, *rest in rows:
+        assert attr_id not in by_file.setdefault((app_id, entity_id), {}), "two triples of one attr for one file"
+        by_file[(app_id, entity_id)][attr_id] = tuple(rest)
+    return by_file
+
+
+def all_triples(conn) -> set[tuple]:
+    return set(
+        conn.execute(
+            "SELECT app_id, entity_id, attr_id, value::text, value_md5, ea, eav, av, ave, vae, created_at FROM triples"
+        ).fetchall()
+    )
+
+
+def location_triples(conn) -> set[tuple]:
+    return set(
+        conn.execute(
+            "SELECT app_id, entity_id, value::text, created_at FROM triples WHERE attr_id = %s", (LOCATION_ID.attr_id,)
+        ).fetchall()
+    )
+
+
+def swept_locations(conn) -> int:
+    return conn.execute("SELECT count(*) FROM app_files_to_sweep").fetchone()[0]
+
+
+def head_values(s3_client, bucket: str, key: str) -> tuple[str, int]:
+    """(ETag without quotes, Last-Modified in epoch ms) as a HEAD returns them now."""
+    headers = s3_client.head_object(Bucket=bucket, Key=key)["ResponseMetadata"]["HTTPHeaders"]
+    last_modified = email.utils.parsedate_to_datetime(headers["last-modified"])
+    return headers["etag"].strip('"'), int(last_modified.timestamp() * 1000)

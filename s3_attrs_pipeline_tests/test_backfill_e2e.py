@@ -1,0 +1,180 @@
+"""The whole backfill through Dagster, against embedded PostgreSQL and moto's S3 server over HTTP."""
+
+import time
+
+import dagster as dg
+import pytest
+
+from s3_attrs_pipeline import backfill
+from s3_attrs_pipeline.defs.assets import files_s3_attrs
+from s3_attrs_pipeline.defs.resources import resources_from_env
+from s3_attrs_pipeline.instant import database as db
+from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED
+from s3_attrs_pipeline.s3.object_metadata import HeadOutcome, ObjectStore, S3Settings
+from s3_attrs_pipeline_tests.helpers import (
+    all_triples,
+    head_values,
+    location_triples,
+    new_attr_triples,
+    swept_locations,
+)
+
+
+def _partitions_of(files) -> list[str]:
+    return sorted({f.app_id.hex[:2] for f in files})
+
+
+def _materialize(partition_key: str, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
+    return dg.materialize(
+        [files_s3_attrs], partition_key=partition_key, instance=instance, resources=resources_from_env(),
+        raise_on_error=False,
+    )
+
+
+def _materialize_all(files, instance) -> dict[str, dict]:
+    metadata = {}
+    for key in _partitions_of(files):
+        result = _materialize(key, instance)
+        assert result.success, f"partition {key} failed"
+        event = result.asset_materializations_for_node("files_s3_attrs")[0]
+        metadata[key] = {name: value.value for name, value in event.metadata.items()}
+    return metadata
+
+
+def _in_partition(triples: dict, key: str) -> dict:
+    return {file: attrs for file, attrs in triples.items() if file[0].hex.startswith(key)}
+
+
+def _sum(metadata: dict, name: str) -> int:
+    return sum(m[name] for m in metadata.values())
+
+
+def test_full_run_writes_what_head_returns(conn, s3_client, bucket, seeded_files):
+    locations_before = location_triples(conn)
+    with dg.instance_for_test() as instance:
+        metadata = _materialize_all(seeded_files, instance)
+
+    written = new_attr_triples(conn)
+    for file in seeded_files:
+        if not file.in_s3:
+            assert (file.app_id, file.entity_id) not in written, "a missing object got triples"
+            continue
+        etag, last_modified_ms = head_values(s3_client, bucket, file.key)
+        triples = written[(file.app_id, file.entity_id)]
+        hash_value, hash_md5, pg_hash_md5, *hash_flags, hash_type = triples[HASH.attr_id]
+        lm_value, lm_md5, pg_lm_md5, *lm_flags, lm_type = triples[LAST_MODIFIED.attr_id]
+        assert (hash_value, lm_value) == (etag, last_modified_ms)
+        assert (hash_md5, lm_md5) == (pg_hash_md5, pg_lm_md5)
+        assert hash_flags == lm_flags == [True, False, False, True, False]  # ea eav av ave vae
+        assert (hash_type, lm_type) == ("string", "number")
+        assert ("-" in hash_value) == file.multipart
+
+    in_s3 = [f for f in seeded_files if f.in_s3]
+    prepopulated = [f for f in seeded_files if f.prepopulated]
+    assert len(written) == len(in_s3)
+    assert _sum(metadata, "missing") == len(seeded_files) - len(in_s3)
+    assert _sum(metadata, "successful") == len(in_s3) - len(prepopulated)
+    assert _sum(metadata, "already_populated") == len(prepopulated)
+    assert _sum(metadata, "failed") == 0
+    assert location_triples(conn) == locations_before
+    assert swept_locations(conn) == 0
+
+    progress = db.read_progress(conn)
+    assert progress["total-successful"] == len(in_s3) - len(prepopulated)
+    assert progress["total-missing"] == len(seeded_files) - len(in_s3)
+    assert progress["total-processed"] == len(seeded_files) - len(prepopulated)
+    assert progress["total-failed"] == 0
+    assert {k for k, v in progress["partitions"].items() if v["status"] == "completed"} == set(
+        _partitions_of(seeded_files)
+    )
+
+
+def test_second_run_writes_nothing(conn, bucket, seeded_files):
+    with dg.instance_for_test() as instance:
+        _materialize_all(seeded_files, instance)
+        before = all_triples(conn)
+        metadata = _materialize_all(seeded_files, instance)
+    assert all_triples(conn) == before
+    assert _sum(metadata, "successful") == 0
+    assert _sum(metadata, "already_populated") == sum(f.in_s3 for f in seeded_files)
+
+
+class _CrashAfter:
+    """The real store, but the process 'dies' (an exception) when asked for batch number `batches`."""
+
+    def __init__(self, store: ObjectStore, batches: int):
+        self._store, self._left = store, batches
+
+    def check_bucket(self):
+        self._store.check_bucket()
+
+    def head_many(self, keys):
+        self._left -= 1
+        if self._left < 0:
+            raise KeyboardInterrupt("killed mid-partition")
+        return self._store.head_many(keys)
+
+
+def test_a_run_resumed_after_a_crash_finishes_the_rest(conn, s3_endpoint, bucket, seeded_files):
+    key = max(_partitions_of(seeded_files), key=lambda k: sum(f.app_id.hex[:2] == k for f in seeded_files))
+    files = [f for f in seeded_files if f.app_id.hex[:2] == key]
+    settings = backfill.BackfillSettings(batch_size=10)
+    log = dg.get_dagster_logger()
+    with ObjectStore(S3Settings(bucket, endpoint_url=s3_endpoint)) as store:
+        with pytest.raises(KeyboardInterrupt):
+            backfill.backfill_partition(conn, _CrashAfter(store, 2), key, settings, log)
+        partial = _in_partition(new_attr_triples(conn), key)
+        assert all(len(attrs) == 2 for attrs in partial.values()), "a file was half written"
+        assert 0 < len(partial) < sum(f.in_s3 for f in files)
+        assert db.read_progress(conn)["total-successful"] == len(partial) - sum(f.prepopulated for f in files)
+
+        report = backfill.backfill_partition(conn, store, key, settings, log)
+    done = _in_partition(new_attr_triples(conn), key)
+    assert {(f.app_id, f.entity_id) for f in files if f.in_s3} == set(done)
+    assert report.successful == len(done) - len(partial)
+    assert db.read_progress(conn)["total-successful"] == len(done) - sum(f.prepopulated for f in files)
+
+
+class _FailingKeys:
+    """The real store, except that HEADs of `failing` keys end as failures after their retries."""
+
+    def __init__(self, store: ObjectStore, failing: set[str]):
+        self._store, self._failing = store, failing
+
+    def check_bucket(self):
+        self._store.check_bucket()
+
+    def head_many(self, keys):
+        outcomes = self._store.head_many(keys)
+        return [HeadOutcome(o.key, failure="S3 answered SlowDown") if o.key in self._failing else o for o in outcomes]
+
+
+def test_failed_files_fail_the_partition_after_the_rest_is_done(conn, s3_endpoint, bucket, seeded_files):
+    key = max(_partitions_of(seeded_files), key=lambda k: sum(f.app_id.hex[:2] == k for f in seeded_files))
+    files = [f for f in seeded_files if f.app_id.hex[:2] == key and f.in_s3 and not f.prepopulated]
+    failing = {files[0].key, files[-1].key}
+    with ObjectStore(S3Settings(bucket, endpoint_url=s3_endpoint)) as store:
+        with pytest.raises(backfill.PartitionFailed, match="2 files failed in S3") as raised:
+            backfill.backfill_partition(
+                conn, _FailingKeys(store, failing), key, backfill.BackfillSettings(batch_size=7), dg.get_dagster_logger()
+            )
+    report = raised.value.report
+    assert report.failed == 2 and report.successful == len(files) - 2
+    assert {p.key for p in report.problems if p.reason.startswith("failed")} == failing
+    assert db.read_progress(conn)["partitions"][key]["status"] == "failed"
+    assert len(_in_partition(new_attr_triples(conn), key)) == sum(
+        f.in_s3 for f in seeded_files if f.app_id.hex[:2] == key
+    ) - 2
+
+
+def test_a_missing_bucket_stops_the_partition_at_once(conn, seeded_files, monkeypatch):
+    monkeypatch.setenv("INSTANT_S3_BUCKET", "no-such-bucket-here")
+    before = all_triples(conn)
+    started = time.monotonic()
+    with dg.instance_for_test() as instance:
+        result = _materialize(_partitions_of(seeded_files)[0], instance)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure).step_failure_data
+    assert "S3 bucket 'no-such-bucket-here' does not exist" in failure.user_failure_data.description
+    assert time.monotonic() - started < 20
+    assert all_triples(conn) == before

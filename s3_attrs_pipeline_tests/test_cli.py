@@ -1,0 +1,138 @@
+"""`s3-attrs` against the real parts, with a Dagster instance stored in PostgreSQL as dagster.yaml says."""
+
+import json
+import pathlib
+import shutil
+
+import pytest
+
+from s3_attrs_pipeline import cli, runs
+from s3_attrs_pipeline.instant import database as db
+from s3_attrs_pipeline.local import postgres
+from s3_attrs_pipeline_tests.helpers import NEW_ATTR_IDS, all_triples, new_attr_triples, swept_locations
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def dagster_home(tmp_path, pg_server_url, monkeypatch):
+    """DAGSTER_HOME holding the project's dagster.yaml, its storage in a fresh PostgreSQL database."""
+    name = f"dagster_{tmp_path.name}".replace("-", "_")[:60]
+    url = postgres.create_database(pg_server_url, name)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", url.replace("postgresql://", "postgresql+psycopg2://", 1))
+    runs.dagster_instance.cache_clear()
+    yield home
+    runs.dagster_instance.cache_clear()
+    postgres.drop_database(pg_server_url, name)
+
+
+def _data_partitions(files) -> list[str]:
+    return sorted({f.app_id.hex[:2] for f in files})
+
+
+def test_run_then_stats_then_rollback(conn, bucket, seeded_files, dagster_home, capsys):
+    before = all_triples(conn)
+    prepopulated_triples = {t for t in before if t[2] in NEW_ATTR_IDS}
+    args = ["run", "--parallel", "2"]
+    for key in _data_partitions(seeded_files):
+        args += ["--partition", key]
+    assert cli.main(args) == 0
+    assert f"{len(_data_partitions(seeded_files))} succeeded, 0 failed" in capsys.readouterr().out
+
+    from s3_attrs_pipeline.runs import dagster_instance
+    import dagster as dg
+
+    instance = dagster_instance()
+    materialized = instance.get_materialized_partitions(dg.AssetKey("files_s3_attrs"))
+    assert materialized == set(_data_partitions(seeded_files))
+
+    assert cli.main(["stats", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    in_s3 = sum(f.in_s3 for f in seeded_files)
+    assert stats["total-files"] == len(seeded_files)
+    assert stats["processed-files"] == in_s3
+    assert stats["remaining-files"] == len(seeded_files) - in_s3
+    assert stats["total-successful"] == in_s3 - sum(f.prepopulated for f in seeded_files)
+    assert stats["total-failed"] == 0
+    assert set(stats) >= {"completion-percentage", "total-processed", "completed"}
+
+    assert cli.main(["rollback", "--yes"]) == 0
+    after = all_triples(conn)
+    assert after == before - prepopulated_triples
+    assert new_attr_triples(conn) == {}
+    assert db.read_progress(conn) == {}
+    assert swept_locations(conn) == 0
+
+
+def test_run_skips_partitions_with_nothing_new(conn, bucket, seeded_files, dagster_home, capsys, monkeypatch):
+    monkeypatch.setattr(runs, "all_partition_keys", lambda: _data_partitions(seeded_files))
+    assert cli.main(["run", "--parallel", "1", "--quiet"]) == 0
+    before = all_triples(conn)
+    progress = db.read_progress(conn)
+    capsys.readouterr()
+
+    assert cli.main(["run", "--parallel", "1", "--quiet"]) == 0
+    assert "0 of" in capsys.readouterr().out
+    assert all_triples(conn) == before
+    assert db.read_progress(conn)["total-processed"] == progress["total-processed"]
+
+
+def test_reset_clears_only_the_progress_row(conn, bucket, seeded_files, dagster_home):
+    assert cli.main(["run", "--parallel", "1", "--partition", _data_partitions(seeded_files)[0]]) == 0
+    triples = all_triples(conn)
+    assert db.read_progress(conn) != {}
+    assert cli.main(["reset", "--yes"]) == 0
+    assert db.read_progress(conn) == {}
+    assert all_triples(conn) == triples
+
+
+def test_destructive_commands_refuse_without_confirmation(conn, seeded_files, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", open("/dev/null"))
+    before = all_triples(conn)
+    assert cli.main(["rollback"]) == cli.EXIT_FAILED
+    assert "pass --yes" in capsys.readouterr().err
+    assert all_triples(conn) == before
+
+
+def test_a_failed_partition_makes_run_exit_non_zero(conn, seeded_files, dagster_home, monkeypatch, capsys):
+    monkeypatch.setenv("INSTANT_S3_BUCKET", "no-such-bucket-here")
+    key = _data_partitions(seeded_files)[0]
+    assert cli.main(["run", "--parallel", "1", "--partition", key]) == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"partition {key} FAILED" in err and "does not exist" in err
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"INSTANT_DATABASE_URL": None}, "INSTANT_DATABASE_URL is not set"),
+        ({"INSTANT_DATABASE_URL": "host=x port=notanumber ="}, "not a valid libpq connection string"),
+        ({"INSTANT_S3_BUCKET": None}, "INSTANT_S3_BUCKET is not set"),
+        ({"INSTANT_S3_BUCKET": "Bad_Bucket!"}, "not a valid S3 bucket name"),
+    ],
+)
+def test_bad_settings_are_clear_errors_at_start(instant_db_url, bucket, monkeypatch, capsys, env, message):
+    for name, value in env.items():
+        if value is None:
+            monkeypatch.delenv(name)
+        else:
+            monkeypatch.setenv(name, value)
+    assert cli.main(["run", "--partition", "00"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_an_unknown_partition_is_a_clear_error(instant_db_url, bucket, capsys):
+    assert cli.main(["run", "--partition", "zz"]) == cli.EXIT_USAGE
+    assert "unknown partition keys zz" in capsys.readouterr().err
+
+
+def test_an_unreachable_database_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setenv("INSTANT_DATABASE_URL", "postgresql://nobody:hunter2@127.0.0.1:1/none?connect_timeout=2")
+    assert cli.main(["stats"]) == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "cannot reach the InstantDB database" in err and "hunter2" not in err

@@ -1,0 +1,108 @@
+"""The SQL layer against embedded PostgreSQL with InstantDB's tables."""
+
+import threading
+import uuid
+
+import psycopg
+import pytest
+
+from s3_attrs_pipeline.instant import database as db
+from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED, SYSTEM_CATALOG_APP_ID, json_text, value_md5
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["abc", "", 'quote " backslash \\ slash /', "tab\tnewline\ncontrol\x01\x1f del\x7f", "日本語 🎉 é", 0, 1704067200000],
+)
+def test_value_md5_matches_postgres(conn, value):
+    pg_md5 = conn.execute("SELECT md5((%s::jsonb)::text)", (json_text(value),)).fetchone()[0]
+    assert value_md5(value) == pg_md5
+
+
+def _catalog_rows(conn):
+    attrs = conn.execute(
+        """SELECT id, value_type, cardinality, is_unique, is_indexed, checked_data_type::text, forward_ident
+           FROM attrs WHERE app_id = %s AND label IN ('hash', 'lastModified') ORDER BY label""",
+        (SYSTEM_CATALOG_APP_ID,),
+    ).fetchall()
+    idents = conn.execute(
+        "SELECT id, attr_id, etype, label FROM idents WHERE app_id = %s AND label IN ('hash', 'lastModified') ORDER BY label",
+        (SYSTEM_CATALOG_APP_ID,),
+    ).fetchall()
+    return attrs, idents
+
+
+def test_new_attrs_are_created_once_with_their_system_ids(conn):
+    db.ensure_file_attrs(conn)
+    db.ensure_file_attrs(conn)
+    attrs, idents = _catalog_rows(conn)
+    assert attrs == [
+        (HASH.attr_id, "blob", "one", False, True, "string", HASH.ident_id),
+        (LAST_MODIFIED.attr_id, "blob", "one", False, True, "number", LAST_MODIFIED.ident_id),
+    ]
+    assert idents == [
+        (HASH.ident_id, HASH.attr_id, "$files", "hash"),
+        (LAST_MODIFIED.ident_id, LAST_MODIFIED.attr_id, "$files", "lastModified"),
+    ]
+
+
+def test_concurrent_attr_creation_is_safe(instant_db_url):
+    errors = []
+    barrier = threading.Barrier(4)
+
+    def create():
+        try:
+            with db.connect(instant_db_url) as connection:
+                barrier.wait()
+                db.ensure_file_attrs(connection)
+        except Exception as error:  # collected for the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=create) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with psycopg.connect(instant_db_url) as connection:
+        attrs, idents = _catalog_rows(connection)
+    assert len(attrs) == 2 and len(idents) == 2
+
+
+def test_an_attr_with_unexpected_flags_is_a_clear_error(conn):
+    db.ensure_file_attrs(conn)
+    conn.execute("UPDATE attrs SET is_indexed = false WHERE id = %s", (HASH.attr_id,))
+    with pytest.raises(db.CatalogMismatch, match=r"\$files.hash .* is_indexed is False, expected True"):
+        db.ensure_file_attrs(conn)
+
+
+def test_a_hash_attr_under_another_id_is_a_clear_error(conn):
+    other_id = uuid.uuid4()
+    conn.execute(
+        """INSERT INTO attrs (id, app_id, value_type, cardinality, is_unique, is_indexed, forward_ident, etype, label)
+           VALUES (%s, %s, 'blob', 'one', false, true, %s, '$files', 'hash')""",
+        (other_id, SYSTEM_CATALOG_APP_ID, uuid.uuid4()),
+    )
+    with pytest.raises(db.CatalogMismatch, match=f"id is UUID\\('{other_id}'\\)"):
+        db.ensure_file_attrs(conn)
+    assert conn.execute("SELECT count(*) FROM idents WHERE label = 'hash'").fetchone()[0] == 0
+
+
+def test_a_missing_location_id_attr_is_a_clear_error(conn):
+    conn.execute("DELETE FROM attrs WHERE label = 'location-id'")
+    with pytest.raises(db.CatalogMismatch, match=r"\$files.location-id .* does not exist"):
+        db.ensure_file_attrs(conn)
+
+
+@pytest.mark.parametrize("url", [None, "", "   ", "postgresql://u:secret@host:notaport/db?bad", "not a url = ="])
+def test_bad_database_urls_are_clear_errors_without_the_password(url):
+    with pytest.raises(db.DatabaseUrlError, match="INSTANT_DATABASE_URL") as raised:
+        db.validate_database_url(url)
+    assert "secret" not in str(raised.value)
+
+
+def test_sessions_carry_timeouts(instant_db_url):
+    limits = db.SessionLimits(statement_timeout_ms=1234, lock_timeout_ms=567)
+    with db.connect(instant_db_url, limits) as connection:
+        assert connection.execute("SHOW statement_timeout").fetchone()[0] == "1234ms"
+        assert connection.execute("SHOW lock_timeout").fetchone()[0] == "567ms"
