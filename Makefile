@@ -1,0 +1,33 @@
+# Two commands on a fresh machine with only Python: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo ui test demo-stop clean
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(INSTALLED)
+
+# Embedded PostgreSQL + moto's S3 server, seeded, the whole backfill through Dagster, then the stats.
+demo: $(INSTALLED)
+	$(BIN)/s3-attrs demo
+
+# The Dagster UI (webserver and daemon) on the demo's data.
+ui: $(INSTALLED)
+	$(BIN)/s3-attrs demo --services-only
+	@echo "Dagster UI: http://127.0.0.1:3000"
+	. .demo/env && $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+test: $(INSTALLED)
+	$(BIN)/pytest
+
+# Stop the demo's background PostgreSQL and S3 server (their data stays in .demo/).
+demo-stop: $(INSTALLED)
+	$(BIN)/s3-attrs demo --stop
+
+clean: demo-stop
+	rm -rf .demo $(VENV)
