@@ -231,13 +231,24 @@ def _with_write(report: PartitionReport, outcome: db.BatchWriteOutcome) -> Parti
     )
 
 
-def partitions_with_work(partition_keys: list[str], pending_by_partition: dict[str, int], progress: dict) -> list[str]:
-    """The partitions worth a run: never completed, or with more files lacking `hash` than the
-    objects their last run found missing (so new files arrived, or some failed)."""
+def known_missing(progress: dict, partition_key: str) -> int:
+    """Objects the partition's latest run found missing in S3."""
+    return progress.get("partitions", {}).get(partition_key, {}).get("missing", 0)
+
+
+def unexplained_gap(coverage: db.PartitionCoverage | None, progress: dict, partition_key: str) -> int:
+    """Files lacking `hash` beyond the objects known to be missing: new uploads, or failures."""
+    lacking = coverage.lacking_hash if coverage else 0
+    return max(0, lacking - known_missing(progress, partition_key))
+
+
+def partitions_with_work(
+    partition_keys: list[str], coverage: dict[str, db.PartitionCoverage], progress: dict
+) -> list[str]:
+    """The partitions worth a run: never completed, or with an unexplained gap."""
     states = progress.get("partitions", {})
     return [
         key
         for key in partition_keys
-        if states.get(key, {}).get("status") != "completed"
-        or pending_by_partition.get(key, 0) > states[key].get("missing", 0)
+        if states.get(key, {}).get("status") != "completed" or unexplained_gap(coverage.get(key), progress, key)
     ]

@@ -75,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     keys = args.partition or every_key
     if not args.partition and not args.all:
         with db.connect(url) as conn:
-            keys = partitions_with_work(keys, db.pending_files_by_partition(conn, PARTITION_WIDTH), db.read_progress(conn))
+            keys = partitions_with_work(keys, db.coverage_by_partition(conn, PARTITION_WIDTH), db.read_progress(conn))
         print(f"{len(keys)} of {len(every_key)} partitions have work to do (--all runs every one)")
     started = time.monotonic()
     totals: dict[str, float] = {}

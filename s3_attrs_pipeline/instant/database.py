@@ -238,21 +238,102 @@ def count_populated_files(conn: psycopg.Connection, app_ids: AppIdRange) -> int:
     return conn.execute(_COUNT_POPULATED, params).fetchone()[0]
 
 
-_PENDING_BY_PARTITION = """
-SELECT left(l.app_id::text, %(width)s), count(*)
+_COVERAGE_BY_PARTITION = """
+SELECT left(l.app_id::text, %(width)s), count(*), count(h.entity_id), count(m.entity_id),
+       count(*) FILTER (WHERE h.entity_id IS NOT NULL AND m.entity_id IS NOT NULL)
 FROM triples l
-WHERE l.attr_id = %(location_attr)s AND l.ave
-  AND NOT EXISTS (
-    SELECT 1 FROM triples h
-    WHERE h.app_id = l.app_id AND h.entity_id = l.entity_id AND h.attr_id = %(hash_attr)s AND h.ea)
+LEFT JOIN triples h ON h.app_id = l.app_id AND h.entity_id = l.entity_id AND h.attr_id = %(hash_attr)s AND h.ea
+LEFT JOIN triples m ON m.app_id = l.app_id AND m.entity_id = l.entity_id AND m.attr_id = %(last_modified_attr)s AND m.ea
+WHERE l.attr_id = %(location_attr)s AND l.ea
 GROUP BY 1
 """
 
 
-def pending_files_by_partition(conn: psycopg.Connection, width: int) -> dict[str, int]:
-    """Files lacking `hash`, by partition key (the app id's first `width` hex digits)."""
-    params = {"width": width, "location_attr": LOCATION_ID.attr_id, "hash_attr": HASH.attr_id}
-    return dict(conn.execute(_PENDING_BY_PARTITION, params).fetchall())
+@dataclasses.dataclass(frozen=True)
+class PartitionCoverage:
+    """How many of a partition's files (those with a location-id) carry the new attrs."""
+
+    partition_key: str
+    files: int
+    with_hash: int
+    with_last_modified: int
+    with_both: int
+
+    @property
+    def lacking_hash(self) -> int:
+        return self.files - self.with_hash
+
+
+def coverage_by_partition(conn: psycopg.Connection, width: int) -> dict[str, PartitionCoverage]:
+    """Coverage of every partition that has files, keyed by partition (the app id's first `width` hex digits)."""
+    params = {
+        "width": width,
+        "location_attr": LOCATION_ID.attr_id,
+        "hash_attr": HASH.attr_id,
+        "last_modified_attr": LAST_MODIFIED.attr_id,
+    }
+    return {row[0]: PartitionCoverage(*row) for row in conn.execute(_COVERAGE_BY_PARTITION, params).fetchall()}
+
+
+# Values a reader of the triples would trip over: wrong JSON type, empty or non-positive values,
+# fractional milliseconds, a value_md5 that is not md5(value::text), flags other than InstantDB's.
+_MALFORMED_NEW_TRIPLES = """
+SELECT
+  count(*) FILTER (WHERE attr_id = %(hash_attr)s AND (jsonb_typeof(value) <> 'string' OR value = '""'::jsonb)),
+  count(*) FILTER (WHERE attr_id = %(last_modified_attr)s AND (jsonb_typeof(value) <> 'number'
+                   OR CASE WHEN jsonb_typeof(value) = 'number'
+                           THEN (value #>> '{}')::numeric <= 0 OR (value #>> '{}')::numeric %% 1 <> 0 END)),
+  count(*) FILTER (WHERE value_md5 <> md5(value::text) OR NOT ea OR eav OR av OR NOT ave OR vae
+                   OR checked_data_type IS DISTINCT FROM
+                      (CASE WHEN attr_id = %(hash_attr)s THEN 'string' ELSE 'number' END)::checked_data_type)
+FROM triples WHERE attr_id IN (%(hash_attr)s, %(last_modified_attr)s)
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class MalformedTriples:
+    hash_values: int
+    last_modified_values: int
+    encodings: int  # value_md5, flags or checked_data_type not as InstantDB writes them
+
+
+def malformed_new_triples(conn: psycopg.Connection) -> MalformedTriples:
+    params = {"hash_attr": HASH.attr_id, "last_modified_attr": LAST_MODIFIED.attr_id}
+    return MalformedTriples(*conn.execute(_MALFORMED_NEW_TRIPLES, params).fetchone())
+
+
+# Block sampling keeps this cheap on a table of any size; `percent` is chosen by the caller so that
+# the sample holds enough populated files.
+_SAMPLE_POPULATED = """
+SELECT h.app_id, h.entity_id, l.value::text, h.value #>> '{}', m.value
+FROM triples h TABLESAMPLE SYSTEM (%(percent)s)
+JOIN triples m ON m.app_id = h.app_id AND m.entity_id = h.entity_id AND m.attr_id = %(last_modified_attr)s AND m.ea
+JOIN triples l ON l.app_id = h.app_id AND l.entity_id = h.entity_id AND l.attr_id = %(location_attr)s AND l.ea
+WHERE h.attr_id = %(hash_attr)s AND h.ea
+ORDER BY random()
+LIMIT %(limit)s
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class PopulatedFile:
+    file: PendingFile
+    hash: object
+    last_modified: object
+
+
+def sample_populated_files(conn: psycopg.Connection, size: int, populated: int) -> list[PopulatedFile]:
+    """About `size` random files that have both attrs, out of `populated` such files."""
+    percent = 100.0 if populated <= 0 else min(100.0, 100.0 * 4 * size / populated)
+    params = {
+        "percent": percent,
+        "limit": size,
+        "hash_attr": HASH.attr_id,
+        "last_modified_attr": LAST_MODIFIED.attr_id,
+        "location_attr": LOCATION_ID.attr_id,
+    }
+    rows = conn.execute(_SAMPLE_POPULATED, params).fetchall()
+    return [PopulatedFile(PendingFile(app_id, entity_id, location), h, m) for app_id, entity_id, location, h, m in rows]
 
 
 # --- writing ------------------------------------------------------------------------------------
