@@ -3,7 +3,14 @@ import os
 import dagster as dg
 from pydantic import Field
 
-from s3_attrs_pipeline.backfill import BackfillSettings, PartitionFailed, PartitionReport, backfill_partition
+from s3_attrs_pipeline.backfill import (
+    BackfillSettings,
+    FileProblem,
+    PartitionFailed,
+    PartitionReport,
+    backfill_partition,
+)
+from s3_attrs_pipeline.defs.metadata import numbers, table
 from s3_attrs_pipeline.defs.partitions import app_id_prefix_partitions
 from s3_attrs_pipeline.defs.resources import FileBucketResource, InstantDatabaseResource
 from s3_attrs_pipeline.instant.database import CatalogMismatch
@@ -31,33 +38,20 @@ def _run_retry_policy() -> dg.RetryPolicy | None:
 
 
 def report_metadata(report: PartitionReport) -> dict[str, dg.MetadataValue]:
-    metadata = {
-        "processed": dg.MetadataValue.int(report.processed),
-        "successful": dg.MetadataValue.int(report.successful),
-        "missing": dg.MetadataValue.int(report.missing),
-        "failed": dg.MetadataValue.int(report.failed),
-        "invalid_location_id": dg.MetadataValue.int(report.invalid),
-        "already_populated": dg.MetadataValue.int(report.already_populated),
-        "vanished_during_run": dg.MetadataValue.int(report.vanished),
-        "s3_retries": dg.MetadataValue.int(report.s3_retries),
-        "duration_seconds": dg.MetadataValue.float(round(report.duration_s, 3)),
-        "files_per_second": dg.MetadataValue.float(round(report.files_per_second, 1)),
-    }
+    metadata = numbers(
+        processed=report.processed,
+        successful=report.successful,
+        missing=report.missing,
+        failed=report.failed,
+        invalid_location_id=report.invalid,
+        already_populated=report.already_populated,
+        vanished_during_run=report.vanished,
+        s3_retries=report.s3_retries,
+        duration_seconds=float(report.duration_s),
+        files_per_second=float(report.files_per_second),
+    )
     if report.problems:
-        metadata["problem_files"] = dg.MetadataValue.table(
-            records=[
-                dg.TableRecord({"app_id": p.app_id, "entity_id": p.entity_id, "key": p.key or "", "reason": p.reason})
-                for p in report.problems
-            ],
-            schema=dg.TableSchema(
-                columns=[
-                    dg.TableColumn("app_id"),
-                    dg.TableColumn("entity_id"),
-                    dg.TableColumn("key"),
-                    dg.TableColumn("reason"),
-                ]
-            ),
-        )
+        metadata["problem_files"] = table(FileProblem, report.problems)
     return metadata
 
 
