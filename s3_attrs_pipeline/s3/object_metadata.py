@@ -117,7 +117,7 @@ class ObjectStore:
             max_pool_connections=settings.max_in_flight,
             connect_timeout=settings.connect_timeout_s,
             read_timeout=settings.read_timeout_s,
-            retries={"mode": "adaptive", "max_attempts": settings.max_retries + 1},
+            retries={"mode": "adaptive", "total_max_attempts": settings.max_retries + 1},
         )
         self._client = _shared_session().client(
             "s3", endpoint_url=settings.endpoint_url, region_name=settings.region_name, config=config
