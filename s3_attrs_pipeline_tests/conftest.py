@@ -6,12 +6,18 @@ The server and the S3 endpoint are started once per session; each test gets its 
 
 import itertools
 import os
+import pathlib
+
+import yaml
 
 import boto3
 import psycopg
 import pytest
 
+from s3_attrs_pipeline import runs
 from s3_attrs_pipeline.local import postgres, s3_server, seed
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 _TEMPLATE_DB = "instant_template"
 _counter = itertools.count()
@@ -85,3 +91,22 @@ def seeded_files(conn, s3_client, bucket) -> list[seed.SeededFile]:
     seed.upload_objects(s3_client, bucket, files)
     seed.insert_files(conn, s3_client, bucket, files)
     return files
+
+
+@pytest.fixture
+def dagster_home(tmp_path, pg_server_url, monkeypatch):
+    """DAGSTER_HOME holding the project's dagster.yaml, its storage in a fresh PostgreSQL database.
+    Only the run queue's polling interval is shortened, so tests wait less."""
+    name = f"dagster_{os.getpid()}_{next(_counter)}"
+    url = postgres.create_database(pg_server_url, name)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    config = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())
+    config["run_coordinator"]["config"]["dequeue_interval_seconds"] = 1
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", url.replace("postgresql://", "postgresql+psycopg2://", 1))
+    runs.dagster_instance.cache_clear()
+    yield home
+    runs.dagster_instance.cache_clear()
+    postgres.drop_database(pg_server_url, name)

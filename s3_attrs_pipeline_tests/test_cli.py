@@ -1,33 +1,12 @@
 """`s3-attrs` against the real parts, with a Dagster instance stored in PostgreSQL as dagster.yaml says."""
 
 import json
-import pathlib
-import shutil
 
 import pytest
 
 from s3_attrs_pipeline import cli, runs
 from s3_attrs_pipeline.instant import database as db
-from s3_attrs_pipeline.local import postgres
 from s3_attrs_pipeline_tests.helpers import NEW_ATTR_IDS, all_triples, new_attr_triples, swept_locations
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def dagster_home(tmp_path, pg_server_url, monkeypatch):
-    """DAGSTER_HOME holding the project's dagster.yaml, its storage in a fresh PostgreSQL database."""
-    name = f"dagster_{tmp_path.name}".replace("-", "_")[:60]
-    url = postgres.create_database(pg_server_url, name)
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copyfile(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    monkeypatch.setenv("DAGSTER_POSTGRES_URL", url.replace("postgresql://", "postgresql+psycopg2://", 1))
-    runs.dagster_instance.cache_clear()
-    yield home
-    runs.dagster_instance.cache_clear()
-    postgres.drop_database(pg_server_url, name)
 
 
 def _data_partitions(files) -> list[str]:

@@ -1,0 +1,164 @@
+"""A real partition backfill, launched with the GraphQL mutation the UI sends and run by the Dagster
+daemon on a PostgreSQL-backed instance, with S3 faults that fail some partitions; then the UI's
+"re-execute failed" of only those, and the sensor's verification runs after each backfill."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import dagster as dg
+import pytest
+from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES, BulkActionStatus
+from dagster._core.storage.tags import BACKFILL_ID_TAG
+from dagster_graphql.test.utils import define_out_of_process_context, execute_dagster_graphql
+
+from s3_attrs_pipeline.defs.automation import TRIGGER_TAG
+from s3_attrs_pipeline_tests.conftest import REPO_ROOT
+from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
+
+FILES = dg.AssetKey("files_s3_attrs")
+VERIFICATION = dg.AssetKey("s3_attrs_verification")
+# The backfill daemon sleeps a hard-coded 30 s between iterations; a test cannot wait that long twice.
+FAST_DAEMON = (
+    "import sys, dagster._daemon.controller as controller; controller.DEFAULT_DAEMON_INTERVAL_SECONDS = 1; "
+    "from dagster._daemon.cli import main; sys.argv[0] = 'dagster-daemon'; sys.exit(main())"
+)
+LAUNCH_BACKFILL = """
+mutation($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message stack }
+  }
+}"""
+REEXECUTE_BACKFILL = """
+mutation($params: ReexecutionParams) {
+  reexecutePartitionBackfill(reexecutionParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message stack }
+  }
+}"""
+
+
+def _launch(context, query, variables, field) -> str:
+    result = execute_dagster_graphql(context, query, variables).data[field]
+    assert result["__typename"] == "LaunchBackfillSuccess", result
+    return result["backfillId"]
+
+
+def _wait(condition, what: str, timeout_s: float = 240):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(1)
+    raise TimeoutError(f"waited {timeout_s:.0f}s for {what}")
+
+
+def _finished_backfill(instance, backfill_id):
+    backfill = instance.get_backfill(backfill_id)
+    return backfill if backfill.status in BULK_ACTION_TERMINAL_STATUSES else None
+
+
+def _runs_by_partition(instance, backfill_id) -> dict[str, dg.DagsterRunStatus]:
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
+    return {run.tags["dagster/partition"]: run.status for run in runs}
+
+
+def _verification_of(instance, backfill_id) -> dict:
+    """The metadata and check results of the sensor's verification run for the backfill, once it succeeded."""
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={TRIGGER_TAG: f"backfill:{backfill_id}"}))
+    if not runs or runs[0].status != dg.DagsterRunStatus.SUCCESS:
+        return {}
+    assert len(runs) == 1, "the sensor requested a second verification of one backfill"
+    records = instance.fetch_materializations(VERIFICATION, limit=10).records
+    (record,) = [r for r in records if r.run_id == runs[0].run_id]
+    metadata = {k: v.value for k, v in record.asset_materialization.metadata.items() if isinstance(v.value, int)}
+    checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        [dg.AssetCheckKey(VERIFICATION, name) for name in ("completeness", "consistency", "well_formed")]
+    )
+    metadata["checks"] = {key.name: execution.status.value for key, execution in checks.items()}
+    return metadata
+
+
+@pytest.fixture
+def fault_proxy(s3_endpoint, bucket, monkeypatch):
+    """Every S3 request of the pipeline goes through the proxy, the daemon's runs' included."""
+    with FaultProxy(s3_endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        yield proxy
+
+
+@pytest.fixture
+def daemon(dagster_home, fault_proxy, instant_db_url):
+    process = subprocess.Popen(
+        [sys.executable, "-c", FAST_DAEMON, "run", "-w", str(REPO_ROOT / "workspace.yaml")],
+        cwd=REPO_ROOT,
+        start_new_session=True,  # its own group, so its code server and run workers stop with it
+        stdout=open(dagster_home / "daemon.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
+    yield process
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def test_ui_backfill_with_faults_then_rerun_of_failed_partitions(conn, bucket, seeded_files, fault_proxy, daemon):
+    partitions = sorted({f.app_id.hex[:2] for f in seeded_files})
+    failing = partitions[:2]
+    # Every object request of the failing partitions' apps answers 500, through all retries.
+    apps = "|".join(sorted({str(f.app_id) for f in seeded_files if f.app_id.hex[:2] in failing}))
+    fault_proxy.add_rule(FaultRule("internal_error", key_pattern=f"/{bucket}/({apps})/"))
+
+    with dg.DagsterInstance.get() as instance, define_out_of_process_context(
+        str(REPO_ROOT / "workspace.yaml"), None, instance
+    ) as context:
+        first = _launch(
+            context, LAUNCH_BACKFILL,
+            {"params": {"partitionNames": partitions, "assetSelection": [{"path": ["files_s3_attrs"]}],
+                        "fromFailure": False}},
+            "launchPartitionBackfill",
+        )
+        assert _wait(lambda: _finished_backfill(instance, first), "the first backfill").status == (
+            BulkActionStatus.COMPLETED_FAILED
+        )
+        runs = _runs_by_partition(instance, first)
+        assert {k for k, status in runs.items() if status == dg.DagsterRunStatus.FAILURE} == set(failing)
+        status = instance.get_status_by_partition(FILES, partitions, dg.StaticPartitionsDefinition(partitions))
+        assert {k for k, s in status.items() if s == dg.AssetPartitionStatus.FAILED} == set(failing)
+        assert {k for k, s in status.items() if s == dg.AssetPartitionStatus.MATERIALIZED} == set(partitions) - set(
+            failing
+        )
+
+        after_first = _wait(lambda: _verification_of(instance, first), "the verification after the first backfill")
+        # Their missing objects answered 500 too, so they are not known to be missing yet.
+        unreached = [f for f in seeded_files if f.app_id.hex[:2] in failing and not f.prepopulated]
+        assert after_first["remaining"] == len(unreached)
+        assert after_first["partitions_with_gaps"] == len(failing)
+        assert after_first["checks"]["completeness"] == "FAILED"
+
+        fault_proxy.clear_rules()
+        second = _launch(
+            context, REEXECUTE_BACKFILL, {"params": {"parentRunId": first, "strategy": "FROM_FAILURE"}},
+            "reexecutePartitionBackfill",
+        )
+        assert _wait(lambda: _finished_backfill(instance, second), "the rerun").status == (
+            BulkActionStatus.COMPLETED_SUCCESS
+        )
+        assert _runs_by_partition(instance, second) == {key: dg.DagsterRunStatus.SUCCESS for key in failing}
+        assert instance.get_materialized_partitions(FILES) == set(partitions)
+
+        after_rerun = _wait(lambda: _verification_of(instance, second), "the verification after the rerun")
+        assert after_rerun["remaining"] == 0
+        assert after_rerun["with_both"] == sum(f.in_s3 for f in seeded_files)
+        assert after_rerun["known_missing_in_s3"] == sum(not f.in_s3 for f in seeded_files)
+        assert after_rerun["checks"] == {"completeness": "SUCCEEDED", "consistency": "SUCCEEDED", "well_formed": "SUCCEEDED"}
