@@ -8,10 +8,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import functools
+import time
 
 import boto3
 import botocore.config
 import botocore.exceptions
+
+from s3_attrs_pipeline.s3.rate_limit import AdaptiveRateLimiter, backoff_delay
 
 # Printable ASCII without quotes or spaces: what S3 and its look-alikes put inside an ETag.
 _ETAG_PATTERN = re.compile(r'[!#-~]{1,512}')
@@ -22,6 +25,15 @@ _ACCESS_ERROR_CODES = {
     "AuthorizationHeaderMalformed",
 }
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+# A HEAD error has no body, so its code is the bare status.
+_THROTTLING_CODES = {"503", "SlowDown", "429", "Throttling", "ThrottlingException", "RequestLimitExceeded"}
+_RETRYABLE_CODES = _THROTTLING_CODES | {"500", "502", "504", "InternalError", "ServiceUnavailable", "RequestTimeout"}
+_NETWORK_ERRORS = (
+    botocore.exceptions.ConnectionError,  # resets, refused, endpoint unreachable, connect timeouts
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ConnectionClosedError,
+    botocore.exceptions.IncompleteReadError,
+)
 
 
 class S3AccessError(RuntimeError):
@@ -94,10 +106,6 @@ def _error_code(error: botocore.exceptions.ClientError) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
 
 
-def _retries(response: dict) -> int:
-    return int(response.get("ResponseMetadata", {}).get("RetryAttempts", 0))
-
-
 @functools.cache
 def _shared_session() -> boto3.session.Session:
     # Its loader caches the parsed service models: a client per partition then costs milliseconds.
@@ -107,8 +115,9 @@ def _shared_session() -> boto3.session.Session:
 class ObjectStore:
     """One bucket, HEADed with at most `max_in_flight` requests at once.
 
-    botocore's adaptive retry mode does the retrying: exponential backoff with jitter, and a
-    client-side rate limit that slows down while S3 answers SlowDown.
+    Retries are this class's own, not botocore's: throttling (503, SlowDown), other 5xx, resets
+    and timeouts are retried `max_retries` times with exponential backoff and full jitter, and
+    every throttle slows the whole store down through one AdaptiveRateLimiter.
     """
 
     def __init__(self, settings: S3Settings):
@@ -117,12 +126,13 @@ class ObjectStore:
             max_pool_connections=settings.max_in_flight,
             connect_timeout=settings.connect_timeout_s,
             read_timeout=settings.read_timeout_s,
-            retries={"mode": "adaptive", "total_max_attempts": settings.max_retries + 1},
+            retries={"mode": "standard", "total_max_attempts": 1},
         )
         self._client = _shared_session().client(
             "s3", endpoint_url=settings.endpoint_url, region_name=settings.region_name, config=config
         )
         self._pool = ThreadPoolExecutor(max_workers=settings.max_in_flight, thread_name_prefix="s3-head")
+        self.rate_limiter = AdaptiveRateLimiter()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -134,52 +144,84 @@ class ObjectStore:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    def _request(self, operation, **params) -> tuple[dict | None, Exception | None, int]:
+        """(response, None, retries), or (None, the last error, retries) once retrying is futile or spent.
+        Errors other than S3's answers and network faults propagate."""
+        retries = 0
+        while True:
+            self.rate_limiter.acquire()
+            try:
+                response = operation(**params)
+            except botocore.exceptions.ClientError as error:
+                code = _error_code(error)
+                if code in _THROTTLING_CODES:
+                    self.rate_limiter.throttled()
+                last_error, retryable = error, code in _RETRYABLE_CODES
+            except _NETWORK_ERRORS as error:
+                last_error, retryable = error, True
+            else:
+                self.rate_limiter.succeeded()
+                return response, None, retries
+            if not retryable or retries >= self.settings.max_retries:
+                return None, last_error, retries
+            retries += 1
+            time.sleep(backoff_delay(retries))
+
     def check_bucket(self) -> None:
         """Fail fast, before any file is read, if the bucket is missing or unreadable."""
         bucket = self.settings.bucket
         try:
-            self._client.head_bucket(Bucket=bucket)
-        except botocore.exceptions.ClientError as error:
-            code = _error_code(error)
-            if code in _MISSING_CODES or code == "NoSuchBucket":
-                raise S3AccessError(f"S3 bucket {bucket!r} does not exist (HEAD bucket answered {code})") from None
-            if code in _ACCESS_ERROR_CODES:
-                raise S3AccessError(
-                    f"S3 bucket {bucket!r} cannot be read: HEAD bucket answered {code} "
-                    "(check the credentials and that the policy allows s3:ListBucket and s3:GetObject)"
-                ) from None
-            raise S3AccessError(f"S3 bucket {bucket!r} did not answer HEAD bucket: {code} {error}") from None
+            _, error, retries = self._request(self._client.head_bucket, Bucket=bucket)
         except botocore.exceptions.NoCredentialsError:
             raise S3AccessError("no AWS credentials were found (environment, config files or instance role)") from None
-        except botocore.exceptions.BotoCoreError as error:
-            raise S3AccessError(f"S3 endpoint for bucket {bucket!r} cannot be reached: {error}") from None
+        if error is None:
+            return
+        code = _error_code(error) if isinstance(error, botocore.exceptions.ClientError) else type(error).__name__
+        if code in _MISSING_CODES or code == "NoSuchBucket":
+            raise S3AccessError(f"S3 bucket {bucket!r} does not exist (HEAD bucket answered {code})")
+        if code in _ACCESS_ERROR_CODES:
+            raise S3AccessError(
+                f"S3 bucket {bucket!r} cannot be read: HEAD bucket answered {code} "
+                "(check the credentials and that the policy allows s3:ListBucket and s3:GetObject)"
+            )
+        raise S3AccessError(f"S3 bucket {bucket!r} did not answer HEAD bucket after {retries} retries: {code}")
 
     def head(self, key: str) -> HeadOutcome:
         try:
-            response = self._client.head_object(Bucket=self.settings.bucket, Key=key)
-        except botocore.exceptions.ClientError as error:
+            response, error, retries = self._request(self._client.head_object, Bucket=self.settings.bucket, Key=key)
+        except botocore.exceptions.NoCredentialsError:
+            raise S3AccessError("no AWS credentials were found (environment, config files or instance role)") from None
+        except ValueError as error:
+            # botocore itself could not parse a header (a Last-Modified that is no date).
+            return HeadOutcome(key, failure=f"unparseable response: {error}", malformed=True)
+        if isinstance(error, botocore.exceptions.ClientError):
             code = _error_code(error)
             if code in _MISSING_CODES:
-                return HeadOutcome(key, missing=True, retries=_retries(error.response))
+                return HeadOutcome(key, missing=True, retries=retries)
             if code in _ACCESS_ERROR_CODES:
                 raise S3AccessError(
                     f"S3 answered {code} for s3://{self.settings.bucket}/{key}: the pipeline cannot read this "
                     "bucket (check the credentials and that the policy allows s3:GetObject and s3:ListBucket)"
-                ) from None
-            return HeadOutcome(key, failure=f"S3 answered {code or 'an error'}", retries=_retries(error.response))
-        except botocore.exceptions.NoCredentialsError:
-            raise S3AccessError("no AWS credentials were found (environment, config files or instance role)") from None
-        except (botocore.exceptions.BotoCoreError, ValueError) as error:
-            # BotoCoreError: connection reset, timeout, unreachable endpoint after the retries;
-            # ValueError: botocore could not parse the response's headers.
-            return HeadOutcome(key, failure=f"{type(error).__name__}: {error}")
-        headers = response["ResponseMetadata"].get("HTTPHeaders", {})
-        try:
-            metadata = object_metadata_from_headers(headers)
-        except MalformedObjectMetadata as error:
-            return HeadOutcome(key, failure=str(error), malformed=True, retries=_retries(response))
-        return HeadOutcome(key, metadata=metadata, retries=_retries(response))
+                )
+            failure = f"S3 answered {code or 'an error'}"
+        elif error is not None:
+            failure = f"{type(error).__name__}: {error}"
+        else:
+            try:
+                metadata = object_metadata_from_headers(response["ResponseMetadata"].get("HTTPHeaders", {}))
+            except MalformedObjectMetadata as malformed:
+                return HeadOutcome(key, failure=str(malformed), malformed=True, retries=retries)
+            return HeadOutcome(key, metadata=metadata, retries=retries)
+        suffix = f" after {retries} retries" if retries else ""
+        return HeadOutcome(key, failure=failure + suffix, retries=retries)
 
     def head_many(self, keys: Sequence[str]) -> list[HeadOutcome]:
-        """HEAD every key, `max_in_flight` at a time; outcomes in the order of `keys`."""
-        return list(self._pool.map(self.head, keys))
+        """HEAD every key, `max_in_flight` at a time; outcomes in the order of `keys`. An S3AccessError
+        cancels the requests not yet sent."""
+        futures = [self._pool.submit(self.head, key) for key in keys]
+        try:
+            return [future.result() for future in futures]
+        except S3AccessError:
+            for future in futures:
+                future.cancel()
+            raise
