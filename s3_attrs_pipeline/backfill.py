@@ -41,10 +41,13 @@ class PartitionReport:
     successful: int = 0
     missing: int = 0
     failed: int = 0
-    invalid: int = 0
+    invalid: int = 0  # location-id that cannot name an object
+    malformed: int = 0  # object whose ETag or Last-Modified is not what S3 sends
     already_populated: int = 0
     vanished: int = 0
     s3_retries: int = 0
+    s3_throttled: int = 0  # responses that told us to slow down
+    concurrent_run: bool = False  # another run held the partition: this one did nothing
     batches: int = 0
     duration_s: float = 0.0
     problems: list[FileProblem] = dataclasses.field(default_factory=list)
@@ -54,9 +57,9 @@ class PartitionReport:
         return self.processed / self.duration_s if self.duration_s > 0 else 0.0
 
     @property
-    def unfinished(self) -> int:
-        """Files that should have been written and were not: the partition must be rerun."""
-        return self.failed + self.invalid
+    def errors(self) -> int:
+        """Files not written for a reason other than a missing object."""
+        return self.failed + self.invalid + self.malformed
 
     def as_progress_state(self, status: str) -> dict:
         return {
@@ -66,19 +69,23 @@ class PartitionReport:
             "missing": self.missing,
             "failed": self.failed,
             "invalid": self.invalid,
+            "malformed": self.malformed,
             "already-populated": self.already_populated,
             "updated-at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
 
 
 class PartitionFailed(RuntimeError):
-    """Some files could not be backfilled; the others were. Rerunning the partition retries them."""
+    """Some files failed in S3 after their retries; the others were done. A rerun retries them.
+
+    Invalid location ids and malformed object metadata do not fail a partition: a rerun cannot mend
+    them. They are logged, counted, and left out of the partition's gap like missing objects."""
 
     def __init__(self, report: PartitionReport):
         self.report = report
         super().__init__(
-            f"partition {report.partition_key}: {report.failed} files failed in S3 and {report.invalid} have an "
-            f"invalid location-id, of {report.processed} processed; rerun the partition to retry them"
+            f"partition {report.partition_key}: {report.failed} of {report.processed} files failed in S3 after "
+            f"their retries; rerun the partition to retry them"
         )
 
 
@@ -124,9 +131,30 @@ def backfill_partition(
     any could not be done. S3AccessError stops at once; database errors propagate."""
     app_ids = AppIdRange.for_partition(partition_key)
     report = PartitionReport(partition_key)
-    started = time.monotonic()
     db.ensure_file_attrs(conn)
     store.check_bucket()
+    if not db.try_lock_partition(conn, partition_key):
+        report.concurrent_run = True
+        log.warning(
+            f"partition {partition_key} is being backfilled by another run right now; this run leaves it to that one"
+        )
+        return report
+    try:
+        return _backfill_locked_partition(conn, store, app_ids, report, settings, log)
+    finally:
+        db.unlock_partition(conn, partition_key)
+
+
+def _backfill_locked_partition(
+    conn: psycopg.Connection,
+    store: ObjectStore,
+    app_ids: AppIdRange,
+    report: PartitionReport,
+    settings: BackfillSettings,
+    log: Log,
+) -> PartitionReport:
+    partition_key = report.partition_key
+    started = time.monotonic()
     report.already_populated = db.count_populated_files(conn, app_ids)
     log.info(
         f"Starting S3 attrs backfill of partition {partition_key} (apps {app_ids.first}..{app_ids.last}); "
@@ -147,9 +175,10 @@ def backfill_partition(
                     f"total-processed={report.processed} successful={report.successful} missing={report.missing} "
                     f"failed={report.failed} ({report.files_per_second:.0f} files/s)"
                 )
-        status = "failed" if report.unfinished else "completed"
+        status = "failed" if report.failed else "completed"
     finally:
         report.duration_s = time.monotonic() - started
+        report.s3_throttled = store.rate_limiter.throttle_events
         db.record_progress(
             conn,
             db.ProgressUpdate(
@@ -158,11 +187,11 @@ def backfill_partition(
         )
     log.info(
         f"S3 attrs backfill of partition {partition_key} {status}: total-processed={report.processed} "
-        f"total-successful={report.successful} missing={report.missing} total-failed={report.unfinished} "
+        f"total-successful={report.successful} missing={report.missing} total-failed={report.errors} "
         f"already-populated={report.already_populated} in {report.duration_s:.1f}s "
         f"({report.files_per_second:.0f} files/s)"
     )
-    if report.unfinished:
+    if report.failed:
         raise PartitionFailed(report)
     return report
 
@@ -184,7 +213,7 @@ def _backfill_batch(
             problem("invalid", file, None, str(error), level="warning")
 
     to_write: list[db.FileObjectAttrs] = []
-    missing = failed = retries = 0
+    missing = failed = malformed = retries = 0
     for (file, key), outcome in zip(located, store.head_many([key for _, key in located])):
         retries += outcome.retries
         if outcome.metadata is not None:
@@ -192,9 +221,12 @@ def _backfill_batch(
         elif outcome.missing:
             missing += 1
             problem("missing", file, key, "no such object in S3 (404)", level="warning")
+        elif outcome.malformed:
+            malformed += 1
+            problem("malformed", file, key, outcome.failure, level="warning")
         else:
             failed += 1
-            problem("malformed" if outcome.malformed else "failed", file, key, outcome.failure, level="error")
+            problem("failed", file, key, outcome.failure, level="error")
 
     counted = dataclasses.replace(
         report,
@@ -203,6 +235,7 @@ def _backfill_batch(
         missing=report.missing + missing,
         failed=report.failed + failed,
         invalid=report.invalid + invalid,
+        malformed=report.malformed + malformed,
         s3_retries=report.s3_retries + retries,
     )
 
@@ -213,7 +246,7 @@ def _backfill_batch(
             state | {"last-entity-id": str(batch[-1].entity_id)},
             processed=len(batch),
             successful=outcome.written,
-            failed=failed + invalid,
+            failed=failed + invalid + malformed,
             missing=missing,
         )
 
@@ -236,10 +269,16 @@ def known_missing(progress: dict, partition_key: str) -> int:
     return progress.get("partitions", {}).get(partition_key, {}).get("missing", 0)
 
 
+def known_invalid(progress: dict, partition_key: str) -> int:
+    """Files the partition's latest run could not fill from bad data: invalid location ids, malformed metadata."""
+    state = progress.get("partitions", {}).get(partition_key, {})
+    return state.get("invalid", 0) + state.get("malformed", 0)
+
+
 def unexplained_gap(coverage: db.PartitionCoverage | None, progress: dict, partition_key: str) -> int:
-    """Files lacking `hash` beyond the objects known to be missing: new uploads, or failures."""
+    """Files lacking `hash` beyond those known to be unfillable: new uploads, or failures."""
     lacking = coverage.lacking_hash if coverage else 0
-    return max(0, lacking - known_missing(progress, partition_key))
+    return max(0, lacking - known_missing(progress, partition_key) - known_invalid(progress, partition_key))
 
 
 def partitions_with_work(

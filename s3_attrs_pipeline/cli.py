@@ -182,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     except db.psycopg.OperationalError as error:
         print(f"s3-attrs: cannot reach the InstantDB database: {_first_line(error)}", file=sys.stderr)
         return EXIT_FAILED
+    except db.psycopg.errors.InsufficientPrivilege as error:
+        print(
+            f"s3-attrs: the database role lacks a privilege: {_first_line(error)} (see docs/postgres-grants.sql)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     except db.CatalogMismatch as error:
         print(f"s3-attrs: {error}", file=sys.stderr)
         return EXIT_FAILED

@@ -5,7 +5,7 @@ import dataclasses
 
 import psycopg
 
-from s3_attrs_pipeline.backfill import known_missing, unexplained_gap
+from s3_attrs_pipeline.backfill import known_invalid, known_missing, unexplained_gap
 from s3_attrs_pipeline.instant import database as db
 from s3_attrs_pipeline.instant.object_keys import InvalidLocationId, object_key
 from s3_attrs_pipeline.instant.partitions import partition_keys
@@ -21,7 +21,8 @@ class PartitionGap:
     with_hash: int
     lacking_hash: int
     known_missing: int
-    gap: int  # lacking hash and not known to be missing in S3
+    known_invalid: int
+    gap: int  # lacking hash and not known to be missing in S3 or invalid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,8 @@ class VerificationReport:
     with_neither: int = 0
     only_one: int = 0  # files with hash or lastModified but not both
     known_missing: int = 0
-    remaining: int = 0  # files lacking hash that are not known to be missing
+    known_invalid: int = 0  # invalid location id or malformed object metadata in the latest run
+    remaining: int = 0  # files lacking hash that are not known to be missing or invalid
     partitions_with_gaps: list[PartitionGap] = dataclasses.field(default_factory=list)
     malformed: db.MalformedTriples = db.MalformedTriples(0, 0, 0)
     sample_size: int = 0
@@ -84,12 +86,14 @@ def database_report(conn: psycopg.Connection, partition_width: int) -> Verificat
         report.with_both += part.with_both
         report.with_neither += part.files - part.with_hash - part.with_last_modified + part.with_both
         missing = min(known_missing(progress, key), part.lacking_hash)
+        invalid = min(known_invalid(progress, key), part.lacking_hash - missing)
         report.known_missing += missing
+        report.known_invalid += invalid
         gap = unexplained_gap(part, progress, key)
         report.remaining += gap
         if gap:
             report.partitions_with_gaps.append(
-                PartitionGap(key, part.files, part.with_hash, part.lacking_hash, missing, gap)
+                PartitionGap(key, part.files, part.with_hash, part.lacking_hash, missing, invalid, gap)
             )
     report.only_one = report.with_hash + report.with_last_modified - 2 * report.with_both
     report.malformed = db.malformed_new_triples(conn)

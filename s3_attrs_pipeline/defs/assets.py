@@ -44,12 +44,16 @@ def report_metadata(report: PartitionReport) -> dict[str, dg.MetadataValue]:
         missing=report.missing,
         failed=report.failed,
         invalid_location_id=report.invalid,
+        malformed_object_metadata=report.malformed,
         already_populated=report.already_populated,
         vanished_during_run=report.vanished,
         s3_retries=report.s3_retries,
+        s3_throttled=report.s3_throttled,
         duration_seconds=float(report.duration_s),
         files_per_second=float(report.files_per_second),
     )
+    if report.concurrent_run:
+        metadata["skipped"] = dg.MetadataValue.text("another run was backfilling this partition at the same time")
     if report.problems:
         metadata["problem_files"] = table(FileProblem, report.problems)
     return metadata

@@ -23,6 +23,7 @@ def _metadata(report: VerificationReport) -> dict[str, dg.MetadataValue]:
         with_neither=report.with_neither,
         with_only_one=report.only_one,
         known_missing_in_s3=report.known_missing,
+        known_invalid=report.known_invalid,
         remaining=report.remaining,
         partitions_with_gaps=len(report.partitions_with_gaps),
         sample_size=report.sample_size,

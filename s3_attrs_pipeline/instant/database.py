@@ -7,6 +7,7 @@ is held while S3 is being asked; each batch's writes are one short transaction.
 import dataclasses
 import json
 import uuid
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 
 import psycopg
@@ -156,6 +157,21 @@ def ensure_file_attrs(conn: psycopg.Connection) -> None:
     _check_attr(conn, LOCATION_ID, check_type=False)
     for spec in NEW_ATTRS:
         _check_attr(conn, spec, check_type=True)
+
+
+# --- one run per partition at a time ---
+
+# Session-level advisory locks: released by Postgres when the session ends, however it ends.
+_LOCK_NAMESPACE = zlib.crc32(APPLICATION_NAME.encode()) - 2**31  # any int4, fixed for this pipeline
+
+
+def try_lock_partition(conn: psycopg.Connection, partition_key: str) -> bool:
+    """Claim the partition for this session; False if another session holds it."""
+    return conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (_LOCK_NAMESPACE, int(partition_key, 16))).fetchone()[0]
+
+
+def unlock_partition(conn: psycopg.Connection, partition_key: str) -> None:
+    conn.execute("SELECT pg_advisory_unlock(%s, %s)", (_LOCK_NAMESPACE, int(partition_key, 16)))
 
 
 # --- reading the files to backfill --------------------------------------------------------------
