@@ -1,5 +1,6 @@
 """The whole backfill through Dagster, against embedded PostgreSQL and moto's S3 server over HTTP."""
 
+import re
 import time
 
 import dagster as dg
@@ -10,7 +11,8 @@ from s3_attrs_pipeline.defs.assets import files_s3_attrs
 from s3_attrs_pipeline.defs.resources import resources_from_env
 from s3_attrs_pipeline.instant import database as db
 from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED
-from s3_attrs_pipeline.s3.object_metadata import HeadOutcome, ObjectStore, S3Settings
+from s3_attrs_pipeline.s3.object_metadata import ObjectStore, S3Settings
+from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
 from s3_attrs_pipeline_tests.helpers import (
     all_triples,
     head_values,
@@ -105,6 +107,10 @@ class _CrashAfter:
     def __init__(self, store: ObjectStore, batches: int):
         self._store, self._left = store, batches
 
+    @property
+    def rate_limiter(self):
+        return self._store.rate_limiter
+
     def check_bucket(self):
         self._store.check_bucket()
 
@@ -135,32 +141,23 @@ def test_a_run_resumed_after_a_crash_finishes_the_rest(conn, s3_endpoint, bucket
     assert db.read_progress(conn)["total-successful"] == len(done) - sum(f.prepopulated for f in files)
 
 
-class _FailingKeys:
-    """The real store, except that HEADs of `failing` keys end as failures after their retries."""
-
-    def __init__(self, store: ObjectStore, failing: set[str]):
-        self._store, self._failing = store, failing
-
-    def check_bucket(self):
-        self._store.check_bucket()
-
-    def head_many(self, keys):
-        outcomes = self._store.head_many(keys)
-        return [HeadOutcome(o.key, failure="S3 answered SlowDown") if o.key in self._failing else o for o in outcomes]
-
-
 def test_failed_files_fail_the_partition_after_the_rest_is_done(conn, s3_endpoint, bucket, seeded_files):
     key = max(_partitions_of(seeded_files), key=lambda k: sum(f.app_id.hex[:2] == k for f in seeded_files))
     files = [f for f in seeded_files if f.app_id.hex[:2] == key and f.in_s3 and not f.prepopulated]
     failing = {files[0].key, files[-1].key}
-    with ObjectStore(S3Settings(bucket, endpoint_url=s3_endpoint)) as store:
-        with pytest.raises(backfill.PartitionFailed, match="2 files failed in S3") as raised:
+    with FaultProxy(s3_endpoint) as proxy:
+        for failing_key in failing:
+            proxy.add_rule(FaultRule("internal_error", key_pattern=re.escape(failing_key)))
+        settings = S3Settings(bucket, endpoint_url=proxy.url, max_retries=2)
+        with ObjectStore(settings) as store, pytest.raises(backfill.PartitionFailed, match="2 of") as raised:
             backfill.backfill_partition(
-                conn, _FailingKeys(store, failing), key, backfill.BackfillSettings(batch_size=7), dg.get_dagster_logger()
+                conn, store, key, backfill.BackfillSettings(batch_size=7), dg.get_dagster_logger()
             )
+        assert proxy.stats()["internal_error"] == 2 * 3  # each failing key: one try and two retries
     report = raised.value.report
     assert report.failed == 2 and report.successful == len(files) - 2
     assert {p.key for p in report.problems if p.reason.startswith("failed")} == failing
+    assert all("S3 answered 500 after 2 retries" in p.reason for p in report.problems if p.key in failing)
     assert db.read_progress(conn)["partitions"][key]["status"] == "failed"
     assert len(_in_partition(new_attr_triples(conn), key)) == sum(
         f.in_s3 for f in seeded_files if f.app_id.hex[:2] == key

@@ -1,0 +1,14 @@
+-- Least privilege for the pipeline's database role. Replace s3attrs with your role's name.
+-- psql -v role=s3attrs -f docs/postgres-grants.sql <instant database>
+
+GRANT USAGE ON SCHEMA public TO :role;
+
+-- Backfill, verification and stats: read the catalog and the triples, add the two attrs once,
+-- insert hash/lastModified triples (RETURNING needs SELECT), keep the progress row.
+GRANT SELECT, INSERT ON attrs, idents, triples TO :role;
+GRANT SELECT, INSERT, UPDATE ON config TO :role;
+
+-- `s3-attrs reset` also needs:      GRANT DELETE ON config TO :role;
+-- `s3-attrs rollback` also needs:   GRANT DELETE ON triples, config TO :role;
+-- Give those to a separate operator role: with DELETE on triples a role could delete
+-- location-id triples, and InstantDB would then delete the S3 objects.
