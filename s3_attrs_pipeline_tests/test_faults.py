@@ -124,6 +124,7 @@ BAD_LOCATION_VALUES = {
     "slash": "a/b",
     "dotdot": "..",
     "control": "bad\nname",
+    "too long": "x" * 1000,  # fits the triple's 1 KB check, but not S3's 1024-byte key
 }
 
 
@@ -149,7 +150,9 @@ def test_bad_location_ids_are_logged_counted_and_skipped(conn, s3_endpoint, s3_c
     report, _ = _run(conn, s3_endpoint, bucket, key)
     assert report.invalid == len(BAD_LOCATION_VALUES) and report.failed == 0
     reasons = " | ".join(p.reason for p in report.problems)
-    for expected in ("JSON int", "JSON NoneType", "empty string", "single key segment", "control characters"):
+    for expected in (
+        "JSON int", "JSON NoneType", "empty string", "single key segment", "control characters", "S3 allows 1024"
+    ):
         assert expected in reasons
     written = new_attr_triples(conn)
     assert all((app_id, entity_id) not in written for entity_id in bad.values())

@@ -75,6 +75,9 @@ def test_java_hash_code_wraps_and_min_value_keeps_its_sign():
 def test_object_key_is_app_bin_location():
     app = uuid.UUID("6513270e-269e-4d37-b2a7-4de452e6b438")
     assert object_key(app, "photo.png") == "6513270e-269e-4d37-b2a7-4de452e6b438/1/photo.png"
+    assert len(object_key(app, "é" * 492 + "x").encode()) == 1024  # é is two bytes in UTF-8
+    with pytest.raises(InvalidLocationId, match="1025 bytes"):
+        object_key(app, "é" * 493)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ import uuid
 
 _INT32_MIN = -(2**31)
 _MAX_LOCATION_ID_LENGTH = 1024
+_MAX_KEY_BYTES = 1024  # S3's limit on an object key, in UTF-8 bytes
 
 
 class InvalidLocationId(ValueError):
@@ -45,6 +46,12 @@ def validated_location_id(value: object) -> str:
     return value
 
 
-def object_key(app_id: uuid.UUID, location_id: str) -> str:
+def object_key(app_id: uuid.UUID, location_id: object) -> str:
     location_id = validated_location_id(location_id)
-    return f"{app_id}/{location_bin(location_id)}/{location_id}"
+    key = f"{app_id}/{location_bin(location_id)}/{location_id}"
+    if len(key.encode("utf-8")) > _MAX_KEY_BYTES:
+        raise InvalidLocationId(
+            f"location-id {location_id[:40]!r}... makes an object key of {len(key.encode())} bytes "
+            f"(S3 allows {_MAX_KEY_BYTES})"
+        )
+    return key
