@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo ui test demo-stop clean
+.PHONY: demo ui test test-ui demo-stop clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ ui: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/pytest
+
+# The browser test: the real Dagster UI in headless Chromium, driven by Playwright. Installs Debian's
+# chromium (as root, with apt-get) and Playwright into the venv when missing; never `playwright install`.
+CHROMIUM ?= /usr/bin/chromium
+test-ui: $(INSTALLED)
+	@if [ ! -x $(CHROMIUM) ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi
+	@$(BIN)/python -c "import playwright" 2>/dev/null || $(BIN)/python -m pip install --quiet playwright
+	S3_ATTRS_UI_TESTS=1 S3_ATTRS_CHROMIUM=$(CHROMIUM) $(BIN)/pytest s3_attrs_pipeline_tests/ui
 
 # Stop the demo's background PostgreSQL and S3 server (their data stays in .demo/).
 demo-stop: $(INSTALLED)

@@ -1,0 +1,160 @@
+"""The real Dagster UI (webserver and daemon as subprocesses) on the test services, and headless Chromium.
+
+These tests need Chromium and Playwright, which `make test` does not install, so they are collected
+only under `make test-ui`, which installs both and sets S3_ATTRS_UI_TESTS=1.
+"""
+
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import dagster as dg
+import pytest
+from dagster._daemon.controller import all_daemons_live
+
+from s3_attrs_pipeline_tests.conftest import REPO_ROOT
+
+if os.environ.get("S3_ATTRS_UI_TESTS") != "1":
+    collect_ignore_glob = ["test_*.py"]
+
+CHROMIUM = os.environ.get("S3_ATTRS_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+SCREENSHOT_DIR = REPO_ROOT / ".ui-screenshots"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(args: list[str], log: pathlib.Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            args,
+            cwd=REPO_ROOT,
+            start_new_session=True,  # its own process group: its code server and run workers stop with it
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _wait_until(condition, process: subprocess.Popen, log: pathlib.Path, what: str, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if process.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited; its log ends:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f}s for {what}; its log ends:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture
+def services(instant_db_url, bucket, seeded_files, dagster_home):
+    """InstantDB with the seeded files, the bucket, and a PostgreSQL-backed DAGSTER_HOME, all in os.environ,
+    which the webserver and the daemon inherit."""
+    return seeded_files
+
+
+@pytest.fixture
+def daemon(services, dagster_home):
+    from s3_attrs_pipeline_tests.test_dagster_backfill_e2e import FAST_DAEMON
+
+    process = _start(
+        [sys.executable, "-c", FAST_DAEMON, "run", "-w", str(REPO_ROOT / "workspace.yaml")], dagster_home / "daemon.log"
+    )
+    try:
+        # Until every daemon has sent a heartbeat, the UI warns that the backfill daemon is not running.
+        with dg.DagsterInstance.get() as instance:
+            _wait_until(
+                lambda: all_daemons_live(instance), process, dagster_home / "daemon.log", "the daemons' heartbeats"
+            )
+        yield process
+    finally:
+        _stop(process)
+
+
+@pytest.fixture
+def webserver(services, dagster_home) -> str:
+    """The URL of `dagster-webserver -w workspace.yaml` on a free port, once it answers."""
+    port = _free_port()
+    webserver_bin = pathlib.Path(sys.executable).with_name("dagster-webserver")
+    process = _start(
+        [str(webserver_bin), "-w", str(REPO_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+        dagster_home / "webserver.log",
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until(
+            lambda: _answers(f"{url}/server_info"), process, dagster_home / "webserver.log", "dagster-webserver"
+        )
+        yield url
+    finally:
+        _stop(process)
+
+
+@pytest.fixture
+def browser():
+    # Collected only when asked for (S3_ATTRS_UI_TESTS=1), so a missing browser is an error, not a skip.
+    try:
+        import playwright.sync_api as playwright_api
+    except ImportError:
+        pytest.fail("Playwright is not installed in this venv (make test-ui installs it)")
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"no Chromium at {CHROMIUM} (make test-ui installs Debian's chromium)")
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        item.ui_test_failed = report.failed
+    return report
+
+
+@pytest.fixture
+def page(browser, tmp_path, request):
+    """A browser tab; when the test fails, what it showed last is saved as failure-<test>.png."""
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    yield page
+    if getattr(request.node, "ui_test_failed", False):
+        name = f"failure-{request.node.name}.png"
+        page.screenshot(path=str(tmp_path / name))
+        SCREENSHOT_DIR.mkdir(exist_ok=True)
+        shutil.copyfile(tmp_path / name, SCREENSHOT_DIR / name)
+    context.close()
