@@ -1,0 +1,1 @@
+"""Helpers of benchmarks/run_benchmark.py: local services, the generated data set, the measured strategies."""
