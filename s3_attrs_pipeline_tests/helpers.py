@@ -1,6 +1,7 @@
 """Queries and S3 look-ups the end-to-end tests assert with."""
 
 import email.utils
+import time
 import uuid
 
 from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED, LOCATION_ID
@@ -48,3 +49,14 @@ def head_values(s3_client, bucket: str, key: str) -> tuple[str, int]:
     headers = s3_client.head_object(Bucket=bucket, Key=key)["ResponseMetadata"]["HTTPHeaders"]
     last_modified = email.utils.parsedate_to_datetime(headers["last-modified"])
     return headers["etag"].strip('"'), int(last_modified.timestamp() * 1000)
+
+
+def wait_for(condition, what: str, timeout_s: float):
+    """condition()'s first truthy value, polled every second; TimeoutError naming `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(1)
+    raise TimeoutError(f"waited {timeout_s:.0f}s for {what}")

@@ -3,11 +3,9 @@ daemon on a PostgreSQL-backed instance, with S3 faults that fail some partitions
 "re-execute failed" of only those, and the sensor's verification runs after each backfill."""
 
 import os
-import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 import dagster as dg
 import pytest
@@ -18,6 +16,7 @@ from dagster_graphql.test.utils import define_out_of_process_context, execute_da
 from s3_attrs_pipeline.defs.automation import TRIGGER_TAG
 from s3_attrs_pipeline_tests.conftest import REPO_ROOT
 from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
+from s3_attrs_pipeline_tests.helpers import wait_for
 
 FILES = dg.AssetKey("files_s3_attrs")
 VERIFICATION = dg.AssetKey("s3_attrs_verification")
@@ -50,14 +49,8 @@ def _launch(context, query, variables, field) -> str:
     return result["backfillId"]
 
 
-def _wait(condition, what: str, timeout_s: float = 240):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(1)
-    raise TimeoutError(f"waited {timeout_s:.0f}s for {what}")
+def _wait(condition, what: str):
+    return wait_for(condition, what, timeout_s=240)
 
 
 def _finished_backfill(instance, backfill_id):

@@ -17,7 +17,7 @@ import pytest
 
 from s3_attrs_pipeline import backfill
 from s3_attrs_pipeline.instant import database as db
-from s3_attrs_pipeline.instant.file_attrs import HASH, LOCATION_ID, json_text, value_md5
+from s3_attrs_pipeline.instant.file_attrs import LOCATION_ID, value_md5
 from s3_attrs_pipeline.local import seed
 from s3_attrs_pipeline.s3.object_metadata import ObjectStore, S3AccessError, S3Settings
 from s3_attrs_pipeline_tests.conftest import REPO_ROOT

@@ -11,7 +11,6 @@ from s3_attrs_pipeline import cli
 from s3_attrs_pipeline.defs.assets import files_s3_attrs
 from s3_attrs_pipeline.defs.resources import resources_from_env
 from s3_attrs_pipeline.defs.verification import s3_attrs_verification
-from s3_attrs_pipeline.local import postgres
 from s3_attrs_pipeline_tests.conftest import REPO_ROOT
 from s3_attrs_pipeline_tests.helpers import new_attr_triples
 

@@ -5,7 +5,6 @@ import time
 import uuid
 
 import dagster as dg
-import pytest
 from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
 from dagster._core.storage.tags import BACKFILL_ID_TAG
 from dagster._core.test_utils import create_run_for_test

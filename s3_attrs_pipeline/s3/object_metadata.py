@@ -1,7 +1,6 @@
 """HEAD objects concurrently and turn each answer into metadata, a miss, a failure or a stop."""
 
 import dataclasses
-import datetime
 import email.utils
 import re
 from collections.abc import Sequence

@@ -10,7 +10,6 @@ to .ui-screenshots/ in the repository.
 
 import re
 import shutil
-import time
 
 import dagster as dg
 from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES, BulkActionStatus
@@ -19,7 +18,7 @@ from dagster._core.storage.tags import BACKFILL_ID_TAG
 
 from s3_attrs_pipeline.instant import database as db
 from s3_attrs_pipeline.instant.file_attrs import HASH
-from s3_attrs_pipeline_tests.helpers import new_attr_triples
+from s3_attrs_pipeline_tests.helpers import new_attr_triples, wait_for
 from s3_attrs_pipeline_tests.ui.conftest import SCREENSHOT_DIR
 
 FILES = dg.AssetKey("files_s3_attrs")
@@ -28,13 +27,7 @@ BACKFILL_TIMEOUT_S = 150
 
 
 def _wait(condition, what: str, timeout_s: float = BACKFILL_TIMEOUT_S):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(1)
-    raise TimeoutError(f"waited {timeout_s:.0f}s for {what}")
+    return wait_for(condition, what, timeout_s)
 
 
 def _screenshot(page, tmp_path, name: str):
