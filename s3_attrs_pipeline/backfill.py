@@ -1,20 +1,25 @@
-"""Backfill one partition: stream its files, HEAD their objects, write the triples batch by batch.
+"""Backfill one partition: read its files' objects from S3 (a listing for big apps, HEADs for the
+rest) and write the triples batch by batch.
 
 This module joins the InstantDB domain and S3 access; it knows nothing of Dagster, so the same
 code runs under an asset, a test or a benchmark. `log` is any logger with info/warning/error.
 """
 
+import collections
 import dataclasses
 import datetime
 import time
+import uuid
+from concurrent.futures import Future
 from typing import Protocol
 
 import psycopg
 
 from s3_attrs_pipeline.instant import database as db
-from s3_attrs_pipeline.instant.object_keys import InvalidLocationId, object_key
+from s3_attrs_pipeline.instant.object_keys import InvalidLocationId, location_id_of_key, object_key
 from s3_attrs_pipeline.instant.partitions import AppIdRange
-from s3_attrs_pipeline.s3.object_metadata import ObjectStore
+from s3_attrs_pipeline.s3 import listing
+from s3_attrs_pipeline.s3.object_metadata import HeadOutcome, MalformedObjectMetadata, ObjectMetadata, ObjectStore
 
 LOGGED_FILES_PER_KIND = 20  # per partition and kind of problem; the rest are only counted
 PROGRESS_LOG_INTERVAL_S = 10.0
@@ -48,6 +53,7 @@ class PartitionReport:
     s3_retries: int = 0
     s3_throttled: int = 0  # responses that told us to slow down
     concurrent_run: bool = False  # another run held the partition: this one did nothing
+    apps_listed: int = 0  # apps whose objects were read from a listing rather than HEADs
     batches: int = 0
     duration_s: float = 0.0
     problems: list[FileProblem] = dataclasses.field(default_factory=list)
@@ -93,10 +99,44 @@ class PartitionFailed(RuntimeError):
 class BackfillSettings:
     batch_size: int = 50
     partition_count: int = 256
+    # An app is listed instead of HEADed when at least this many of its files lack `hash`
+    # and they are at least 1/LISTED_APP_MIN_PENDING_SHARE of its files; 0 never lists.
+    list_threshold: int = 1000
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {self.batch_size}")
+        if self.list_threshold < 0:
+            raise ValueError(f"list_threshold must be 0 (never list) or more, not {self.list_threshold}")
+
+
+# A listing reads every key under the app's prefix, done or not, at ~10x a HEAD's rate: it pays
+# only while the files to do are a good share of the app.
+LISTED_APP_MIN_PENDING_SHARE = 10
+
+
+def apps_to_list(apps: list[db.AppFileCount], list_threshold: int) -> list[db.AppFileCount]:
+    """The apps whose objects are read with ListObjectsV2 rather than one HEAD per file."""
+    if list_threshold <= 0:
+        return []
+    return [
+        app
+        for app in apps
+        if app.pending >= list_threshold and app.pending * LISTED_APP_MIN_PENDING_SHARE >= app.files
+    ]
+
+
+def ranges_between(app_ids: AppIdRange, excluded: list[uuid.UUID]) -> list[AppIdRange]:
+    """`app_ids` without the (sorted) `excluded` apps, as the ranges left between them."""
+    ranges = []
+    first = app_ids.first.int
+    for app_id in excluded:
+        if app_id.int > first:
+            ranges.append(AppIdRange(app_ids.key, uuid.UUID(int=first), uuid.UUID(int=app_id.int - 1)))
+        first = app_id.int + 1
+    if first <= app_ids.last.int:
+        ranges.append(AppIdRange(app_ids.key, uuid.UUID(int=first), app_ids.last))
+    return ranges
 
 
 class _ProblemLog:
@@ -118,6 +158,97 @@ class _ProblemLog:
         getattr(self._log, level)(
             f"{kind} file app={file.app_id} entity={file.entity_id} key={key!r}: {reason}{suffix}"
         )
+
+
+class _BatchWriter:
+    """Collects what was found for each file, then writes a batch of them, with the progress that
+    follows from it, in one transaction."""
+
+    def __init__(self, conn: psycopg.Connection, report: PartitionReport, problem: _ProblemLog):
+        self._conn = conn
+        self._report = report
+        self._problem = problem
+        self._new_batch()
+
+    def _new_batch(self) -> None:
+        self._to_write: list[db.FileObjectAttrs] = []
+        self._counts = dict(processed=0, missing=0, failed=0, invalid=0, malformed=0, s3_retries=0)
+        self._last_file: db.PendingFile | None = None
+
+    def __len__(self) -> int:
+        return self._counts["processed"]
+
+    def _count(self, file: db.PendingFile, kind: str | None) -> None:
+        self._counts["processed"] += 1
+        if kind:
+            self._counts[kind] += 1
+        self._last_file = file
+
+    def found(self, file: db.PendingFile, metadata: ObjectMetadata) -> None:
+        self._to_write.append(db.FileObjectAttrs(file, metadata.hash, metadata.last_modified_ms))
+        self._count(file, None)
+
+    def missing(self, file: db.PendingFile, key: str, reason: str) -> None:
+        self._count(file, "missing")
+        self._problem("missing", file, key, reason, level="warning")
+
+    def invalid(self, file: db.PendingFile, reason: str) -> None:
+        self._count(file, "invalid")
+        self._problem("invalid", file, None, reason, level="warning")
+
+    def malformed(self, file: db.PendingFile, key: str, reason: str) -> None:
+        self._count(file, "malformed")
+        self._problem("malformed", file, key, reason, level="warning")
+
+    def failed(self, file: db.PendingFile, key: str, reason: str) -> None:
+        self._count(file, "failed")
+        self._problem("failed", file, key, reason, level="error")
+
+    def head_outcome(self, file: db.PendingFile, key: str, outcome: HeadOutcome) -> None:
+        self._counts["s3_retries"] += outcome.retries
+        if outcome.metadata is not None:
+            self.found(file, outcome.metadata)
+        elif outcome.missing:
+            self.missing(file, key, "no such object in S3 (404)")
+        elif outcome.malformed:
+            self.malformed(file, key, outcome.failure)
+        else:
+            self.failed(file, key, outcome.failure)
+
+    def flush(self) -> None:
+        if not self._counts["processed"]:
+            return
+        counts, last_file = self._counts, self._last_file
+        counted = dataclasses.replace(
+            self._report,
+            batches=self._report.batches + 1,
+            **{name: getattr(self._report, name) + counts[name] for name in counts},
+        )
+
+        def progress_after(outcome: db.BatchWriteOutcome) -> db.ProgressUpdate:
+            state = _with_write(counted, outcome).as_progress_state("running")
+            return db.ProgressUpdate(
+                self._report.partition_key,
+                state | {"last-entity-id": str(last_file.entity_id)},
+                processed=counts["processed"],
+                successful=outcome.written,
+                failed=counts["failed"] + counts["invalid"] + counts["malformed"],
+                missing=counts["missing"],
+            )
+
+        done = _with_write(counted, db.write_file_attrs(self._conn, self._to_write, progress_after))
+        for field in dataclasses.fields(PartitionReport):
+            setattr(self._report, field.name, getattr(done, field.name))
+        self._new_batch()
+
+
+def _with_write(report: PartitionReport, outcome: db.BatchWriteOutcome) -> PartitionReport:
+    return dataclasses.replace(
+        report,
+        successful=report.successful + outcome.written,
+        already_populated=report.already_populated + outcome.already_populated,
+        vanished=report.vanished + outcome.vanished,
+    )
 
 
 def backfill_partition(
@@ -155,26 +286,28 @@ def _backfill_locked_partition(
 ) -> PartitionReport:
     partition_key = report.partition_key
     started = time.monotonic()
-    report.already_populated = db.count_populated_files(conn, app_ids)
+    apps = db.app_file_counts(conn, app_ids)
+    report.already_populated = sum(app.populated for app in apps)
+    listed = apps_to_list(apps, settings.list_threshold)
     log.info(
-        f"Starting S3 attrs backfill of partition {partition_key} (apps {app_ids.first}..{app_ids.last}); "
-        f"{report.already_populated} files already populated"
+        f"Starting S3 attrs backfill of partition {partition_key} (apps {app_ids.first}..{app_ids.last}): "
+        f"{sum(app.pending for app in apps)} files to do in {sum(1 for app in apps if app.pending)} apps, "
+        f"{report.already_populated} already populated; "
+        f"{len(listed)} apps listed (ListObjectsV2), the others HEADed per file"
     )
-    problem = _ProblemLog(log, report)
+    writer = _BatchWriter(conn, report, _ProblemLog(log, report))
+    progress_log = _ProgressLog(log, report, started)
     status = "failed"
-    last_progress_log = started
     try:
         db.record_progress(conn, db.ProgressUpdate(partition_key, report.as_progress_state("running")))
-        for batch in db.iter_pending_batches(conn, app_ids, settings.batch_size):
-            _backfill_batch(conn, store, batch, report, problem)
-            report.duration_s = time.monotonic() - started
-            if time.monotonic() - last_progress_log >= PROGRESS_LOG_INTERVAL_S:
-                last_progress_log = time.monotonic()
-                log.info(
-                    f"Processed batch {report.batches} of partition {partition_key}: "
-                    f"total-processed={report.processed} successful={report.successful} missing={report.missing} "
-                    f"failed={report.failed} ({report.files_per_second:.0f} files/s)"
-                )
+        head_ranges = ranges_between(app_ids, [app.app_id for app in listed])
+        for app in listed:
+            if _list_app(conn, store, app, writer, progress_log, log):
+                report.apps_listed += 1
+            else:
+                head_ranges.append(AppIdRange(partition_key, app.app_id, app.app_id))
+        for app_range in head_ranges:
+            _head_range(conn, store, app_range, writer, progress_log, settings)
         status = "failed" if report.failed else "completed"
     finally:
         report.duration_s = time.monotonic() - started
@@ -196,72 +329,117 @@ def _backfill_locked_partition(
     return report
 
 
-def _backfill_batch(
-    conn: psycopg.Connection,
-    store: ObjectStore,
-    batch: list[db.PendingFile],
-    report: PartitionReport,
-    problem: _ProblemLog,
-) -> None:
-    located: list[tuple[db.PendingFile, str]] = []
-    invalid = 0
-    for file in batch:
-        try:
-            located.append((file, object_key(file.app_id, file.location_value)))
-        except InvalidLocationId as error:
-            invalid += 1
-            problem("invalid", file, None, str(error), level="warning")
+class _ProgressLog:
+    def __init__(self, log: Log, report: PartitionReport, started: float):
+        self._log = log
+        self._report = report
+        self._started = started
+        self._last = started
 
-    to_write: list[db.FileObjectAttrs] = []
-    missing = failed = malformed = retries = 0
-    for (file, key), outcome in zip(located, store.head_many([key for _, key in located])):
-        retries += outcome.retries
-        if outcome.metadata is not None:
-            to_write.append(db.FileObjectAttrs(file, outcome.metadata.hash, outcome.metadata.last_modified_ms))
-        elif outcome.missing:
-            missing += 1
-            problem("missing", file, key, "no such object in S3 (404)", level="warning")
-        elif outcome.malformed:
-            malformed += 1
-            problem("malformed", file, key, outcome.failure, level="warning")
-        else:
-            failed += 1
-            problem("failed", file, key, outcome.failure, level="error")
-
-    counted = dataclasses.replace(
-        report,
-        batches=report.batches + 1,
-        processed=report.processed + len(batch),
-        missing=report.missing + missing,
-        failed=report.failed + failed,
-        invalid=report.invalid + invalid,
-        malformed=report.malformed + malformed,
-        s3_retries=report.s3_retries + retries,
-    )
-
-    def progress_after(outcome: db.BatchWriteOutcome) -> db.ProgressUpdate:
-        state = _with_write(counted, outcome).as_progress_state("running")
-        return db.ProgressUpdate(
-            report.partition_key,
-            state | {"last-entity-id": str(batch[-1].entity_id)},
-            processed=len(batch),
-            successful=outcome.written,
-            failed=failed + invalid + malformed,
-            missing=missing,
+    def __call__(self) -> None:
+        now = time.monotonic()
+        self._report.duration_s = now - self._started
+        if now - self._last < PROGRESS_LOG_INTERVAL_S:
+            return
+        self._last = now
+        report = self._report
+        self._log.info(
+            f"Processed batch {report.batches} of partition {report.partition_key}: "
+            f"total-processed={report.processed} successful={report.successful} missing={report.missing} "
+            f"failed={report.failed} ({report.files_per_second:.0f} files/s)"
         )
 
-    done = _with_write(counted, db.write_file_attrs(conn, to_write, progress_after))
-    for field in dataclasses.fields(PartitionReport):
-        setattr(report, field.name, getattr(done, field.name))
+
+def _head_range(
+    conn: psycopg.Connection,
+    store: ObjectStore,
+    app_ids: AppIdRange,
+    writer: _BatchWriter,
+    progress_log: _ProgressLog,
+    settings: BackfillSettings,
+) -> None:
+    """HEAD every file of the range that lacks `hash`. A sliding window keeps requests in flight
+    while pages are read and batches written: no batch waits for its slowest HEAD before the next starts."""
+    window: collections.deque[tuple[db.PendingFile, str | None, Future | InvalidLocationId]] = collections.deque()
+    window_size = 2 * max(settings.batch_size, store.settings.max_in_flight)
+
+    def settle_oldest() -> None:
+        file, key, pending = window.popleft()
+        if isinstance(pending, InvalidLocationId):
+            writer.invalid(file, str(pending))
+        else:
+            writer.head_outcome(file, key, pending.result())
+        if len(writer) >= settings.batch_size:
+            writer.flush()
+            progress_log()
+
+    try:
+        for page in db.iter_pending_batches(conn, app_ids, settings.batch_size):
+            for file in page:
+                try:
+                    key = object_key(file.app_id, file.location_value)
+                except InvalidLocationId as invalid:
+                    window.append((file, None, invalid))
+                else:
+                    window.append((file, key, store.submit_head(key)))
+            while len(window) > window_size:
+                settle_oldest()
+        while window:
+            settle_oldest()
+    finally:
+        for _, _, pending in window:
+            if isinstance(pending, Future):
+                pending.cancel()
+    writer.flush()
+    progress_log()
 
 
-def _with_write(report: PartitionReport, outcome: db.BatchWriteOutcome) -> PartitionReport:
-    return dataclasses.replace(
-        report,
-        successful=report.successful + outcome.written,
-        already_populated=report.already_populated + outcome.already_populated,
-        vanished=report.vanished + outcome.vanished,
-    )
+def _list_app(
+    conn: psycopg.Connection,
+    store: ObjectStore,
+    app: db.AppFileCount,
+    writer: _BatchWriter,
+    progress_log: _ProgressLog,
+    log: Log,
+) -> bool:
+    """Read the app's objects from a listing of `<app_id>/`, joined page by page to its files that
+    lack `hash`; the files not listed are missing. False if the listing failed: the app's remaining
+    files are then left to HEADs."""
+    prefix = f"{app.app_id}/"
+    malformed: set[uuid.UUID] = set()  # still lack `hash`, but are not missing
+    try:
+        for page in listing.prefetched(listing.list_prefix(store, prefix)):
+            listed_at = {}
+            for listed in page:
+                location_id = location_id_of_key(app.app_id, listed.key)
+                if location_id is not None:
+                    listed_at[location_id] = listed
+            for file in db.pending_files_at(conn, app.app_id, list(listed_at)):
+                listed = listed_at[file.location_value]
+                try:
+                    writer.found(file, listing.metadata_of(listed))
+                except MalformedObjectMetadata as error:
+                    malformed.add(file.entity_id)
+                    writer.malformed(file, listed.key, str(error))
+            writer.flush()
+            progress_log()
+    except listing.ListingFailed as error:
+        writer.flush()
+        log.warning(f"{error}; the app's remaining files are HEADed instead")
+        return False
+    for page in db.iter_pending_batches(conn, AppIdRange(str(app.app_id), app.app_id, app.app_id), listing.LIST_PAGE_SIZE):
+        for file in page:
+            if file.entity_id in malformed:
+                continue
+            try:
+                key = object_key(file.app_id, file.location_value)
+            except InvalidLocationId as invalid:
+                writer.invalid(file, str(invalid))
+            else:
+                writer.missing(file, key, f"no such object in S3 (not in the listing of {prefix})")
+        writer.flush()
+        progress_log()
+    return True
 
 
 def known_missing(progress: dict, partition_key: str) -> int:

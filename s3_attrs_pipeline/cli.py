@@ -66,6 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_bucket_env()
     from s3_attrs_pipeline import runs
     from s3_attrs_pipeline.backfill import partitions_with_work
+    from s3_attrs_pipeline.defs.assets import BackfillConfig
     from s3_attrs_pipeline.defs.partitions import PARTITION_WIDTH
 
     every_key = runs.all_partition_keys()
@@ -83,7 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for run in runs.materialize_partitions(
         keys,
         parallel=args.parallel,
-        batch_size=args.batch_size,
+        config=BackfillConfig(batch_size=args.batch_size, list_threshold=args.list_threshold),
         log_level="WARNING" if args.quiet else "INFO",
         tags={"s3-attrs/launched-by": "cli"},
     ):
@@ -152,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="materialize partitions through Dagster (all by default)")
     run.add_argument("--partition", action="append", metavar="KEY", help="a partition key, e.g. 3f; repeatable")
     run.add_argument("--batch-size", type=int, default=50, help="files per batch (default 50)")
+    run.add_argument(
+        "--list-threshold",
+        type=int,
+        default=1000,
+        help="list an app (ListObjectsV2) instead of HEADing its files when at least this many lack the attrs "
+        "(default 1000; 0 never lists)",
+    )
     run.add_argument("--all", action="store_true", help="run every partition, even those with nothing new to do")
     run.add_argument("--parallel", type=int, default=2, help="partition runs at once, in worker processes (default 2)")
     run.add_argument("--quiet", action="store_true", help="print only failures and the summary")

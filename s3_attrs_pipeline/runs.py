@@ -54,7 +54,7 @@ def materialize_partition(
     instance: dg.DagsterInstance,
     partition_key: str,
     *,
-    batch_size: int,
+    config: BackfillConfig,
     log_level: str = "INFO",
     tags: dict[str, str] | None = None,
 ) -> PartitionRun:
@@ -64,7 +64,7 @@ def materialize_partition(
         instance=instance,
         resources=resources_from_env(),
         run_config=dg.RunConfig(
-            ops={"files_s3_attrs": BackfillConfig(batch_size=batch_size)},
+            ops={"files_s3_attrs": config},
             loggers={"console": {"config": {"log_level": log_level}}},
         ),
         tags=tags,

@@ -102,23 +102,27 @@ def test_second_run_writes_nothing(conn, bucket, seeded_files):
 
 
 class _CrashAfter:
-    """The real store, but the process 'dies' (an exception) when asked for batch number `batches`."""
+    """The real store, but the process 'dies' (an exception) when asked for HEAD number `heads`."""
 
-    def __init__(self, store: ObjectStore, batches: int):
-        self._store, self._left = store, batches
+    def __init__(self, store: ObjectStore, heads: int):
+        self._store, self._left = store, heads
 
     @property
     def rate_limiter(self):
         return self._store.rate_limiter
 
+    @property
+    def settings(self):
+        return self._store.settings
+
     def check_bucket(self):
         self._store.check_bucket()
 
-    def head_many(self, keys):
+    def submit_head(self, key):
         self._left -= 1
         if self._left < 0:
             raise KeyboardInterrupt("killed mid-partition")
-        return self._store.head_many(keys)
+        return self._store.submit_head(key)
 
 
 def test_a_run_resumed_after_a_crash_finishes_the_rest(conn, s3_endpoint, bucket, seeded_files):
@@ -126,9 +130,11 @@ def test_a_run_resumed_after_a_crash_finishes_the_rest(conn, s3_endpoint, bucket
     files = [f for f in seeded_files if f.app_id.hex[:2] == key]
     settings = backfill.BackfillSettings(batch_size=10)
     log = dg.get_dagster_logger()
-    with ObjectStore(S3Settings(bucket, endpoint_url=s3_endpoint)) as store:
+    # A window of 2 x 10 files: a crash at the 40th HEAD comes after at least two batches were written.
+    assert len(files) > 40
+    with ObjectStore(S3Settings(bucket, endpoint_url=s3_endpoint, max_in_flight=4)) as store:
         with pytest.raises(KeyboardInterrupt):
-            backfill.backfill_partition(conn, _CrashAfter(store, 2), key, settings, log)
+            backfill.backfill_partition(conn, _CrashAfter(store, 40), key, settings, log)
         partial = _in_partition(new_attr_triples(conn), key)
         assert all(len(attrs) == 2 for attrs in partial.values()), "a file was half written"
         assert 0 < len(partial) < sum(f.in_s3 for f in files)

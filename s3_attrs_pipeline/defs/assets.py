@@ -20,7 +20,14 @@ RUN_RETRIES_ENV = "S3_ATTRS_RUN_RETRIES"
 
 
 class BackfillConfig(dg.Config):
-    batch_size: int = Field(50, description="Files per batch: HEADed together, then written in one transaction.")
+    batch_size: int = Field(50, description="Files written per transaction (and read per page).")
+    list_threshold: int = Field(
+        1000,
+        description=(
+            "An app is read with ListObjectsV2 (1,000 objects a request) instead of one HEAD per file when at "
+            "least this many of its files lack the attrs and they are at least a tenth of its files; 0 never lists."
+        ),
+    )
 
 
 def _run_retry_policy() -> dg.RetryPolicy | None:
@@ -46,6 +53,7 @@ def report_metadata(report: PartitionReport) -> dict[str, dg.MetadataValue]:
         invalid_location_id=report.invalid,
         malformed_object_metadata=report.malformed,
         already_populated=report.already_populated,
+        apps_listed=report.apps_listed,
         vanished_during_run=report.vanished,
         s3_retries=report.s3_retries,
         s3_throttled=report.s3_throttled,
@@ -79,7 +87,9 @@ def files_s3_attrs(
     file_bucket: FileBucketResource,
 ) -> dg.MaterializeResult:
     settings = BackfillSettings(
-        batch_size=config.batch_size, partition_count=len(app_id_prefix_partitions.get_partition_keys())
+        batch_size=config.batch_size,
+        list_threshold=config.list_threshold,
+        partition_count=len(app_id_prefix_partitions.get_partition_keys()),
     )
     with instant_db.connect() as conn, file_bucket.open_store() as store:
         try:

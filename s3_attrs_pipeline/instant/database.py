@@ -69,7 +69,12 @@ def connect(url: str, limits: SessionLimits = SessionLimits()) -> psycopg.Connec
         autocommit=True,
         connect_timeout=limits.connect_timeout_s,
         application_name=APPLICATION_NAME,
-        options=f"-c statement_timeout={limits.statement_timeout_ms} -c lock_timeout={limits.lock_timeout_ms}",
+        # A generic plan of the keyset query cannot see where the page starts and may scan the
+        # rest of the partition per page; bound values keep every page an index range.
+        options=(
+            f"-c statement_timeout={limits.statement_timeout_ms} -c lock_timeout={limits.lock_timeout_ms} "
+            "-c plan_cache_mode=force_custom_plan"
+        ),
     )
 
 
@@ -191,15 +196,20 @@ class PendingFile:
 
 
 # The scan walks the `ave` index (app_id, attr_id, value) of the location-id triples, keyset by
-# (app_id, value), so each page costs what it returns, never the size of `triples`.
+# (app_id, value), so each page costs what it returns, never the size of `triples`. `hash` is
+# probed per row through `ea_index`, as a subquery the planner cannot turn into an anti join:
+# an anti join may merge on app_id alone, and then a rerun's first page costs the app's size squared.
+_LACKS_HASH = """
+  (SELECT 1 FROM triples h
+   WHERE h.app_id = l.app_id AND h.entity_id = l.entity_id AND h.attr_id = %(hash_attr)s AND h.ea
+   LIMIT 1) IS NULL
+"""
 _PENDING_FILES = """
 SELECT l.app_id, l.entity_id, l.value::text
 FROM triples l
 WHERE l.attr_id = %(location_attr)s AND l.ave
   AND {after} AND l.app_id <= %(last_app)s
-  AND NOT EXISTS (
-    SELECT 1 FROM triples h
-    WHERE h.app_id = l.app_id AND h.entity_id = l.entity_id AND h.attr_id = %(hash_attr)s AND h.ea)
+  AND """ + _LACKS_HASH + """
 ORDER BY l.app_id, l.attr_id, l.value
 LIMIT %(limit)s
 """
@@ -235,23 +245,58 @@ def iter_pending_batches(
         params["after_value"] = batch[-1].location_value_json
 
 
-_COUNT_POPULATED = """
-SELECT count(*) FROM triples l
+_APP_FILE_COUNTS = """
+SELECT l.app_id, count(*), count(*) FILTER (WHERE NOT """ + _LACKS_HASH + """)
+FROM triples l
 WHERE l.attr_id = %(location_attr)s AND l.ave AND l.app_id BETWEEN %(first_app)s AND %(last_app)s
-  AND EXISTS (
-    SELECT 1 FROM triples h
-    WHERE h.app_id = l.app_id AND h.entity_id = l.entity_id AND h.attr_id = %(hash_attr)s AND h.ea)
+GROUP BY l.app_id
+ORDER BY l.app_id
 """
 
 
-def count_populated_files(conn: psycopg.Connection, app_ids: AppIdRange) -> int:
+@dataclasses.dataclass(frozen=True)
+class AppFileCount:
+    app_id: uuid.UUID
+    files: int  # with a location-id
+    populated: int  # of them, with `hash`
+
+    @property
+    def pending(self) -> int:
+        return self.files - self.populated
+
+
+def app_file_counts(conn: psycopg.Connection, app_ids: AppIdRange) -> list[AppFileCount]:
+    """Every app of the range that has files, in app id order, with how many already carry `hash`."""
     params = {
         "location_attr": LOCATION_ID.attr_id,
         "hash_attr": HASH.attr_id,
         "first_app": app_ids.first,
         "last_app": app_ids.last,
     }
-    return conn.execute(_COUNT_POPULATED, params).fetchone()[0]
+    return [AppFileCount(*row) for row in conn.execute(_APP_FILE_COUNTS, params).fetchall()]
+
+
+# The listing strategy's join: which of these location ids (one page of an app's listing) are
+# files lacking `hash`. One `ave` index probe per value.
+_PENDING_AT_LOCATIONS = """
+SELECT l.app_id, l.entity_id, l.value::text
+FROM triples l
+WHERE l.app_id = %(app_id)s AND l.attr_id = %(location_attr)s AND l.ave AND l.value = ANY(%(values)s::jsonb[])
+  AND """ + _LACKS_HASH + """
+"""
+
+
+def pending_files_at(conn: psycopg.Connection, app_id: uuid.UUID, location_ids: Sequence[str]) -> list[PendingFile]:
+    """The app's files lacking `hash` whose location-id is one of `location_ids`."""
+    if not location_ids:
+        return []
+    params = {
+        "app_id": app_id,
+        "location_attr": LOCATION_ID.attr_id,
+        "hash_attr": HASH.attr_id,
+        "values": [json_text(location_id) for location_id in location_ids],
+    }
+    return [PendingFile(*row) for row in conn.execute(_PENDING_AT_LOCATIONS, params).fetchall()]
 
 
 _COVERAGE_BY_PARTITION = """

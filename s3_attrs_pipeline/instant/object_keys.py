@@ -55,3 +55,13 @@ def object_key(app_id: uuid.UUID, location_id: object) -> str:
             f"(S3 allows {_MAX_KEY_BYTES})"
         )
     return key
+
+
+def location_id_of_key(app_id: uuid.UUID, key: str) -> str | None:
+    """The location-id whose object key is `key` in this app, or None if no valid location-id has it
+    (another app's key, a wrong bin, a nested path)."""
+    location_id = key.rpartition("/")[2]
+    try:
+        return location_id if object_key(app_id, location_id) == key else None
+    except InvalidLocationId:
+        return None

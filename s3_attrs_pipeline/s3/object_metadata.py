@@ -4,7 +4,7 @@ import dataclasses
 import email.utils
 import re
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import functools
 import time
@@ -132,6 +132,7 @@ class ObjectStore:
         )
         self._pool = ThreadPoolExecutor(max_workers=settings.max_in_flight, thread_name_prefix="s3-head")
         self.rate_limiter = AdaptiveRateLimiter()
+        self._access_error: S3AccessError | None = None  # once S3 refuses us, queued HEADs are not sent
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -214,10 +215,23 @@ class ObjectStore:
         suffix = f" after {retries} retries" if retries else ""
         return HeadOutcome(key, failure=failure + suffix, retries=retries)
 
+    def submit_head(self, key: str) -> Future:
+        """HEAD `key` on the store's threads; the future's result is its HeadOutcome."""
+        return self._pool.submit(self._head_unless_refused, key)
+
+    def _head_unless_refused(self, key: str) -> HeadOutcome:
+        if self._access_error is not None:
+            raise self._access_error
+        try:
+            return self.head(key)
+        except S3AccessError as error:
+            self._access_error = error
+            raise
+
     def head_many(self, keys: Sequence[str]) -> list[HeadOutcome]:
         """HEAD every key, `max_in_flight` at a time; outcomes in the order of `keys`. An S3AccessError
         cancels the requests not yet sent."""
-        futures = [self._pool.submit(self.head, key) for key in keys]
+        futures = [self.submit_head(key) for key in keys]
         try:
             return [future.result() for future in futures]
         except S3AccessError:

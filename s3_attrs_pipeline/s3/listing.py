@@ -1,0 +1,126 @@
+"""List a key prefix (ListObjectsV2, 1,000 keys a request) and read each object's metadata from it.
+
+A listing gives the same ETag as a HEAD. Its LastModified may carry milliseconds that a HEAD's
+Last-Modified (an HTTP date) cannot, so it is cut to whole seconds: `lastModified` must not
+depend on which way it was read.
+"""
+
+import dataclasses
+import datetime
+import queue
+import threading
+from collections.abc import Iterator
+
+import botocore.exceptions
+
+from s3_attrs_pipeline.s3.object_metadata import (
+    _ACCESS_ERROR_CODES,
+    MalformedObjectMetadata,
+    ObjectMetadata,
+    ObjectStore,
+    S3AccessError,
+    parse_etag,
+)
+
+LIST_PAGE_SIZE = 1000  # S3's maximum
+
+
+class ListingFailed(RuntimeError):
+    """A listing request still failed after its retries (or S3 sent a page that cannot be parsed)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ListedObject:
+    key: str
+    etag: str | None
+    last_modified: datetime.datetime | None
+
+
+def metadata_of(listed: ListedObject) -> ObjectMetadata:
+    if listed.last_modified is None:
+        raise MalformedObjectMetadata("the listing gives no LastModified")
+    seconds = int(listed.last_modified.timestamp() // 1)
+    if seconds <= 0:
+        raise MalformedObjectMetadata(f"LastModified {listed.last_modified.isoformat()} is not after 1970")
+    return ObjectMetadata(parse_etag(listed.etag), seconds * 1000)
+
+
+def _list_page(store: ObjectStore, prefix: str, continuation: str | None) -> dict:
+    params = {"Bucket": store.settings.bucket, "Prefix": prefix, "MaxKeys": LIST_PAGE_SIZE}
+    if continuation:
+        params["ContinuationToken"] = continuation
+    try:
+        response, error, retries = store._request(store._client.list_objects_v2, **params)
+    except ValueError as unparseable:
+        # botocore could not parse the page (a LastModified that is no date, broken XML).
+        raise ListingFailed(f"listing s3://{store.settings.bucket}/{prefix} sent an unparseable page: {unparseable}")
+    if error is None:
+        return response
+    if isinstance(error, botocore.exceptions.ClientError):
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        if code in _ACCESS_ERROR_CODES:
+            raise S3AccessError(
+                f"S3 answered {code} to listing s3://{store.settings.bucket}/{prefix}: the pipeline cannot list "
+                "this bucket (check that the policy allows s3:ListBucket)"
+            )
+        reason = f"S3 answered {code or 'an error'}"
+    else:
+        reason = f"{type(error).__name__}: {error}"
+    raise ListingFailed(f"listing s3://{store.settings.bucket}/{prefix} failed after {retries} retries: {reason}")
+
+
+def list_prefix(store: ObjectStore, prefix: str) -> Iterator[list[ListedObject]]:
+    """Every object under `prefix`, a page at a time, in key order."""
+    continuation = None
+    while True:
+        response = _list_page(store, prefix, continuation)
+        yield [
+            ListedObject(entry["Key"], entry.get("ETag"), entry.get("LastModified"))
+            for entry in response.get("Contents", [])
+        ]
+        continuation = response.get("NextContinuationToken")
+        if not response.get("IsTruncated") or not continuation:
+            return
+
+
+def prefetched(pages: Iterator[list[ListedObject]], depth: int = 2) -> Iterator[list[ListedObject]]:
+    """`pages`, produced by a thread that stays up to `depth` pages ahead of the consumer, so that
+    S3 answers the next page while the caller writes this one. An error in the producer is raised
+    to the consumer; a consumer that stops early stops the producer."""
+    handoff: queue.Queue = queue.Queue(maxsize=depth)
+    stopped = threading.Event()
+    end = object()
+
+    def offer(item) -> bool:
+        while not stopped.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for page in pages:
+                if not offer(page):
+                    return
+        except BaseException as error:  # handed to the consumer, which raises it
+            offer(error)
+            return
+        offer(end)
+
+    producer = threading.Thread(target=produce, name="s3-list", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item = handoff.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stopped.set()
+        # A producer inside a slow request ends on its own once that request returns.
+        producer.join(timeout=1.0)
