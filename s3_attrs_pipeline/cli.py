@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_reset(args: argparse.Namespace) -> int:
     url = _database_url()
-    if not _confirm(f"Clear the progress state (config row {db.PROGRESS_CONFIG_KEY!r})?", args.yes):
+    if not _confirm(f"Clear the progress state (config rows {db.PROGRESS_CONFIG_KEY!r} and {db.PARTITION_PROGRESS_KEY_PREFIX}*)?", args.yes):
         return EXIT_FAILED
     with db.connect(url) as conn:
         db.reset_progress(conn)

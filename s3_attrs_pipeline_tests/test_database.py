@@ -106,3 +106,25 @@ def test_sessions_carry_timeouts(instant_db_url):
     with db.connect(instant_db_url, limits) as connection:
         assert connection.execute("SHOW statement_timeout").fetchone()[0] == "1234ms"
         assert connection.execute("SHOW lock_timeout").fetchone()[0] == "567ms"
+        assert connection.execute("SHOW plan_cache_mode").fetchone()[0] == "force_custom_plan"
+
+
+def test_progress_keeps_totals_in_one_row_and_each_partition_in_its_own(conn):
+    def config_rows() -> dict:
+        return dict(conn.execute("SELECT k, v::text FROM config WHERE k LIKE 's3-attrs-%'").fetchall())
+
+    db.record_progress(conn, db.ProgressUpdate("0a", {"status": "running", "processed": 5}, processed=5, missing=1))
+    db.record_progress(conn, db.ProgressUpdate("0b", {"status": "completed"}, processed=2, partition_count=2))
+    before = config_rows()
+    db.record_progress(conn, db.ProgressUpdate("0a", {"status": "completed"}, processed=3, partition_count=2))
+    after = config_rows()
+
+    assert after[db.PARTITION_PROGRESS_KEY_PREFIX + "0b"] == before[db.PARTITION_PROGRESS_KEY_PREFIX + "0b"]
+    assert "partitions" not in after[db.PROGRESS_CONFIG_KEY]
+    progress = db.read_progress(conn)
+    assert progress["total-processed"] == 10 and progress["total-missing"] == 1
+    assert progress["partitions"] == {"0a": {"status": "completed"}, "0b": {"status": "completed"}}
+    assert progress["completed"] is True
+
+    db.reset_progress(conn)
+    assert config_rows() == {} and db.read_progress(conn) == {}

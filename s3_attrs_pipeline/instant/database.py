@@ -27,7 +27,8 @@ from s3_attrs_pipeline.instant.file_attrs import (
 )
 from s3_attrs_pipeline.instant.partitions import AppIdRange
 
-PROGRESS_CONFIG_KEY = "s3-attrs-migration-status"
+PROGRESS_CONFIG_KEY = "s3-attrs-migration-status"  # the totals; each partition's state is under .../partition/<key>
+PARTITION_PROGRESS_KEY_PREFIX = PROGRESS_CONFIG_KEY + "/partition/"
 APPLICATION_NAME = "s3-attrs-pipeline"
 
 
@@ -510,60 +511,76 @@ class ProgressUpdate:
     partition_count: int | None = None  # given when a partition ends: recompute `completed`
 
 
-# One statement, so concurrent partitions each add their increments under the row lock that
-# ON CONFLICT DO UPDATE takes; `config.v` is json, so the merge goes through jsonb.
-_RECORD_PROGRESS = """
+# The totals live in one row, added to under the row lock that ON CONFLICT DO UPDATE takes, so
+# concurrent partitions each count their own; `config.v` is json, so the sums go through jsonb.
+# Each partition's state has a row of its own: a batch rewrites a few hundred bytes, not a map of
+# every partition.
+_ADD_TO_TOTALS = """
 INSERT INTO config AS c (k, v) VALUES (%(key)s, %(initial)s::json)
 ON CONFLICT (k) DO UPDATE SET v = (
   c.v::jsonb || jsonb_build_object(
     'total-processed', coalesce((c.v->>'total-processed')::bigint, 0) + %(processed)s,
     'total-successful', coalesce((c.v->>'total-successful')::bigint, 0) + %(successful)s,
     'total-failed', coalesce((c.v->>'total-failed')::bigint, 0) + %(failed)s,
-    'total-missing', coalesce((c.v->>'total-missing')::bigint, 0) + %(missing)s,
-    'partitions', coalesce(c.v::jsonb->'partitions', '{}'::jsonb) || %(partition)s::jsonb)
+    'total-missing', coalesce((c.v->>'total-missing')::bigint, 0) + %(missing)s)
 )::json
+"""
+
+_SET_PARTITION_STATE = """
+INSERT INTO config AS c (k, v) VALUES (%(key)s, %(state)s::json)
+ON CONFLICT (k) DO UPDATE SET v = excluded.v
+"""
+
+_PARTITION_STATES = """
+SELECT substr(k, length(%(prefix)s) + 1), v FROM config WHERE starts_with(k, %(prefix)s)
 """
 
 _RECOMPUTE_COMPLETED = """
 UPDATE config SET v = jsonb_set(v::jsonb, '{completed}', to_jsonb(
-  (SELECT count(*) FROM jsonb_each(v::jsonb->'partitions') p WHERE p.value->>'status' = 'completed')
+  (SELECT count(*) FROM config p WHERE starts_with(p.k, %(prefix)s) AND p.v->>'status' = 'completed')
   >= %(partition_count)s))::json
 WHERE k = %(key)s
 """
 
-
 def record_progress(conn: psycopg.Connection, update: ProgressUpdate) -> None:
-    partition = {update.partition_key: update.partition_state}
-    initial = {
-        "total-processed": update.processed,
-        "total-successful": update.successful,
-        "total-failed": update.failed,
-        "total-missing": update.missing,
-        "completed": False,
-        "partitions": partition,
-    }
-    params = {
-        "key": PROGRESS_CONFIG_KEY,
-        "initial": Json(initial),
+    totals = {
         "processed": update.processed,
         "successful": update.successful,
         "failed": update.failed,
         "missing": update.missing,
-        "partition": Json(partition),
     }
+    initial = {f"total-{name}": value for name, value in totals.items()} | {"completed": False}
     with conn.transaction():
-        conn.execute(_RECORD_PROGRESS, params)
+        conn.execute(_ADD_TO_TOTALS, {"key": PROGRESS_CONFIG_KEY, "initial": Json(initial)} | totals)
+        conn.execute(
+            _SET_PARTITION_STATE,
+            {"key": PARTITION_PROGRESS_KEY_PREFIX + update.partition_key, "state": Json(update.partition_state)},
+        )
         if update.partition_count is not None:
-            conn.execute(_RECOMPUTE_COMPLETED, {"key": PROGRESS_CONFIG_KEY, "partition_count": update.partition_count})
+            conn.execute(
+                _RECOMPUTE_COMPLETED,
+                {
+                    "key": PROGRESS_CONFIG_KEY,
+                    "prefix": PARTITION_PROGRESS_KEY_PREFIX,
+                    "partition_count": update.partition_count,
+                },
+            )
 
 
 def read_progress(conn: psycopg.Connection) -> dict:
+    """The totals row, with every partition's state under `partitions`; {} before any run."""
     row = conn.execute("SELECT v FROM config WHERE k = %s", (PROGRESS_CONFIG_KEY,)).fetchone()
-    return row[0] if row else {}
+    if row is None:
+        return {}
+    states = conn.execute(_PARTITION_STATES, {"prefix": PARTITION_PROGRESS_KEY_PREFIX}).fetchall()
+    return row[0] | {"partitions": dict(states)}
 
 
 def reset_progress(conn: psycopg.Connection) -> None:
-    conn.execute("DELETE FROM config WHERE k = %s", (PROGRESS_CONFIG_KEY,))
+    conn.execute(
+        "DELETE FROM config WHERE k = %(key)s OR starts_with(k, %(prefix)s)",
+        {"key": PROGRESS_CONFIG_KEY, "prefix": PARTITION_PROGRESS_KEY_PREFIX},
+    )
 
 
 # --- operator queries ---------------------------------------------------------------------------
