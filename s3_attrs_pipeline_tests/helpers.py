@@ -1,6 +1,11 @@
-"""Queries and S3 look-ups the end-to-end tests assert with."""
+"""Queries and S3 look-ups the end-to-end tests assert with, and the Dagster daemon they start."""
 
 import email.utils
+import os
+import pathlib
+import signal
+import subprocess
+import sys
 import time
 import uuid
 
@@ -60,3 +65,38 @@ def wait_for(condition, what: str, timeout_s: float):
             return value
         time.sleep(1)
     raise TimeoutError(f"waited {timeout_s:.0f}s for {what}")
+
+
+# The backfill daemon sleeps a hard-coded 30 s between iterations; a test cannot wait that long twice.
+_FAST_DAEMON = (
+    "import sys, dagster._daemon.controller as controller; controller.DEFAULT_DAEMON_INTERVAL_SECONDS = 1; "
+    "from dagster._daemon.cli import main; sys.argv[0] = 'dagster-daemon'; sys.exit(main())"
+)
+
+
+def start_process(args: list[str], log: pathlib.Path, cwd: pathlib.Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            args,
+            cwd=cwd,
+            start_new_session=True,  # its own process group: its code server and run workers stop with it
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def start_fast_daemon(workspace: pathlib.Path, log: pathlib.Path) -> subprocess.Popen:
+    """`dagster-daemon run` whose daemons loop every second instead of every 30 s."""
+    return start_process([sys.executable, "-c", _FAST_DAEMON, "run", "-w", str(workspace)], log, workspace.parent)
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

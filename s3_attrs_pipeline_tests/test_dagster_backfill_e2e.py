@@ -2,11 +2,6 @@
 daemon on a PostgreSQL-backed instance, with S3 faults that fail some partitions; then the UI's
 "re-execute failed" of only those, and the sensor's verification runs after each backfill."""
 
-import os
-import signal
-import subprocess
-import sys
-
 import dagster as dg
 import pytest
 from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES, BulkActionStatus
@@ -16,15 +11,10 @@ from dagster_graphql.test.utils import define_out_of_process_context, execute_da
 from s3_attrs_pipeline.defs.automation import TRIGGER_TAG
 from s3_attrs_pipeline_tests.conftest import REPO_ROOT
 from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
-from s3_attrs_pipeline_tests.helpers import wait_for
+from s3_attrs_pipeline_tests.helpers import start_fast_daemon, stop_process, wait_for
 
 FILES = dg.AssetKey("files_s3_attrs")
 VERIFICATION = dg.AssetKey("s3_attrs_verification")
-# The backfill daemon sleeps a hard-coded 30 s between iterations; a test cannot wait that long twice.
-FAST_DAEMON = (
-    "import sys, dagster._daemon.controller as controller; controller.DEFAULT_DAEMON_INTERVAL_SECONDS = 1; "
-    "from dagster._daemon.cli import main; sys.argv[0] = 'dagster-daemon'; sys.exit(main())"
-)
 LAUNCH_BACKFILL = """
 mutation($params: LaunchBackfillParams!) {
   launchPartitionBackfill(backfillParams: $params) {
@@ -89,20 +79,9 @@ def fault_proxy(s3_endpoint, bucket, monkeypatch):
 
 @pytest.fixture
 def daemon(dagster_home, fault_proxy, instant_db_url):
-    process = subprocess.Popen(
-        [sys.executable, "-c", FAST_DAEMON, "run", "-w", str(REPO_ROOT / "workspace.yaml")],
-        cwd=REPO_ROOT,
-        start_new_session=True,  # its own group, so its code server and run workers stop with it
-        stdout=open(dagster_home / "daemon.log", "w"),
-        stderr=subprocess.STDOUT,
-    )
+    process = start_fast_daemon(REPO_ROOT / "workspace.yaml", dagster_home / "daemon.log")
     yield process
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    stop_process(process)
 
 
 def test_ui_backfill_with_faults_then_rerun_of_failed_partitions(conn, bucket, seeded_files, fault_proxy, daemon):

@@ -7,7 +7,6 @@ only under `make test-ui`, which installs both and sets S3_ATTRS_UI_TESTS=1.
 import os
 import pathlib
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 from dagster._daemon.controller import all_daemons_live
 
 from s3_attrs_pipeline_tests.conftest import REPO_ROOT
+from s3_attrs_pipeline_tests.helpers import start_fast_daemon, start_process, stop_process
 
 if os.environ.get("S3_ATTRS_UI_TESTS") != "1":
     collect_ignore_glob = ["test_*.py"]
@@ -35,17 +35,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _start(args: list[str], log: pathlib.Path) -> subprocess.Popen:
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            args,
-            cwd=REPO_ROOT,
-            start_new_session=True,  # its own process group: its code server and run workers stop with it
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
 
 
 def _answers(url: str) -> bool:
@@ -66,18 +55,6 @@ def _wait_until(condition, process: subprocess.Popen, log: pathlib.Path, what: s
         time.sleep(0.5)
 
 
-def _stop(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 @pytest.fixture
 def services(instant_db_url, bucket, seeded_files, dagster_home):
     """InstantDB with the seeded files, the bucket, and a PostgreSQL-backed DAGSTER_HOME, all in os.environ,
@@ -87,11 +64,7 @@ def services(instant_db_url, bucket, seeded_files, dagster_home):
 
 @pytest.fixture
 def daemon(services, dagster_home):
-    from s3_attrs_pipeline_tests.test_dagster_backfill_e2e import FAST_DAEMON
-
-    process = _start(
-        [sys.executable, "-c", FAST_DAEMON, "run", "-w", str(REPO_ROOT / "workspace.yaml")], dagster_home / "daemon.log"
-    )
+    process = start_fast_daemon(REPO_ROOT / "workspace.yaml", dagster_home / "daemon.log")
     try:
         # Until every daemon has sent a heartbeat, the UI warns that the backfill daemon is not running.
         with dg.DagsterInstance.get() as instance:
@@ -100,7 +73,7 @@ def daemon(services, dagster_home):
             )
         yield process
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 @pytest.fixture
@@ -108,9 +81,10 @@ def webserver(services, dagster_home) -> str:
     """The URL of `dagster-webserver -w workspace.yaml` on a free port, once it answers."""
     port = _free_port()
     webserver_bin = pathlib.Path(sys.executable).with_name("dagster-webserver")
-    process = _start(
+    process = start_process(
         [str(webserver_bin), "-w", str(REPO_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
         dagster_home / "webserver.log",
+        REPO_ROOT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -119,7 +93,7 @@ def webserver(services, dagster_home) -> str:
         )
         yield url
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 @pytest.fixture
