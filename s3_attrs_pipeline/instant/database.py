@@ -152,6 +152,25 @@ def _check_attr(conn: psycopg.Connection, spec: AttrSpec, *, check_type: bool, r
 def ensure_file_attrs(conn: psycopg.Connection) -> None:
     """Create `$files.hash` and `$files.lastModified` (attrs and idents) if missing, then check the
     catalog rows this pipeline relies on. Safe to run from many processes at once."""
+    _check_attr(conn, LOCATION_ID, check_type=False)
+    if not _new_attrs_exist(conn):
+        _create_new_attrs(conn)
+    for spec in NEW_ATTRS:
+        _check_attr(conn, spec, check_type=True)
+
+
+_COUNT_NEW_ATTRS = """
+SELECT count(*) FROM attrs a JOIN idents i ON i.id = a.forward_ident AND i.attr_id = a.id
+WHERE a.id = ANY(%(ids)s) AND a.app_id = %(app_id)s
+"""
+
+
+def _new_attrs_exist(conn: psycopg.Connection) -> bool:
+    params = {"ids": [spec.attr_id for spec in NEW_ATTRS], "app_id": SYSTEM_CATALOG_APP_ID}
+    return conn.execute(_COUNT_NEW_ATTRS, params).fetchone()[0] == len(NEW_ATTRS)
+
+
+def _create_new_attrs(conn: psycopg.Connection) -> None:
     with conn.transaction():
         for spec in NEW_ATTRS:
             params = _attr_params(spec)
@@ -160,9 +179,6 @@ def ensure_file_attrs(conn: psycopg.Connection) -> None:
             # ident insert fail with a bare foreign-key error.
             _check_attr(conn, spec, check_type=True, require_ident=False)
             conn.execute(_INSERT_IDENT, params)
-    _check_attr(conn, LOCATION_ID, check_type=False)
-    for spec in NEW_ATTRS:
-        _check_attr(conn, spec, check_type=True)
 
 
 # --- one run per partition at a time ---
@@ -481,7 +497,7 @@ def write_file_attrs(
         unwritten = [f.file for f in files if f.file.entity_id not in inserted]
         vanished = len(unwritten) - len(_still_located(conn, unwritten)) if unwritten else 0
         outcome = BatchWriteOutcome(len(inserted), len(unwritten) - vanished, vanished)
-        record_progress(conn, progress_after(outcome))
+        _record_progress_in_transaction(conn, progress_after(outcome))
     return outcome
 
 
@@ -543,6 +559,11 @@ WHERE k = %(key)s
 """
 
 def record_progress(conn: psycopg.Connection, update: ProgressUpdate) -> None:
+    with conn.transaction():
+        _record_progress_in_transaction(conn, update)
+
+
+def _record_progress_in_transaction(conn: psycopg.Connection, update: ProgressUpdate) -> None:
     totals = {
         "processed": update.processed,
         "successful": update.successful,
@@ -550,21 +571,20 @@ def record_progress(conn: psycopg.Connection, update: ProgressUpdate) -> None:
         "missing": update.missing,
     }
     initial = {f"total-{name}": value for name, value in totals.items()} | {"completed": False}
-    with conn.transaction():
-        conn.execute(_ADD_TO_TOTALS, {"key": PROGRESS_CONFIG_KEY, "initial": Json(initial)} | totals)
+    conn.execute(_ADD_TO_TOTALS, {"key": PROGRESS_CONFIG_KEY, "initial": Json(initial)} | totals)
+    conn.execute(
+        _SET_PARTITION_STATE,
+        {"key": PARTITION_PROGRESS_KEY_PREFIX + update.partition_key, "state": Json(update.partition_state)},
+    )
+    if update.partition_count is not None:
         conn.execute(
-            _SET_PARTITION_STATE,
-            {"key": PARTITION_PROGRESS_KEY_PREFIX + update.partition_key, "state": Json(update.partition_state)},
+            _RECOMPUTE_COMPLETED,
+            {
+                "key": PROGRESS_CONFIG_KEY,
+                "prefix": PARTITION_PROGRESS_KEY_PREFIX,
+                "partition_count": update.partition_count,
+            },
         )
-        if update.partition_count is not None:
-            conn.execute(
-                _RECOMPUTE_COMPLETED,
-                {
-                    "key": PROGRESS_CONFIG_KEY,
-                    "prefix": PARTITION_PROGRESS_KEY_PREFIX,
-                    "partition_count": update.partition_count,
-                },
-            )
 
 
 def read_progress(conn: psycopg.Connection) -> dict:
