@@ -2,18 +2,26 @@
 
 import dataclasses
 import email.utils
+import functools
+import logging
+import os
 import re
+import threading
+import time
+import urllib.parse
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-
-import functools
-import time
 
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.session
+import botocore.utils
 
 from s3_attrs_pipeline.s3.rate_limit import AdaptiveRateLimiter, backoff_delay
+from s3_attrs_pipeline.s3.signed_head import SignedHead, resolve_head_target
+
+logger = logging.getLogger(__name__)
 
 # Printable ASCII without quotes or spaces: what S3 and its look-alikes put inside an ETag.
 _ETAG_PATTERN = re.compile(r'[!#-~]{1,512}')
@@ -106,9 +114,34 @@ def _error_code(error: botocore.exceptions.ClientError) -> str:
 
 
 @functools.cache
-def _shared_session() -> boto3.session.Session:
+def _shared_botocore_session() -> botocore.session.Session:
     # Its loader caches the parsed service models: a client per partition then costs milliseconds.
-    return boto3.session.Session()
+    return botocore.session.get_session()
+
+
+@functools.cache
+def _shared_session() -> boto3.session.Session:
+    return boto3.session.Session(botocore_session=_shared_botocore_session())
+
+
+def _tls_verification() -> bool | str:
+    """What botocore verifies https endpoints with: AWS_CA_BUNDLE or ca_bundle, else REQUESTS_CA_BUNDLE,
+    else True (its default bundle)."""
+    return _shared_botocore_session().get_config_variable("ca_bundle") or os.environ.get("REQUESTS_CA_BUNDLE", True)
+
+
+def _why_not_signed_here(client, target) -> str | None:
+    """Why the signed HEAD cannot send what the client would, if it cannot: it speaks SigV4 straight
+    to the endpoint, with server-verified TLS only."""
+    if not target.signable:
+        return f"the client signs with {target.signature_version!r}, not SigV4"
+    config = client.meta.config
+    proxies = config.proxies or botocore.utils.get_environ_proxies(client.meta.endpoint_url)
+    if proxies.get(urllib.parse.urlsplit(target.base_url).scheme):
+        return "an HTTP proxy is configured"
+    if config.client_cert:
+        return "a TLS client certificate is configured"
+    return None
 
 
 class ObjectStore:
@@ -117,6 +150,10 @@ class ObjectStore:
     Retries are this class's own, not botocore's: throttling (503, SlowDown), other 5xx, resets
     and timeouts are retried `max_retries` times with exponential backoff and full jitter, and
     every throttle slows the whole store down through one AdaptiveRateLimiter.
+
+    HEAD object, the one request per file, goes through SignedHead (signed_head.py): the request
+    boto3 would send, built at a tenth of the CPU. The rare requests (HEAD bucket, listing) stay on
+    the boto3 client. `requests_sent` counts the attempts of both kinds, retries included.
     """
 
     def __init__(self, settings: S3Settings):
@@ -132,10 +169,18 @@ class ObjectStore:
         )
         self._pool = ThreadPoolExecutor(max_workers=settings.max_in_flight, thread_name_prefix="s3-head")
         self.rate_limiter = AdaptiveRateLimiter()
+        self.requests_sent = 0
+        self._requests_sent_lock = threading.Lock()
+        # Set up at the first HEAD, after check_bucket: a region redirect it followed is known by then.
+        self._head_object = None
+        self._head_object_lock = threading.Lock()
+        self._signed_head: SignedHead | None = None
         self._access_error: S3AccessError | None = None  # once S3 refuses us, queued HEADs are not sent
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._signed_head is not None:
+            self._signed_head.close()
         self._client.close()
 
     def __enter__(self) -> "ObjectStore":
@@ -150,6 +195,8 @@ class ObjectStore:
         retries = 0
         while True:
             self.rate_limiter.acquire()
+            with self._requests_sent_lock:
+                self.requests_sent += 1
             try:
                 response = operation(**params)
             except botocore.exceptions.ClientError as error:
@@ -186,13 +233,36 @@ class ObjectStore:
             )
         raise S3AccessError(f"S3 bucket {bucket!r} did not answer HEAD bucket after {retries} retries: {code}")
 
+    def _head_operation(self):
+        """head_object(Key=...) for this bucket: the signed HEAD, or boto3's own where that could not
+        send what boto3 would (a proxy, a client certificate, a signature other than SigV4)."""
+        if self._head_object is None:
+            with self._head_object_lock:
+                if self._head_object is None:
+                    target = resolve_head_target(self._client, self.settings.bucket)
+                    reason = _why_not_signed_here(self._client, target)
+                    if reason is None:
+                        self._signed_head = SignedHead(
+                            target,
+                            _shared_session().get_credentials(),  # the client's own: one botocore session
+                            max_connections=self.settings.max_in_flight,
+                            connect_timeout_s=self.settings.connect_timeout_s,
+                            read_timeout_s=self.settings.read_timeout_s,
+                            verify=_tls_verification(),
+                        )
+                        self._head_object = self._signed_head.head_object
+                    else:
+                        logger.warning("HEAD requests go through boto3, several times slower: %s", reason)
+                        self._head_object = functools.partial(self._client.head_object, Bucket=self.settings.bucket)
+        return self._head_object
+
     def head(self, key: str) -> HeadOutcome:
         try:
-            response, error, retries = self._request(self._client.head_object, Bucket=self.settings.bucket, Key=key)
+            response, error, retries = self._request(self._head_operation(), Key=key)
         except botocore.exceptions.NoCredentialsError:
             raise S3AccessError("no AWS credentials were found (environment, config files or instance role)") from None
         except ValueError as error:
-            # botocore itself could not parse a header (a Last-Modified that is no date).
+            # boto3's head_object (the fallback) could not parse a header (a Last-Modified that is no date).
             return HeadOutcome(key, failure=f"unparseable response: {error}", malformed=True)
         if isinstance(error, botocore.exceptions.ClientError):
             code = _error_code(error)
