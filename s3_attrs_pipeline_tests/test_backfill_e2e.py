@@ -181,3 +181,14 @@ def test_a_missing_bucket_stops_the_partition_at_once(conn, seeded_files, monkey
     assert "S3 bucket 'no-such-bucket-here' does not exist" in failure.user_failure_data.description
     assert time.monotonic() - started < 20
     assert all_triples(conn) == before
+
+
+def test_one_store_asks_for_the_bucket_once_across_partitions(conn, s3_endpoint, bucket, seeded_files):
+    keys = _partitions_of(seeded_files)
+    to_do = sum(not f.prepopulated for f in seeded_files)
+    with ObjectStore(S3Settings(bucket, endpoint_url=s3_endpoint)) as store:
+        for key in keys:
+            backfill.backfill_partition(
+                conn, store, key, backfill.BackfillSettings(list_threshold=0), dg.get_dagster_logger()
+            )
+        assert store.requests_sent == to_do + 1  # a HEAD per file to do, and one HEAD bucket

@@ -22,7 +22,7 @@ from s3_attrs_pipeline.local import seed
 from s3_attrs_pipeline.s3.object_metadata import ObjectStore, S3AccessError, S3Settings
 from s3_attrs_pipeline_tests.conftest import REPO_ROOT
 from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
-from s3_attrs_pipeline_tests.helpers import head_values, location_triples, new_attr_triples, swept_locations
+from s3_attrs_pipeline_tests.helpers import head_values, location_triples, new_attr_triples, swept_locations, wait_for
 
 LOG = dg.get_dagster_logger()
 
@@ -193,16 +193,18 @@ def test_a_dropped_database_connection_fails_cleanly_and_a_rerun_finishes(
         def run():
             try:
                 with db.connect(instant_db_url) as pipeline_conn:
-                    with ObjectStore(S3Settings(bucket, endpoint_url=proxy.url)) as store:
+                    # Two HEADs of 50 ms at a time: the partition takes seconds, not a fraction of one.
+                    with ObjectStore(S3Settings(bucket, endpoint_url=proxy.url, max_in_flight=2)) as store:
                         backfill.backfill_partition(
                             pipeline_conn, store, key, backfill.BackfillSettings(batch_size=10), LOG
                         )
             except psycopg.OperationalError as error:
                 errors.append(error)
 
+        prepopulated = len(new_attr_triples(conn))
         worker = threading.Thread(target=run)
         worker.start()
-        time.sleep(0.6)
+        wait_for(lambda: len(new_attr_triples(conn)) > prepopulated, "a first batch written", timeout_s=30)
         pids = _backend_pids(conn)
         assert pids, "the pipeline's session was not found"
         for pid in pids:
@@ -221,7 +223,8 @@ def test_a_dropped_database_connection_fails_cleanly_and_a_rerun_finishes(
 def test_kill_9_mid_partition_then_rerun(conn, s3_endpoint, s3_client, bucket, seeded_files, dagster_home, monkeypatch):
     key, files = _biggest_partition(seeded_files)
     with FaultProxy(s3_endpoint) as proxy:
-        proxy.add_rule(FaultRule("latency", latency_s=0.1, method="HEAD"))
+        # 32 HEADs of 0.5 s at a time: the partition takes seconds, so the kill lands mid-way.
+        proxy.add_rule(FaultRule("latency", latency_s=0.5, method="HEAD"))
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         process = subprocess.Popen(
             [sys.executable, "-m", "s3_attrs_pipeline.cli", "run", "--partition", key, "--parallel", "1",

@@ -176,6 +176,7 @@ class ObjectStore:
         self._head_object_lock = threading.Lock()
         self._signed_head: SignedHead | None = None
         self._access_error: S3AccessError | None = None  # once S3 refuses us, queued HEADs are not sent
+        self._bucket_checked = False
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -215,13 +216,18 @@ class ObjectStore:
             time.sleep(backoff_delay(retries))
 
     def check_bucket(self) -> None:
-        """Fail fast, before any file is read, if the bucket is missing or unreadable."""
+        """Fail fast, before any file is read, if the bucket is missing or unreadable. Asked once per
+        store: a store that backfills many partitions pays one HEAD bucket, and access lost later
+        shows on the next object request as an S3AccessError all the same."""
+        if self._bucket_checked:
+            return
         bucket = self.settings.bucket
         try:
             _, error, retries = self._request(self._client.head_bucket, Bucket=bucket)
         except botocore.exceptions.NoCredentialsError:
             raise S3AccessError("no AWS credentials were found (environment, config files or instance role)") from None
         if error is None:
+            self._bucket_checked = True
             return
         code = _error_code(error) if isinstance(error, botocore.exceptions.ClientError) else type(error).__name__
         if code in _MISSING_CODES or code == "NoSuchBucket":
