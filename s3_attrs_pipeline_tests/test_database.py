@@ -8,6 +8,7 @@ import pytest
 
 from s3_attrs_pipeline.instant import database as db
 from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED, SYSTEM_CATALOG_APP_ID, json_text, value_md5
+from s3_attrs_pipeline.instant.partitions import AppIdRange
 
 
 @pytest.mark.parametrize(
@@ -128,3 +129,40 @@ def test_progress_keeps_totals_in_one_row_and_each_partition_in_its_own(conn):
 
     db.reset_progress(conn)
     assert config_rows() == {} and db.read_progress(conn) == {}
+
+
+def test_a_batch_meeting_triples_written_meanwhile_is_written_again_without_conflict(conn, seeded_files):
+    lone_last_modified, populated_meanwhile, fresh = [f for f in seeded_files if not f.prepopulated][:3]
+    every_app = AppIdRange("all", uuid.UUID(int=0), uuid.UUID(int=2**128 - 1))
+    pending = {file.entity_id: file for page in db.iter_pending_batches(conn, every_app, 10_000) for file in page}
+    planted = {
+        (lone_last_modified, LAST_MODIFIED): 1_600_000_000_000,
+        (populated_meanwhile, HASH): "written-by-someone-else",
+        (populated_meanwhile, LAST_MODIFIED): 1_600_000_000_000,
+    }
+    for (file, spec), value in planted.items():
+        conn.execute(
+            """INSERT INTO triples (app_id, entity_id, attr_id, value, value_md5, ea, eav, av, ave, vae,
+                                   checked_data_type)
+               VALUES (%s, %s, %s, %s::jsonb, %s, true, false, false, true, false, %s::checked_data_type)""",
+            (file.app_id, file.entity_id, spec.attr_id, json_text(value), value_md5(value), spec.checked_data_type),
+        )
+    batch = [
+        db.FileObjectAttrs(pending[f.entity_id], "abc", 1_700_000_000_000)
+        for f in (lone_last_modified, populated_meanwhile, fresh)
+    ]
+    outcome = db.write_file_attrs(conn, batch, lambda outcome: db.ProgressUpdate("xx", {"status": "running"}))
+
+    assert (outcome.written, outcome.already_populated, outcome.vanished) == (2, 1, 0)
+    values = dict(
+        ((entity_id, attr_id), value)
+        for entity_id, attr_id, value in conn.execute(
+            "SELECT entity_id, attr_id, value FROM triples WHERE attr_id = ANY(%s)",
+            ([HASH.attr_id, LAST_MODIFIED.attr_id],),
+        ).fetchall()
+    )
+    assert values[(lone_last_modified.entity_id, HASH.attr_id)] == "abc"
+    assert values[(lone_last_modified.entity_id, LAST_MODIFIED.attr_id)] == 1_600_000_000_000  # left as it was
+    assert values[(populated_meanwhile.entity_id, HASH.attr_id)] == "written-by-someone-else"
+    assert values[(fresh.entity_id, HASH.attr_id)] == "abc"
+    assert values[(fresh.entity_id, LAST_MODIFIED.attr_id)] == 1_700_000_000_000

@@ -426,23 +426,39 @@ class FileObjectAttrs:
     last_modified_ms: int
 
 
+# One row per file, checked once against its location-id, then both triples from it. The
+# statement is built from this module's constant text only; every value is a parameter.
+def _new_triple_rows(name: str) -> str:
+    return (
+        f"SELECT app_id, entity_id, %({name}_attr)s::uuid, {name}_value, {name}_md5, %({name}_ea)s, "
+        f"%({name}_eav)s, %({name}_av)s, %({name}_ave)s, %({name}_vae)s, %({name}_type)s::checked_data_type "
+        "FROM located"
+    )
+
+
 _INSERT_TRIPLES = """
+WITH located AS (
+  SELECT f.* FROM unnest(%(app_ids)s::uuid[], %(entity_ids)s::uuid[], %(location_values)s::jsonb[],
+                         %(hash_values)s::jsonb[], %(hash_md5s)s::text[],
+                         %(last_modified_values)s::jsonb[], %(last_modified_md5s)s::text[])
+       AS f(app_id, entity_id, location_value, hash_value, hash_md5, last_modified_value, last_modified_md5)
+  -- Write only for files that still have the location we asked S3 about: a file deleted or moved
+  -- since it was read gets nothing.
+  WHERE EXISTS (
+    SELECT 1 FROM triples l
+    WHERE l.app_id = f.app_id AND l.entity_id = f.entity_id AND l.attr_id = %(location_attr)s
+      AND l.ea AND l.value = f.location_value)
+)
 INSERT INTO triples (app_id, entity_id, attr_id, value, value_md5, ea, eav, av, ave, vae, checked_data_type)
-SELECT r.app_id, r.entity_id, r.attr_id, r.value, r.value_md5, r.ea, r.eav, r.av, r.ave, r.vae,
-       r.checked_data_type::checked_data_type
-FROM unnest(%(app_ids)s::uuid[], %(entity_ids)s::uuid[], %(attr_ids)s::uuid[], %(values)s::jsonb[],
-            %(value_md5s)s::text[], %(ea)s::bool[], %(eav)s::bool[], %(av)s::bool[], %(ave)s::bool[],
-            %(vae)s::bool[], %(checked_data_types)s::text[], %(location_values)s::jsonb[])
-     AS r(app_id, entity_id, attr_id, value, value_md5, ea, eav, av, ave, vae, checked_data_type, location_value)
--- Write only for files that still have the location we asked S3 about: a file deleted or moved
--- since it was read gets nothing.
-WHERE EXISTS (
-  SELECT 1 FROM triples l
-  WHERE l.app_id = r.app_id AND l.entity_id = r.entity_id AND l.attr_id = %(location_attr)s
-    AND l.ea AND l.value = r.location_value)
-ON CONFLICT DO NOTHING
+""" + _new_triple_rows("hash") + "\nUNION ALL\n" + _new_triple_rows("last_modified") + """
+{on_conflict}
 RETURNING entity_id
 """
+# A plain insert costs ~20% less than ON CONFLICT's speculative one. The files were read as lacking
+# `hash`, so a conflict means another writer (or a lone `lastModified`) got there first: rare, and
+# then the batch is written again with ON CONFLICT DO NOTHING.
+_INSERT_NEW_TRIPLES = sql.SQL(_INSERT_TRIPLES).format(on_conflict=sql.SQL(""))
+_INSERT_MISSING_TRIPLES = sql.SQL(_INSERT_TRIPLES).format(on_conflict=sql.SQL("ON CONFLICT DO NOTHING"))
 
 _STILL_LOCATED = """
 SELECT l.entity_id FROM triples l
@@ -452,26 +468,23 @@ WHERE l.attr_id = %(location_attr)s AND l.ea
 """
 
 
-def _triple_columns(files: Sequence[FileObjectAttrs]) -> dict[str, list]:
-    columns: dict[str, list] = {
-        name: []
-        for name in (
-            "app_ids", "entity_ids", "attr_ids", "values", "value_md5s", "ea", "eav", "av", "ave", "vae",
-            "checked_data_types", "location_values",
-        )
+def _insert_params(files: Sequence[FileObjectAttrs]) -> dict:
+    params: dict = {
+        "app_ids": [attrs.file.app_id for attrs in files],
+        "entity_ids": [attrs.file.entity_id for attrs in files],
+        "location_values": [attrs.file.location_value_json for attrs in files],
+        "location_attr": LOCATION_ID.attr_id,
     }
-    for attrs in files:
-        for spec, value in ((HASH, attrs.hash), (LAST_MODIFIED, attrs.last_modified_ms)):
-            columns["app_ids"].append(attrs.file.app_id)
-            columns["entity_ids"].append(attrs.file.entity_id)
-            columns["attr_ids"].append(spec.attr_id)
-            columns["values"].append(json_text(value))
-            columns["value_md5s"].append(value_md5(value))
-            for flag, on in spec.triple_flags.items():
-                columns[flag].append(on)
-            columns["checked_data_types"].append(spec.checked_data_type)
-            columns["location_values"].append(attrs.file.location_value_json)
-    return columns
+    for name, spec, values in (
+        ("hash", HASH, [attrs.hash for attrs in files]),
+        ("last_modified", LAST_MODIFIED, [attrs.last_modified_ms for attrs in files]),
+    ):
+        params[f"{name}_values"] = [json_text(value) for value in values]
+        params[f"{name}_md5s"] = [value_md5(value) for value in values]
+        params[f"{name}_attr"] = spec.attr_id
+        params[f"{name}_type"] = spec.checked_data_type
+        params |= {f"{name}_{flag}": on for flag, on in spec.triple_flags.items()}
+    return params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -488,12 +501,20 @@ def write_file_attrs(
 ) -> BatchWriteOutcome:
     """Write both triples of every file, and the progress that follows from what was written, in
     one transaction: a batch is recorded whole or not at all."""
+    try:
+        return _write_file_attrs(conn, files, progress_after, _INSERT_NEW_TRIPLES)
+    except psycopg.errors.UniqueViolation:
+        return _write_file_attrs(conn, files, progress_after, _INSERT_MISSING_TRIPLES)
+
+
+def _write_file_attrs(
+    conn: psycopg.Connection,
+    files: Sequence[FileObjectAttrs],
+    progress_after: Callable[[BatchWriteOutcome], "ProgressUpdate"],
+    insert: sql.Composed,
+) -> BatchWriteOutcome:
     with conn.transaction():
-        if files:
-            params = _triple_columns(files) | {"location_attr": LOCATION_ID.attr_id}
-            inserted = {row[0] for row in conn.execute(_INSERT_TRIPLES, params).fetchall()}
-        else:
-            inserted = set()
+        inserted = {row[0] for row in conn.execute(insert, _insert_params(files)).fetchall()} if files else set()
         unwritten = [f.file for f in files if f.file.entity_id not in inserted]
         vanished = len(unwritten) - len(_still_located(conn, unwritten)) if unwritten else 0
         outcome = BatchWriteOutcome(len(inserted), len(unwritten) - vanished, vanished)
