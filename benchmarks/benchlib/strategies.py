@@ -1,15 +1,21 @@
 """The measured strategies. Each runs in a fresh child process of its own (spawned), so its peak RSS,
-CPU time and request counts are its own; it sends one result dict back to the benchmark.
+CPU time and database round trips are its own; it sends one result dict back to the benchmark. S3
+requests are counted by the benchmark from the server's log (services.RequestLog).
 
-- pipeline:      s3_attrs_pipeline.backfill.backfill_partition over every partition, in one process or
-                 in `parallel` worker processes taking partitions from a queue.
-- pipeline-db:   the same, with an ObjectStore whose head_many answers at once (no S3): the DB side alone.
+- pipeline:      s3_attrs_pipeline.backfill.backfill_partition over every partition (or `partitions`),
+                 with `list_threshold` (0: HEAD only; 1000: the default, LIST for big apps), in one
+                 process or in `parallel` worker processes taking partitions from a queue.
+- pipeline with without_s3: the same with list_threshold 0 and a store whose submit_head answers at
+                 once (no S3): the database side of the HEAD path alone.
 - naive:         like the old REPL migration: per file one HEAD, then one autocommit INSERT per triple.
 - boto3-ceiling: head_object over the same keys from `threads` threads doing nothing else.
-- store-batched / store-unbatched: the pipeline's ObjectStore.head_many over the keys, in batches of
-                 `batch_size` (the pipeline's barrier, without the database) or in chunks of 10,000.
+- store-window:  the pipeline's ObjectStore.submit_head over the keys through a sliding window as
+                 backfill._head_range keeps it (2 x max(batch_size, max_in_flight)), without the database.
 """
 
+import collections
+import concurrent.futures
+import re
 import time
 import traceback
 import uuid
@@ -17,7 +23,10 @@ import uuid
 from benchlib import counting
 
 _FAKE_ETAG = "0123456789abcdef0123456789abcdef"
-_STORE_SECONDS = {"head_many": 0.0, "check_bucket": 0.0}  # this process's time inside ObjectStore calls
+# This process's (main thread's) time blocked on S3: waiting for a HEAD's future, for the next page of
+# a listing, inside check_bucket.
+_STORE_SECONDS = {"head_wait": 0.0, "list_wait": 0.0, "check_bucket": 0.0}
+_LISTED_APPS: list[dict] = []  # per app read by backfill._list_app: files, seconds, whether the listing held
 _FAKE_LAST_MODIFIED_MS = 1_700_000_000_000
 
 
@@ -25,7 +34,6 @@ class _Window:
     """What the measured section did: wall time, and the counters' and CPU's growth over it."""
 
     def start(self) -> None:
-        self._http = counting.http_counts()
         self._db = counting.db_counts()
         self._db_seconds = counting.db_seconds()
         self._store = dict(_STORE_SECONDS)
@@ -36,7 +44,6 @@ class _Window:
         elapsed = time.perf_counter() - self._t0
         return {
             "elapsed_s": elapsed,
-            "http": _delta(counting.http_counts(), self._http),
             "db": _delta(counting.db_counts(), self._db),
             "db_seconds": _delta(counting.db_seconds(), self._db_seconds),
             "store_seconds": _delta(dict(_STORE_SECONDS), self._store),
@@ -48,12 +55,28 @@ def _delta(after: dict, before: dict) -> dict:
     return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
 
 
-class _QuietLog:
-    """The pipeline's Log: counts messages, keeps a few warnings and errors, prints nothing."""
+class TimeUp(Exception):
+    """Raised through backfill_partition at a progress message once the strategy's time is up: a big
+    partition can take minutes, so a time cap checked only between partitions would overrun."""
 
-    def __init__(self):
+    def __init__(self, counts: dict):
+        super().__init__("time is up")
+        self.counts = counts
+
+
+# backfill._ProgressLog's message, at most every 10 s and after a batch was written
+_PROGRESS = re.compile(r"Processed batch (\d+) of partition \S+: total-processed=(\d+) successful=(\d+) "
+                       r"missing=(\d+) failed=(\d+)")
+
+
+class _QuietLog:
+    """The pipeline's Log: counts messages, keeps a few warnings and errors, prints nothing. Past
+    `deadline` it stops the partition at its next progress message (TimeUp, with the counts so far)."""
+
+    def __init__(self, deadline: float | None = None):
         self.counts = {"info": 0, "warning": 0, "error": 0}
         self.examples: list[str] = []
+        self.deadline = deadline
 
     def _keep(self, level: str, msg: str) -> None:
         self.counts[level] += 1
@@ -62,6 +85,12 @@ class _QuietLog:
 
     def info(self, msg: str) -> None:
         self._keep("info", msg)
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            progress = _PROGRESS.match(msg)
+            if progress:
+                batches, processed, successful, missing, failed = map(int, progress.groups())
+                raise TimeUp({"batches": batches, "processed": processed, "successful": successful,
+                              "missing": missing, "failed": failed})
 
     def warning(self, msg: str) -> None:
         self._keep("warning", msg)
@@ -70,20 +99,66 @@ class _QuietLog:
         self._keep("error", msg)
 
 
+class _TimedFuture(concurrent.futures.Future):
+    """A store's future whose result() adds the time it blocked to _STORE_SECONDS["head_wait"]."""
+
+    def result(self, timeout=None):
+        started = time.perf_counter()
+        try:
+            return super().result(timeout)
+        finally:
+            _STORE_SECONDS["head_wait"] += time.perf_counter() - started
+
+
+def _install_timers() -> None:
+    """Time the waits for listing pages, and each listed app, without changing what the pipeline does:
+    backfill calls `listing.prefetched` and `_list_app` through their modules at call time."""
+    from s3_attrs_pipeline import backfill
+    from s3_attrs_pipeline.s3 import listing
+
+    if getattr(listing.prefetched, "bench_timed", False):
+        return
+    prefetched, list_app = listing.prefetched, backfill._list_app
+
+    def timed_prefetched(pages, *args, **kwargs):
+        inner = prefetched(pages, *args, **kwargs)
+        try:
+            while True:
+                started = time.perf_counter()
+                try:
+                    page = next(inner)
+                except StopIteration:
+                    return
+                finally:
+                    _STORE_SECONDS["list_wait"] += time.perf_counter() - started
+                yield page
+        finally:
+            inner.close()
+
+    def timed_list_app(conn, store, app, *args, **kwargs):
+        started = time.perf_counter()
+        held = list_app(conn, store, app, *args, **kwargs)
+        _LISTED_APPS.append({"app_id": str(app.app_id), "files": app.pending, "seconds": time.perf_counter() - started,
+                             "listed": held})
+        return held
+
+    timed_prefetched.bench_timed = True
+    listing.prefetched = timed_prefetched
+    backfill._list_app = timed_list_app
+
+
 def _make_store(cfg: dict, *, without_s3: bool = False):
     from s3_attrs_pipeline.s3.object_metadata import ObjectStore, S3Settings
 
     settings = S3Settings(cfg["bucket"], endpoint_url=cfg["endpoint_url"], max_in_flight=cfg["max_in_flight"])
 
     class TimedStore(ObjectStore):
-        """The pipeline's store, unchanged, except that the time spent in its two calls is added up."""
+        """The pipeline's store, unchanged, except that the time spent waiting for it is added up."""
 
-        def head_many(self, keys):
-            started = time.perf_counter()
-            try:
-                return super().head_many(keys)
-            finally:
-                _STORE_SECONDS["head_many"] += time.perf_counter() - started
+        def submit_head(self, key):
+            future = super().submit_head(key)
+            future.__class__ = _TimedFuture  # same object, same state: only result() is timed
+            return future
 
         def check_bucket(self):
             started = time.perf_counter()
@@ -97,19 +172,27 @@ def _make_store(cfg: dict, *, without_s3: bool = False):
 
     from s3_attrs_pipeline.s3.object_metadata import HeadOutcome, ObjectMetadata
 
+    metadata = ObjectMetadata(_FAKE_ETAG, _FAKE_LAST_MODIFIED_MS)
+
     class StoreWithoutS3(TimedStore):
         """Answers every HEAD at once with fixed metadata; only the bucket check goes to S3."""
 
-        def head_many(self, keys):  # not timed: it costs nothing
-            metadata = ObjectMetadata(_FAKE_ETAG, _FAKE_LAST_MODIFIED_MS)
-            return [HeadOutcome(key, metadata=metadata) for key in keys]
+        def submit_head(self, key):
+            future = concurrent.futures.Future()
+            future.set_result(HeadOutcome(key, metadata=metadata))
+            return future
 
     return StoreWithoutS3(settings)
 
 
+def _client_requests(store) -> int | None:
+    """The store's own count of the requests it sent (ObjectStore.requests_sent), where it has one."""
+    return getattr(store, "requests_sent", None)
+
+
 _REPORT_FIELDS = (
     "processed", "successful", "missing", "failed", "invalid", "malformed", "already_populated", "vanished",
-    "s3_retries", "batches",
+    "s3_retries", "batches", "apps_listed",
 )
 
 
@@ -117,12 +200,18 @@ def _run_partition(conn, store, key: str, settings, log) -> dict:
     from s3_attrs_pipeline.backfill import PartitionFailed, backfill_partition
 
     round_trips_before = sum(counting.db_counts().values())
+    counts_at_cap = None
     try:
         report = backfill_partition(conn, store, key, settings, log)
         failed_partition = 0
     except PartitionFailed as error:
         report, failed_partition = error.report, 1
+    except TimeUp as time_up:
+        report, failed_partition, counts_at_cap = None, 0, time_up.counts
     summary = {field: getattr(report, field, 0) for field in _REPORT_FIELDS}
+    if counts_at_cap is not None:
+        summary |= counts_at_cap
+        summary["capped"] = 1
     summary["failed_partitions"] = failed_partition
     summary["partitions"] = 1
     # (batches, round trips) of this partition: the report splits fixed per-partition cost from per-batch cost
@@ -135,24 +224,36 @@ def _add(total: dict, part: dict) -> None:
         total[k] = total.get(k, [] if isinstance(v, list) else 0) + v
 
 
-def _pipeline_inline(cfg: dict, keys: list[str], without_s3: bool) -> dict:
+def _settings(cfg: dict, without_s3: bool):
     from s3_attrs_pipeline.backfill import BackfillSettings
+    from s3_attrs_pipeline.instant.partitions import partition_keys
 
+    return BackfillSettings(batch_size=cfg["batch_size"], partition_count=len(partition_keys(cfg["partition_width"])),
+                            list_threshold=0 if without_s3 else cfg["list_threshold"])
+
+
+def _pipeline_inline(cfg: dict, keys: list[str], without_s3: bool) -> dict:
+    _install_timers()
     conn = counting.counting_connect(cfg["database_url"])
     store = _make_store(cfg, without_s3=without_s3)
-    settings = BackfillSettings(batch_size=cfg["batch_size"], partition_count=len(keys))
-    log = _QuietLog()
+    settings = _settings(cfg, without_s3)
     totals: dict = {}
     window = _Window()
     deadline = time.monotonic() + cfg["max_seconds"]
+    log = _QuietLog(deadline)
     capped = False
     window.start()
     for index, key in enumerate(keys):
         if time.monotonic() > deadline:
             capped = True
             break
-        _add(totals, _run_partition(conn, store, key, settings, log))
+        part = _run_partition(conn, store, key, settings, log)
+        _add(totals, part)
+        if part.get("capped"):
+            capped = True
+            break
     result = window.stop()
+    client_requests = _client_requests(store)
     store.close()
     conn.close()
     return result | {
@@ -162,31 +263,32 @@ def _pipeline_inline(cfg: dict, keys: list[str], without_s3: bool) -> dict:
         "capped": capped,
         "log": log.counts,
         "log_examples": log.examples,
+        "listed_apps": list(_LISTED_APPS),
+        "client_requests": client_requests,
         "workers": [],
     }
 
 
-def _pipeline_worker(cfg: dict, without_s3: bool, partition_count: int, tasks, results, barrier) -> None:
+def _pipeline_worker(cfg: dict, without_s3: bool, tasks, results, barrier) -> None:
     counting.die_with_parent()
-    counting.install_http_counter()
     try:
-        from s3_attrs_pipeline.backfill import BackfillSettings
-
+        _install_timers()
         conn = counting.counting_connect(cfg["database_url"])
         store = _make_store(cfg, without_s3=without_s3)
-        settings = BackfillSettings(batch_size=cfg["batch_size"], partition_count=partition_count)
-        log = _QuietLog()
+        settings = _settings(cfg, without_s3)
         window = _Window()
         barrier.wait(120)
+        log = _QuietLog(time.monotonic() + cfg["max_seconds"])
         window.start()
         while (key := tasks.get()) is not None:
             results.put(("partition", _run_partition(conn, store, key, settings, log)))
         measured = window.stop()
+        client_requests = _client_requests(store)
         store.close()
         conn.close()
         results.put(("worker", measured | {"peak_rss_mib": counting.peak_rss_mib(), "log": log.counts,
-                                           "cpu_total_s": counting.cpu_seconds(),
-                                           "log_examples": log.examples}))
+                                           "cpu_total_s": counting.cpu_seconds(), "client_requests": client_requests,
+                                           "listed_apps": list(_LISTED_APPS), "log_examples": log.examples}))
     except BaseException:
         results.put(("error", traceback.format_exc()))
         raise
@@ -201,7 +303,7 @@ def _pipeline_parallel(cfg: dict, keys: list[str], without_s3: bool, processes: 
     barrier = context.Barrier(processes + 1)
     workers = [
         context.Process(
-            target=_pipeline_worker, args=(cfg, without_s3, len(keys), tasks, results, barrier),
+            target=_pipeline_worker, args=(cfg, without_s3, tasks, results, barrier),
             name=f"pipeline-worker-{n}", daemon=True,
         )
         for n in range(processes)
@@ -229,6 +331,7 @@ def _pipeline_parallel(cfg: dict, keys: list[str], without_s3: bool, processes: 
             raise RuntimeError(f"a pipeline worker failed:\n{payload}")
         outstanding -= 1
         _add(totals, payload)
+        capped = capped or bool(payload.get("capped"))
         if time.monotonic() > deadline:
             capped = capped or next(pending, None) is not None
             continue
@@ -251,8 +354,8 @@ def _pipeline_parallel(cfg: dict, keys: list[str], without_s3: bool, processes: 
     log_counts: dict = {}
     for worker_result in worker_results:
         _add(log_counts, worker_result["log"])
+    client = [w["client_requests"] for w in worker_results]
     return measured | {
-        "http": counting.merge_counts(measured["http"], *(w["http"] for w in worker_results)),
         "db": counting.merge_counts(measured["db"], *(w["db"] for w in worker_results)),
         "db_seconds": counting.merge_counts(measured["db_seconds"], *(w["db_seconds"] for w in worker_results)),
         "store_seconds": counting.merge_counts(measured["store_seconds"], *(w["store_seconds"] for w in worker_results)),
@@ -263,6 +366,8 @@ def _pipeline_parallel(cfg: dict, keys: list[str], without_s3: bool, processes: 
         "capped": capped,
         "log": log_counts,
         "log_examples": [e for w in worker_results for e in w["log_examples"]][:5],
+        "listed_apps": [a for w in worker_results for a in w["listed_apps"]],
+        "client_requests": None if None in client else sum(client),
         "workers": [{"peak_rss_mib": w["peak_rss_mib"], "cpu_s": w["cpu_s"], "cpu_total_s": w["cpu_total_s"]}
                     for w in worker_results],
     }
@@ -271,7 +376,7 @@ def _pipeline_parallel(cfg: dict, keys: list[str], without_s3: bool, processes: 
 def pipeline(cfg: dict) -> dict:
     from s3_attrs_pipeline.instant.partitions import partition_keys
 
-    keys = partition_keys(cfg["partition_width"])
+    keys = cfg.get("partitions") or partition_keys(cfg["partition_width"])
     without_s3 = cfg.get("without_s3", False)
     if cfg["parallel"] <= 1:
         return _pipeline_inline(cfg, keys, without_s3)
@@ -389,52 +494,56 @@ def boto3_ceiling(cfg: dict) -> dict:
     }
 
 
-def _store_heads(cfg: dict, chunk: int) -> dict:
+def store_window(cfg: dict) -> dict:
+    """The pipeline's S3 layer alone: every key through ObjectStore.submit_head, in a sliding window as
+    backfill._head_range keeps it, outcomes taken in order."""
     from benchlib.dataset import load_keys
 
     keys = load_keys(cfg["keys_path"])
     store = _make_store(cfg)
     store.check_bucket()
+    window_size = 2 * max(cfg["batch_size"], cfg["max_in_flight"])
     deadline = time.monotonic() + cfg["max_seconds"]
     done = missing = failed = 0
+    pending: collections.deque = collections.deque()
+
+    def settle() -> None:
+        nonlocal done, missing, failed
+        outcome = pending.popleft().result()
+        done += 1
+        missing += bool(outcome.missing)
+        failed += outcome.metadata is None and not outcome.missing
+
     window = _Window()
     window.start()
-    for start in range(0, len(keys), chunk):
-        for outcome in store.head_many(keys[start:start + chunk]):
-            done += 1
-            missing += bool(outcome.missing)
-            failed += outcome.metadata is None and not outcome.missing
-        if time.monotonic() > deadline:
+    for index, key in enumerate(keys):
+        pending.append(store.submit_head(key))
+        while len(pending) > window_size:
+            settle()
+        if index % 1000 == 0 and time.monotonic() > deadline:
             break
+    while pending:
+        settle()
     result = window.stop()
+    client_requests = _client_requests(store)
     store.close()
     return result | {
         "files": done, "batches": None, "report": {"missing": missing, "failed": failed},
-        "capped": done < len(keys), "workers": [],
+        "capped": done < len(keys), "client_requests": client_requests, "workers": [],
     }
-
-
-def store_batched(cfg: dict) -> dict:
-    return _store_heads(cfg, cfg["batch_size"])
-
-
-def store_unbatched(cfg: dict) -> dict:
-    return _store_heads(cfg, 10_000)
 
 
 STRATEGIES = {
     "pipeline": pipeline,
     "naive": naive,
     "boto3-ceiling": boto3_ceiling,
-    "store-batched": store_batched,
-    "store-unbatched": store_unbatched,
+    "store-window": store_window,
 }
 
 
 def child_main(strategy: str, cfg: dict, results, started) -> None:
     """Entry point of a strategy's child process."""
     counting.die_with_parent()
-    counting.install_http_counter()
     try:
         started.set()
         result = STRATEGIES[strategy](cfg)
