@@ -166,3 +166,10 @@ def test_a_batch_meeting_triples_written_meanwhile_is_written_again_without_conf
     assert values[(populated_meanwhile.entity_id, HASH.attr_id)] == "written-by-someone-else"
     assert values[(fresh.entity_id, HASH.attr_id)] == "abc"
     assert values[(fresh.entity_id, LAST_MODIFIED.attr_id)] == 1_700_000_000_000
+
+
+def test_pages_of_one_file_skip_populated_files_and_find_every_pending_one(conn, seeded_files):
+    every_app = AppIdRange("all", uuid.UUID(int=0), uuid.UUID(int=2**128 - 1))
+    found = [file.entity_id for page in db.iter_pending_batches(conn, every_app, 1) for file in page]
+    assert sorted(found) == sorted(f.entity_id for f in seeded_files if not f.prepopulated)
+    assert any(f.prepopulated for f in seeded_files)  # so some pages of one scanned file had nothing to do

@@ -212,34 +212,39 @@ class PendingFile:
         return json.loads(self.location_value_json)
 
 
-# The scan walks the `ave` index (app_id, attr_id, value) of the location-id triples, keyset by
-# (app_id, value), so each page costs what it returns, never the size of `triples`. `hash` is
-# probed per row through `ea_index`, as a subquery the planner cannot turn into an anti join:
-# an anti join may merge on app_id alone, and then a rerun's first page costs the app's size squared.
+# A page is the next `limit` location-id triples of the range in `ave` index order (app_id,
+# attr_id, value), each with whether it lacks `hash`; the keyset moves past the last row scanned,
+# done or not. Filtering inside the ordered LIMIT would let the planner choose a bitmap scan and a
+# sort of the rest of the partition for every page; this way a page costs `limit` index entries
+# and `limit` probes, whatever the partition's size. `hash` is probed per row through `ea_index`,
+# as a subquery the planner cannot turn into an anti join (one that merges on app_id alone).
 _LACKS_HASH = """
   (SELECT 1 FROM triples h
    WHERE h.app_id = l.app_id AND h.entity_id = l.entity_id AND h.attr_id = %(hash_attr)s AND h.ea
    LIMIT 1) IS NULL
 """
 _PENDING_FILES = """
-SELECT l.app_id, l.entity_id, l.value::text
-FROM triples l
-WHERE l.attr_id = %(location_attr)s AND l.ave
-  AND {after} AND l.app_id <= %(last_app)s
-  AND """ + _LACKS_HASH + """
+SELECT l.app_id, l.entity_id, l.value::text, """ + _LACKS_HASH + """
+FROM (
+  SELECT t.app_id, t.entity_id, t.attr_id, t.value
+  FROM triples t
+  WHERE t.attr_id = %(location_attr)s AND t.ave AND {after} AND t.app_id <= %(last_app)s
+  ORDER BY t.app_id, t.attr_id, t.value
+  LIMIT %(limit)s
+) l
 ORDER BY l.app_id, l.attr_id, l.value
-LIMIT %(limit)s
 """
-_FIRST_PAGE = sql.SQL(_PENDING_FILES).format(after=sql.SQL("l.app_id >= %(first_app)s"))
+_FIRST_PAGE = sql.SQL(_PENDING_FILES).format(after=sql.SQL("t.app_id >= %(first_app)s"))
 _NEXT_PAGE = sql.SQL(_PENDING_FILES).format(
-    after=sql.SQL("(l.app_id, l.attr_id, l.value) > (%(after_app)s, %(location_attr)s, %(after_value)s::jsonb)")
+    after=sql.SQL("(t.app_id, t.attr_id, t.value) > (%(after_app)s, %(location_attr)s, %(after_value)s::jsonb)")
 )
 
 
 def iter_pending_batches(
     conn: psycopg.Connection, app_ids: AppIdRange, batch_size: int
 ) -> Iterator[list[PendingFile]]:
-    """Pages of the range's files that still lack `hash`, in key order, `batch_size` at a time."""
+    """The range's files that still lack `hash`, in key order, from pages of `batch_size` files
+    scanned (a batch holds those of its page that lack `hash`; empty ones are skipped)."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, not {batch_size}")
     params = {
@@ -251,15 +256,14 @@ def iter_pending_batches(
     }
     query = _FIRST_PAGE
     while True:
-        batch = [PendingFile(*row) for row in conn.execute(query, params).fetchall()]
-        if not batch:
-            return
-        yield batch
-        if len(batch) < batch_size:
+        scanned = conn.execute(query, params).fetchall()
+        batch = [PendingFile(app_id, entity, value) for app_id, entity, value, lacks_hash in scanned if lacks_hash]
+        if batch:
+            yield batch
+        if len(scanned) < batch_size:
             return
         query = _NEXT_PAGE
-        params["after_app"] = batch[-1].app_id
-        params["after_value"] = batch[-1].location_value_json
+        params["after_app"], _, params["after_value"], _ = scanned[-1]
 
 
 _APP_FILE_COUNTS = """
