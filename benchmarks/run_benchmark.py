@@ -146,8 +146,9 @@ class Services:
 
 
 def pipeline_version() -> str:
-    """The pipeline code a strategy process imports: the commit, and any uncommitted change under
-    s3_attrs_pipeline/ (another change landing during a long benchmark shows up as a second version)."""
+    """The pipeline code a strategy process imports: the last commit that changed s3_attrs_pipeline/,
+    and any uncommitted change under it (another change landing during a long benchmark shows up as
+    a second version)."""
     root = pathlib.Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str:
@@ -156,7 +157,8 @@ def pipeline_version() -> str:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    # The last commit that changed the pipeline, so a commit elsewhere (benchmarks/, docs) is no new version.
+    commit = git("log", "-1", "--format=%h", "--", "s3_attrs_pipeline") or "unknown"
     changed = git("status", "--porcelain", "--", "s3_attrs_pipeline")
     if not changed:
         return commit
