@@ -427,7 +427,8 @@ def _list_app(
         writer.flush()
         log.warning(f"{error}; the app's remaining files are HEADed instead")
         return False
-    for page in db.iter_pending_batches(conn, AppIdRange(str(app.app_id), app.app_id, app.app_id), listing.LIST_PAGE_SIZE):
+    unlisted_range = AppIdRange(str(app.app_id), app.app_id, app.app_id)
+    for page in db.iter_pending_batches(conn, unlisted_range, listing.LIST_PAGE_SIZE):
         for file in page:
             if file.entity_id in malformed:
                 continue
