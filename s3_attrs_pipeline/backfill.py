@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Protocol
 
@@ -215,36 +216,50 @@ class _BatchWriter:
         else:
             self.failed(file, key, outcome.failure)
 
-    def flush(self) -> None:
-        if not self._counts["processed"]:
+    def flush(self, listed: db.ListedAttrs | None = None) -> None:
+        """Write the batch, with the progress that follows from it, in one transaction. With `listed`
+        (a listing page: only its malformed files may be counted so far) the files it writes are
+        counted as processed as they are written."""
+        if listed is not None and not listed.locations:
+            listed = None
+        if not self._counts["processed"] and listed is None:
             return
+        if listed is not None and self._to_write:
+            raise RuntimeError("a listing page is written on its own, not with HEADed files")
         counts, last_file = self._counts, self._last_file
         counted = dataclasses.replace(
             self._report,
             batches=self._report.batches + 1,
             **{name: getattr(self._report, name) + counts[name] for name in counts},
         )
+        found_by_listing = listed is not None
 
         def progress_after(outcome: db.BatchWriteOutcome) -> db.ProgressUpdate:
-            state = _with_write(counted, outcome).as_progress_state("running")
+            state = _with_write(counted, outcome, found_by_listing).as_progress_state("running")
+            last_entity_id = outcome.last_written or (last_file.entity_id if last_file else None)
             return db.ProgressUpdate(
                 self._report.partition_key,
-                state | {"last-entity-id": str(last_file.entity_id)},
-                processed=counts["processed"],
+                (state | {"last-entity-id": str(last_entity_id)}) if last_entity_id else state,
+                processed=counts["processed"] + (outcome.written if found_by_listing else 0),
                 successful=outcome.written,
                 failed=counts["failed"] + counts["invalid"] + counts["malformed"],
                 missing=counts["missing"],
             )
 
-        done = _with_write(counted, db.write_file_attrs(self._conn, self._to_write, progress_after))
+        if listed is not None:
+            outcome = db.write_listed_attrs(self._conn, listed, progress_after)
+        else:
+            outcome = db.write_file_attrs(self._conn, self._to_write, progress_after)
+        done = _with_write(counted, outcome, found_by_listing)
         for field in dataclasses.fields(PartitionReport):
             setattr(self._report, field.name, getattr(done, field.name))
         self._new_batch()
 
 
-def _with_write(report: PartitionReport, outcome: db.BatchWriteOutcome) -> PartitionReport:
+def _with_write(report: PartitionReport, outcome: db.BatchWriteOutcome, found_by_listing: bool) -> PartitionReport:
     return dataclasses.replace(
         report,
+        processed=report.processed + (outcome.written if found_by_listing else 0),
         successful=report.successful + outcome.written,
         already_populated=report.already_populated + outcome.already_populated,
         vanished=report.vanished + outcome.vanished,
@@ -394,6 +409,30 @@ def _head_range(
     progress_log()
 
 
+@dataclasses.dataclass(frozen=True)
+class _ListedPage:
+    attrs: db.ListedAttrs  # the listed objects' values, by location-id
+    malformed: dict[str, tuple[str, str]]  # location-id: (key, why its metadata cannot be written)
+
+
+def _listed_pages(store: ObjectStore, app_id: uuid.UUID) -> Iterator[_ListedPage]:
+    """The app's listing, a page at a time, each made ready to write. Keys that are not where a
+    location-id of this app puts its object are left out."""
+    for objects in listing.list_prefix(store, f"{app_id}/"):
+        found, malformed = [], {}
+        for listed in objects:
+            location_id = location_id_of_key(app_id, listed.key)
+            if location_id is None:
+                continue
+            try:
+                metadata = listing.metadata_of(listed)
+            except MalformedObjectMetadata as error:
+                malformed[location_id] = (listed.key, str(error))
+            else:
+                found.append((location_id, metadata.hash, metadata.last_modified_ms))
+        yield _ListedPage(db.ListedAttrs.of(app_id, found), malformed)
+
+
 def _list_app(
     conn: psycopg.Connection,
     store: ObjectStore,
@@ -402,26 +441,21 @@ def _list_app(
     progress_log: _ProgressLog,
     log: Log,
 ) -> bool:
-    """Read the app's objects from a listing of `<app_id>/`, joined page by page to its files that
-    lack `hash`; the files not listed are missing. False if the listing failed: the app's remaining
-    files are then left to HEADs."""
+    """Read the app's objects from a listing of `<app_id>/`, each page written to the app's files
+    that lack `hash` at its locations; the files not listed are missing. False if the listing
+    failed: the app's remaining files are then left to HEADs.
+
+    A thread reads and encodes the next pages while this one writes: the writes, PostgreSQL's
+    work, set the pace."""
     prefix = f"{app.app_id}/"
     malformed: set[uuid.UUID] = set()  # still lack `hash`, but are not missing
     try:
-        for page in listing.prefetched(listing.list_prefix(store, prefix)):
-            listed_at = {}
-            for listed in page:
-                location_id = location_id_of_key(app.app_id, listed.key)
-                if location_id is not None:
-                    listed_at[location_id] = listed
-            for file in db.pending_files_at(conn, app.app_id, list(listed_at)):
-                listed = listed_at[file.location_value]
-                try:
-                    writer.found(file, listing.metadata_of(listed))
-                except MalformedObjectMetadata as error:
+        for page in listing.prefetched(_listed_pages(store, app.app_id)):
+            if page.malformed:
+                for file in db.pending_files_at(conn, app.app_id, list(page.malformed)):
                     malformed.add(file.entity_id)
-                    writer.malformed(file, listed.key, str(error))
-            writer.flush()
+                    writer.malformed(file, *page.malformed[file.location_value])
+            writer.flush(page.attrs)
             progress_log()
     except listing.ListingFailed as error:
         writer.flush()

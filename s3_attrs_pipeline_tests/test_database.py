@@ -168,6 +168,59 @@ def test_a_batch_meeting_triples_written_meanwhile_is_written_again_without_conf
     assert values[(fresh.entity_id, LAST_MODIFIED.attr_id)] == 1_700_000_000_000
 
 
+def test_a_listed_page_writes_the_files_at_its_locations_that_lack_hash(conn, seeded_files):
+    by_app = {}
+    for file in seeded_files:
+        by_app.setdefault(file.app_id, []).append(file)
+    app_id, files = max(by_app.items(), key=lambda item: len(item[1]))
+    lone_last_modified, populated_meanwhile, fresh = [f for f in files if not f.prepopulated][:3]
+    already = next(f for f in files if f.prepopulated)
+    for file, spec, value in [
+        (lone_last_modified, LAST_MODIFIED, 1_600_000_000_000),
+        (populated_meanwhile, HASH, "written-by-someone-else"),
+    ]:
+        conn.execute(
+            """INSERT INTO triples (app_id, entity_id, attr_id, value, value_md5, ea, eav, av, ave, vae,
+                                   checked_data_type)
+               VALUES (%s, %s, %s, %s::jsonb, %s, true, false, false, true, false, %s::checked_data_type)""",
+            (file.app_id, file.entity_id, spec.attr_id, json_text(value), value_md5(value), spec.checked_data_type),
+        )
+    before = _new_attr_values(conn)
+    listed = db.ListedAttrs.of(app_id, [
+        (f.location_id, "abc", 1_700_000_000_000)
+        for f in (lone_last_modified, populated_meanwhile, fresh, already)
+    ] + [("no-file-has-this-location", "abc", 1_700_000_000_000)])
+    updates = []
+
+    def progress_after(outcome):
+        updates.append(outcome)
+        return db.ProgressUpdate("xx", {"status": "running"}, processed=outcome.written, successful=outcome.written)
+
+    outcome = db.write_listed_attrs(conn, listed, progress_after)
+
+    assert outcome.written == 2 and outcome.last_written in {lone_last_modified.entity_id, fresh.entity_id}
+    assert updates == [outcome] and db.read_progress(conn)["total-successful"] == 2
+    values = _new_attr_values(conn)
+    assert values[(lone_last_modified.entity_id, HASH.attr_id)] == "abc"
+    assert values[(lone_last_modified.entity_id, LAST_MODIFIED.attr_id)] == 1_600_000_000_000  # left as it was
+    assert values[(fresh.entity_id, HASH.attr_id)] == "abc"
+    assert values[(fresh.entity_id, LAST_MODIFIED.attr_id)] == 1_700_000_000_000
+    written_to = {lone_last_modified.entity_id, fresh.entity_id}
+    assert {k: v for k, v in values.items() if k[0] not in written_to} == {
+        k: v for k, v in before.items() if k[0] not in written_to
+    }
+
+
+def _new_attr_values(conn) -> dict:
+    return dict(
+        ((entity_id, attr_id), value)
+        for entity_id, attr_id, value in conn.execute(
+            "SELECT entity_id, attr_id, value FROM triples WHERE attr_id = ANY(%s)",
+            ([HASH.attr_id, LAST_MODIFIED.attr_id],),
+        ).fetchall()
+    )
+
+
 def test_pages_of_one_file_skip_populated_files_and_find_every_pending_one(conn, seeded_files):
     every_app = AppIdRange("all", uuid.UUID(int=0), uuid.UUID(int=2**128 - 1))
     found = [file.entity_id for page in db.iter_pending_batches(conn, every_app, 1) for file in page]

@@ -59,8 +59,8 @@ def _expected_metadata(s3_client, bucket, key):
 # --- signing: the same Authorization header as botocore's S3SigV4Auth -------------------------
 
 
-def _botocore_authorization(url: str, credentials, region: str, when: datetime.datetime) -> dict:
-    request = botocore.awsrequest.AWSRequest("HEAD", url)
+def _botocore_authorization(url: str, credentials, region: str, when: datetime.datetime, method: str = "HEAD") -> dict:
+    request = botocore.awsrequest.AWSRequest(method, url)
     with mock.patch("botocore.auth.get_current_datetime", return_value=when):
         botocore.auth.S3SigV4Auth(credentials, "s3", region).add_auth(request)
     return {name.lower(): value for name, value in request.headers.items()}

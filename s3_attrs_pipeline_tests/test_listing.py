@@ -1,6 +1,5 @@
 """The LIST strategy: apps read with ListObjectsV2 instead of a HEAD per file, against moto over HTTP."""
 
-import datetime
 import itertools
 import os
 import uuid
@@ -19,6 +18,7 @@ from s3_attrs_pipeline.instant.partitions import AppIdRange
 from s3_attrs_pipeline.local import postgres, seed
 from s3_attrs_pipeline.s3 import listing
 from s3_attrs_pipeline.s3.object_metadata import MalformedObjectMetadata, ObjectStore, S3AccessError, S3Settings
+from s3_attrs_pipeline.s3.signed_listing import ListedObject, parse_list_objects_v2
 from s3_attrs_pipeline_tests import conftest
 from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
 from s3_attrs_pipeline_tests.helpers import head_values, new_attr_triples
@@ -96,6 +96,43 @@ def test_an_object_under_another_bin_is_not_the_files_object(conn, s3_endpoint, 
     assert any(p.entity_id == str(missing.entity_id) and "not in the listing" in p.reason for p in report.problems)
 
 
+def test_a_listed_object_with_malformed_metadata_is_its_files_problem_only(conn, s3_endpoint, bucket, seeded_files,
+                                                                          monkeypatch):
+    key = _largest_partition(seeded_files)
+    files = [f for f in seeded_files if f.app_id.hex[:2] == key]
+    pending_keys = {f.key for f in files if f.in_s3 and not f.prepopulated}
+    spoiled = {}  # object key: what S3 (or a look-alike) would have sent wrong
+    list_prefix = listing.list_prefix
+
+    def spoiled_entry(entry: ListedObject) -> ListedObject:
+        if entry.key not in pending_keys or len(spoiled) == 2:
+            return entry
+        if not spoiled:
+            spoiled[entry.key] = "LastModified 'not a time'"
+            return ListedObject(entry.key, entry.etag, "not a time")
+        spoiled[entry.key] = "ETag"
+        return ListedObject(entry.key, 'garbage "etag', entry.last_modified)
+
+    def spoiling_list_prefix(store, prefix):
+        for page in list_prefix(store, prefix):
+            yield [spoiled_entry(entry) for entry in page]
+
+    monkeypatch.setattr(listing, "list_prefix", spoiling_list_prefix)
+    with ObjectStore(S3Settings(bucket, endpoint_url=s3_endpoint)) as store:
+        report = backfill.backfill_partition(conn, store, key, LIST_EVERY_APP, LOG)
+    assert len(spoiled) == 2
+    by_key = {f.key: f for f in files}
+    spoiled_files = [by_key[object_key] for object_key in spoiled]
+    assert report.malformed == 2 and report.failed == 0
+    assert report.missing == sum(not f.in_s3 for f in files)
+    assert report.successful == sum(f.in_s3 and not f.prepopulated for f in files) - 2
+    written = new_attr_triples(conn)
+    for file in spoiled_files:
+        assert (file.app_id, file.entity_id) not in written
+        problem = next(p for p in report.problems if p.entity_id == str(file.entity_id))
+        assert problem.reason.startswith("malformed: ") and spoiled[file.key] in problem.reason
+
+
 def test_a_failing_listing_falls_back_to_heads(conn, s3_endpoint, s3_client, bucket, seeded_files):
     key = _largest_partition(seeded_files)
     files = [f for f in seeded_files if f.app_id.hex[:2] == key]
@@ -155,16 +192,58 @@ def test_a_key_names_a_location_id_only_under_its_app_and_bin():
 
 
 def test_listed_metadata_is_cut_to_the_second_a_head_gives():
-    instant = datetime.datetime(2026, 11, 24, 9, 31, 16, 987000, tzinfo=datetime.timezone.utc)
-    metadata = listing.metadata_of(listing.ListedObject("k", '"abc-2"', instant))
-    assert metadata.hash == "abc-2"
-    assert metadata.last_modified_ms == 1795512676000
+    for text in ("2026-11-24T09:31:16.987Z", "2026-11-24T09:31:16Z", "2026-11-24T09:31:16.987000+00:00"):
+        metadata = listing.metadata_of(listing.ListedObject("k", '"abc-2"', text))
+        assert (metadata.hash, metadata.last_modified_ms) == ("abc-2", 1795512676000), text
+    in_paris = listing.ListedObject("k", '"abc"', "2026-11-24T10:31:16+01:00")
+    assert listing.metadata_of(in_paris).last_modified_ms == 1795512676000
     with pytest.raises(MalformedObjectMetadata, match="ETag"):
-        listing.metadata_of(listing.ListedObject("k", 'garbage "etag', instant))
-    with pytest.raises(MalformedObjectMetadata, match="LastModified"):
+        listing.metadata_of(listing.ListedObject("k", 'garbage "etag', "2026-11-24T09:31:16Z"))
+    with pytest.raises(MalformedObjectMetadata, match="gives no LastModified"):
         listing.metadata_of(listing.ListedObject("k", '"abc"', None))
+    with pytest.raises(MalformedObjectMetadata, match="'yesterday' is not an ISO 8601 time"):
+        listing.metadata_of(listing.ListedObject("k", '"abc"', "yesterday"))
+    with pytest.raises(MalformedObjectMetadata, match="no time zone"):
+        listing.metadata_of(listing.ListedObject("k", '"abc"', "2026-11-24T09:31:16"))
     with pytest.raises(MalformedObjectMetadata, match="1970"):
-        listing.metadata_of(listing.ListedObject("k", '"abc"', datetime.datetime(1969, 1, 1, tzinfo=datetime.UTC)))
+        listing.metadata_of(listing.ListedObject("k", '"abc"', "1969-01-01T00:00:00Z"))
+
+
+_PAGE = b"""<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
+  <Name>b</Name><Prefix>app%2F</Prefix><KeyCount>2</KeyCount><MaxKeys>2</MaxKeys>
+  <EncodingType>url</EncodingType><IsTruncated>true</IsTruncated>
+  <NextContinuationToken>1ueGcxLPRx1Tr/XYExHnhbYLgveDs2J/wm36Hy4vbOwM=</NextContinuationToken>
+  <Contents><Key>app/1/r%C3%A9sum%C3%A9+final.pdf</Key><LastModified>2024-05-01T12:00:00.123Z</LastModified>
+    <ETag>&quot;9b2cf535f27731c974343645a3985328&quot;</ETag><Size>3</Size>
+    <StorageClass>STANDARD</StorageClass></Contents>
+  <Contents><Key>app/2/a%2Bb%25c</Key><LastModified>2024-05-01T12:00:01.000Z</LastModified>
+    <ETag>&quot;d41d8cd98f00b204e9800998ecf8427e-2&quot;</ETag><Size>0</Size></Contents>
+</ListBucketResult>"""
+
+
+def test_a_listing_page_is_read_as_boto3_reads_it():
+    page = parse_list_objects_v2(_PAGE)
+    assert page.objects == [
+        ListedObject("app/1/résumé final.pdf", '"9b2cf535f27731c974343645a3985328"', "2024-05-01T12:00:00.123Z"),
+        ListedObject("app/2/a+b%c", '"d41d8cd98f00b204e9800998ecf8427e-2"', "2024-05-01T12:00:01.000Z"),
+    ]
+    assert page.continuation == "1ueGcxLPRx1Tr/XYExHnhbYLgveDs2J/wm36Hy4vbOwM="
+    last = parse_list_objects_v2(_PAGE.replace(b"<IsTruncated>true", b"<IsTruncated>false").replace(b"%2B", b"+"))
+    assert last.continuation is None
+    unencoded = parse_list_objects_v2(_PAGE.replace(b"<EncodingType>url</EncodingType>", b""))
+    assert unencoded.objects[1].key == "app/2/a%2Bb%25c"  # a server that ignored encoding-type sent keys as they are
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b"<html>busy</html>", "not a ListBucketResult"),
+    (b"<ListBucketResult><Contents><Key>a", "not XML"),
+    (b"<ListBucketResult><Contents><ETag>x</ETag></Contents></ListBucketResult>", "without a Key"),
+    (b"<ListBucketResult><IsTruncated>true</IsTruncated></ListBucketResult>", "no NextContinuationToken"),
+])
+def test_an_answer_that_is_no_listing_page_is_a_value_error(body, reason):
+    with pytest.raises(ValueError, match=reason):
+        parse_list_objects_v2(body)
 
 
 def test_an_app_is_listed_when_enough_of_it_is_to_do():

@@ -5,6 +5,7 @@ is held while S3 is being asked; each batch's writes are one short transaction.
 """
 
 import dataclasses
+import functools
 import json
 import uuid
 import zlib
@@ -23,7 +24,7 @@ from s3_attrs_pipeline.instant.file_attrs import (
     SYSTEM_CATALOG_APP_ID,
     AttrSpec,
     json_text,
-    value_md5,
+    md5_of_json_text,
 )
 from s3_attrs_pipeline.instant.partitions import AppIdRange
 
@@ -297,8 +298,8 @@ def app_file_counts(conn: psycopg.Connection, app_ids: AppIdRange) -> list[AppFi
     return [AppFileCount(*row) for row in conn.execute(_APP_FILE_COUNTS, params).fetchall()]
 
 
-# The listing strategy's join: which of these location ids (one page of an app's listing) are
-# files lacking `hash`. One `ave` index probe per value.
+# Which of these location ids of an app are files lacking `hash` (the listing's malformed entries).
+# One `ave` index probe per value.
 _PENDING_AT_LOCATIONS = """
 SELECT l.app_id, l.entity_id, l.value::text
 FROM triples l
@@ -458,9 +459,6 @@ INSERT INTO triples (app_id, entity_id, attr_id, value, value_md5, ea, eav, av, 
 {on_conflict}
 RETURNING entity_id
 """
-# A plain insert costs ~20% less than ON CONFLICT's speculative one. The files were read as lacking
-# `hash`, so a conflict means another writer (or a lone `lastModified`) got there first: rare, and
-# then the batch is written again with ON CONFLICT DO NOTHING.
 _INSERT_NEW_TRIPLES = sql.SQL(_INSERT_TRIPLES).format(on_conflict=sql.SQL(""))
 _INSERT_MISSING_TRIPLES = sql.SQL(_INSERT_TRIPLES).format(on_conflict=sql.SQL("ON CONFLICT DO NOTHING"))
 
@@ -473,22 +471,70 @@ WHERE l.attr_id = %(location_attr)s AND l.ea
 
 
 def _insert_params(files: Sequence[FileObjectAttrs]) -> dict:
-    params: dict = {
+    return {
         "app_ids": [attrs.file.app_id for attrs in files],
         "entity_ids": [attrs.file.entity_id for attrs in files],
         "location_values": [attrs.file.location_value_json for attrs in files],
         "location_attr": LOCATION_ID.attr_id,
-    }
-    for name, spec, values in (
-        ("hash", HASH, [attrs.hash for attrs in files]),
-        ("last_modified", LAST_MODIFIED, [attrs.last_modified_ms for attrs in files]),
-    ):
-        params[f"{name}_values"] = [json_text(value) for value in values]
-        params[f"{name}_md5s"] = [value_md5(value) for value in values]
+    } | _new_value_params([attrs.hash for attrs in files], [attrs.last_modified_ms for attrs in files])
+
+
+def _new_value_params(hashes: Sequence[str], last_modified_ms: Sequence[int]) -> dict:
+    """The new triples' values, value_md5s, attr ids, types and flags, as `_new_triple_rows` takes them."""
+    params: dict = {}
+    for name, spec, values in (("hash", HASH, hashes), ("last_modified", LAST_MODIFIED, last_modified_ms)):
+        texts = [json_text(value) for value in values]
+        params[f"{name}_values"] = texts
+        params[f"{name}_md5s"] = [md5_of_json_text(text) for text in texts]
         params[f"{name}_attr"] = spec.attr_id
         params[f"{name}_type"] = spec.checked_data_type
         params |= {f"{name}_{flag}": on for flag, on in spec.triple_flags.items()}
     return params
+
+
+# The listing strategy's write: one page of an app's listing, as values by location-id, joined to
+# the app's files at those locations that lack `hash` inside the statement that writes them (one
+# `ave` probe per listed key). The join is the check that each file still has that location.
+_LISTED_LOCATED = """
+SELECT l.app_id, l.entity_id, f.hash_value, f.hash_md5, f.last_modified_value, f.last_modified_md5
+FROM unnest(%(location_values)s::jsonb[], %(hash_values)s::jsonb[], %(hash_md5s)s::text[],
+            %(last_modified_values)s::jsonb[], %(last_modified_md5s)s::text[])
+     AS f(location_value, hash_value, hash_md5, last_modified_value, last_modified_md5)
+JOIN triples l ON l.app_id = %(app_id)s AND l.attr_id = %(location_attr)s AND l.ave AND l.ea
+              AND l.value = f.location_value
+WHERE """ + _LACKS_HASH
+_INSERT_LISTED_TRIPLES = """
+WITH located AS (""" + _LISTED_LOCATED + """)
+INSERT INTO triples (app_id, entity_id, attr_id, value, value_md5, ea, eav, av, ave, vae, checked_data_type)
+""" + _new_triple_rows("hash") + "\nUNION ALL\n" + _new_triple_rows("last_modified") + """
+{on_conflict}
+RETURNING entity_id
+"""
+_INSERT_NEW_LISTED_TRIPLES = sql.SQL(_INSERT_LISTED_TRIPLES).format(on_conflict=sql.SQL(""))
+_INSERT_MISSING_LISTED_TRIPLES = sql.SQL(_INSERT_LISTED_TRIPLES).format(on_conflict=sql.SQL("ON CONFLICT DO NOTHING"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ListedAttrs:
+    """One listing page's values for an app's files, by location-id, encoded for the statement: built
+    where the page is read, so that the thread writing pages only writes."""
+
+    app_id: uuid.UUID
+    params: dict
+
+    @property
+    def locations(self) -> int:
+        return len(self.params["location_values"])
+
+    @classmethod
+    def of(cls, app_id: uuid.UUID, listed: Sequence[tuple[str, str, int]]) -> "ListedAttrs":
+        """From (location-id, hash, lastModified ms) of each listed object."""
+        params = {
+            "app_id": app_id,
+            "location_attr": LOCATION_ID.attr_id,
+            "location_values": [json_text(location_id) for location_id, _, _ in listed],
+        }
+        return cls(app_id, params | _new_value_params([h for _, h, _ in listed], [m for _, _, m in listed]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -496,6 +542,7 @@ class BatchWriteOutcome:
     written: int  # files that got their triples from this write
     already_populated: int  # files some other writer populated first
     vanished: int  # files deleted, or given another location, since they were read
+    last_written: uuid.UUID | None = None  # one of the files written, to show where a run got to
 
 
 def write_file_attrs(
@@ -505,10 +552,20 @@ def write_file_attrs(
 ) -> BatchWriteOutcome:
     """Write both triples of every file, and the progress that follows from what was written, in
     one transaction: a batch is recorded whole or not at all."""
+    write = functools.partial(_write_file_attrs, conn, files, progress_after)
+    return _plain_then_on_conflict(write, _INSERT_NEW_TRIPLES, _INSERT_MISSING_TRIPLES)
+
+
+def _plain_then_on_conflict(
+    write: Callable[[sql.Composed], BatchWriteOutcome], plain: sql.Composed, on_conflict: sql.Composed
+) -> BatchWriteOutcome:
+    # A plain insert costs ~20% less than ON CONFLICT's speculative one. The files were read as
+    # lacking `hash`, so a conflict means another writer (or a lone `lastModified`) got there first:
+    # rare, and then the batch is written again with ON CONFLICT DO NOTHING.
     try:
-        return _write_file_attrs(conn, files, progress_after, _INSERT_NEW_TRIPLES)
+        return write(plain)
     except psycopg.errors.UniqueViolation:
-        return _write_file_attrs(conn, files, progress_after, _INSERT_MISSING_TRIPLES)
+        return write(on_conflict)
 
 
 def _write_file_attrs(
@@ -534,6 +591,31 @@ def _still_located(conn: psycopg.Connection, files: Sequence[PendingFile]) -> se
         "location_attr": LOCATION_ID.attr_id,
     }
     return {row[0] for row in conn.execute(_STILL_LOCATED, params).fetchall()}
+
+
+def write_listed_attrs(
+    conn: psycopg.Connection,
+    listed: ListedAttrs,
+    progress_after: Callable[[BatchWriteOutcome], "ProgressUpdate"],
+) -> BatchWriteOutcome:
+    """Write both triples of every file of the app that lacks `hash` and sits at a listed location,
+    and the progress that follows, in one transaction. A file populated meanwhile by another writer
+    is left as it is and not counted: the listing's files are only known as they are written."""
+    write = functools.partial(_write_listed_attrs, conn, listed, progress_after)
+    return _plain_then_on_conflict(write, _INSERT_NEW_LISTED_TRIPLES, _INSERT_MISSING_LISTED_TRIPLES)
+
+
+def _write_listed_attrs(
+    conn: psycopg.Connection,
+    listed: ListedAttrs,
+    progress_after: Callable[[BatchWriteOutcome], "ProgressUpdate"],
+    insert: sql.Composed,
+) -> BatchWriteOutcome:
+    with conn.transaction():
+        written = {row[0] for row in conn.execute(insert, listed.params).fetchall()}
+        outcome = BatchWriteOutcome(len(written), 0, 0, next(iter(written), None))
+        _record_progress_in_transaction(conn, progress_after(outcome))
+    return outcome
 
 
 # --- progress in the config row -----------------------------------------------------------------

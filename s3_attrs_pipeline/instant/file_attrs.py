@@ -58,4 +58,9 @@ def json_text(value: str | int) -> str:
 
 def value_md5(value: str | int) -> str:
     """`md5(value::text)` of the jsonb value, as InstantDB stores it in `triples.value_md5`."""
-    return hashlib.md5(json_text(value).encode("utf-8")).hexdigest()
+    return md5_of_json_text(json_text(value))
+
+
+def md5_of_json_text(text: str) -> str:
+    """`value_md5` of the value whose `json_text` is `text`."""
+    return hashlib.md5(text.encode("utf-8")).hexdigest()

@@ -1,11 +1,10 @@
 """List a key prefix (ListObjectsV2, 1,000 keys a request) and read each object's metadata from it.
 
-A listing gives the same ETag as a HEAD. Its LastModified may carry milliseconds that a HEAD's
-Last-Modified (an HTTP date) cannot, so it is cut to whole seconds: `lastModified` must not
-depend on which way it was read.
+A listing gives the same ETag as a HEAD. Its LastModified (ISO 8601) may carry milliseconds that a
+HEAD's Last-Modified (an HTTP date) cannot, so it is cut to whole seconds: `lastModified` must not
+depend on which way it was read. A LastModified that is no time makes that one file malformed.
 """
 
-import dataclasses
 import datetime
 import queue
 import threading
@@ -21,6 +20,7 @@ from s3_attrs_pipeline.s3.object_metadata import (
     S3AccessError,
     parse_etag,
 )
+from s3_attrs_pipeline.s3.signed_listing import ListedObject, ListPage
 
 LIST_PAGE_SIZE = 1000  # S3's maximum
 
@@ -29,33 +29,31 @@ class ListingFailed(RuntimeError):
     """A listing request still failed after its retries (or S3 sent a page that cannot be parsed)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ListedObject:
-    key: str
-    etag: str | None
-    last_modified: datetime.datetime | None
-
-
 def metadata_of(listed: ListedObject) -> ObjectMetadata:
     if listed.last_modified is None:
         raise MalformedObjectMetadata("the listing gives no LastModified")
-    seconds = int(listed.last_modified.timestamp() // 1)
+    try:
+        instant = datetime.datetime.fromisoformat(listed.last_modified)
+    except ValueError:
+        raise MalformedObjectMetadata(f"LastModified {listed.last_modified[:80]!r} is not an ISO 8601 time") from None
+    if instant.tzinfo is None:
+        raise MalformedObjectMetadata(f"LastModified {listed.last_modified[:80]!r} has no time zone")
+    seconds = int(instant.timestamp() // 1)
     if seconds <= 0:
-        raise MalformedObjectMetadata(f"LastModified {listed.last_modified.isoformat()} is not after 1970")
+        raise MalformedObjectMetadata(f"LastModified {listed.last_modified[:80]!r} is not after 1970")
     return ObjectMetadata(parse_etag(listed.etag), seconds * 1000)
 
 
-def _list_page(store: ObjectStore, prefix: str, continuation: str | None) -> dict:
-    params = {"Bucket": store.settings.bucket, "Prefix": prefix, "MaxKeys": LIST_PAGE_SIZE}
+def _list_page(store: ObjectStore, prefix: str, continuation: str | None) -> ListPage:
+    params = {"Prefix": prefix, "MaxKeys": LIST_PAGE_SIZE}
     if continuation:
         params["ContinuationToken"] = continuation
     try:
-        response, error, retries = store._request(store._client.list_objects_v2, **params)
+        page, error, retries = store._request(store.list_operation(), **params)
     except ValueError as unparseable:
-        # botocore could not parse the page (a LastModified that is no date, broken XML).
         raise ListingFailed(f"listing s3://{store.settings.bucket}/{prefix} sent an unparseable page: {unparseable}")
     if error is None:
-        return response
+        return page
     if isinstance(error, botocore.exceptions.ClientError):
         code = str(error.response.get("Error", {}).get("Code", ""))
         if code in _ACCESS_ERROR_CODES:
@@ -73,13 +71,10 @@ def list_prefix(store: ObjectStore, prefix: str) -> Iterator[list[ListedObject]]
     """Every object under `prefix`, a page at a time, in key order."""
     continuation = None
     while True:
-        response = _list_page(store, prefix, continuation)
-        yield [
-            ListedObject(entry["Key"], entry.get("ETag"), entry.get("LastModified"))
-            for entry in response.get("Contents", [])
-        ]
-        continuation = response.get("NextContinuationToken")
-        if not response.get("IsTruncated") or not continuation:
+        page = _list_page(store, prefix, continuation)
+        yield page.objects
+        continuation = page.continuation
+        if continuation is None:
             return
 
 

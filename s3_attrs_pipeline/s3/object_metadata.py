@@ -1,6 +1,7 @@
 """HEAD objects concurrently and turn each answer into metadata, a miss, a failure or a stop."""
 
 import dataclasses
+import datetime
 import email.utils
 import functools
 import logging
@@ -20,6 +21,7 @@ import botocore.utils
 
 from s3_attrs_pipeline.s3.rate_limit import AdaptiveRateLimiter, backoff_delay
 from s3_attrs_pipeline.s3.signed_head import SignedHead, resolve_head_target
+from s3_attrs_pipeline.s3.signed_listing import ListedObject, ListPage, SignedListing
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +132,27 @@ def _tls_verification() -> bool | str:
     return _shared_botocore_session().get_config_variable("ca_bundle") or os.environ.get("REQUESTS_CA_BUNDLE", True)
 
 
+def _iso_text(instant: datetime.datetime | None) -> str | None:
+    return instant.isoformat() if instant is not None else None
+
+
+def _boto3_list_page(client, bucket: str, **params) -> ListPage:
+    """SignedListing's answer, from boto3's list_objects_v2 (where the signed one cannot be sent)."""
+    response = client.list_objects_v2(Bucket=bucket, **params)
+    objects = [
+        ListedObject(entry["Key"], entry.get("ETag"), _iso_text(entry.get("LastModified")))
+        for entry in response.get("Contents", [])
+    ]
+    if not response.get("IsTruncated"):
+        return ListPage(objects, None)
+    if not response.get("NextContinuationToken"):
+        raise ValueError("the listing is truncated but gives no NextContinuationToken")
+    return ListPage(objects, response["NextContinuationToken"])
+
+
 def _why_not_signed_here(client, target) -> str | None:
-    """Why the signed HEAD cannot send what the client would, if it cannot: it speaks SigV4 straight
-    to the endpoint, with server-verified TLS only."""
+    """Why the signed requests cannot send what the client would, if they cannot: they speak SigV4
+    straight to the endpoint, with server-verified TLS only."""
     if not target.signable:
         return f"the client signs with {target.signature_version!r}, not SigV4"
     config = client.meta.config
@@ -152,8 +172,9 @@ class ObjectStore:
     every throttle slows the whole store down through one AdaptiveRateLimiter.
 
     HEAD object, the one request per file, goes through SignedHead (signed_head.py): the request
-    boto3 would send, built at a tenth of the CPU. The rare requests (HEAD bucket, listing) stay on
-    the boto3 client. `requests_sent` counts the attempts of both kinds, retries included.
+    boto3 would send, built at a tenth of the CPU; ListObjectsV2 through SignedListing
+    (signed_listing.py), parsed at a sixth of boto3's. HEAD bucket, once per store, stays on the
+    boto3 client. `requests_sent` counts the attempts of every kind, retries included.
     """
 
     def __init__(self, settings: S3Settings):
@@ -173,8 +194,10 @@ class ObjectStore:
         self._requests_sent_lock = threading.Lock()
         # Set up at the first HEAD, after check_bucket: a region redirect it followed is known by then.
         self._head_object = None
-        self._head_object_lock = threading.Lock()
+        self._list_objects = None
+        self._request_setup_lock = threading.Lock()
         self._signed_head: SignedHead | None = None
+        self._signed_listing: SignedListing | None = None
         self._access_error: S3AccessError | None = None  # once S3 refuses us, queued HEADs are not sent
         self._bucket_checked = False
 
@@ -182,6 +205,8 @@ class ObjectStore:
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self._signed_head is not None:
             self._signed_head.close()
+        if self._signed_listing is not None:
+            self._signed_listing.close()
         self._client.close()
 
     def __enter__(self) -> "ObjectStore":
@@ -239,28 +264,49 @@ class ObjectStore:
             )
         raise S3AccessError(f"S3 bucket {bucket!r} did not answer HEAD bucket after {retries} retries: {code}")
 
+    def _set_up_requests(self) -> None:
+        """HEAD object and ListObjectsV2 for this bucket: hand-signed, or boto3's own where that could
+        not send what boto3 would (a proxy, a client certificate, a signature other than SigV4)."""
+        with self._request_setup_lock:
+            if self._head_object is not None:
+                return
+            target = resolve_head_target(self._client, self.settings.bucket)
+            reason = _why_not_signed_here(self._client, target)
+            if reason is not None:
+                logger.warning("S3 requests go through boto3, several times slower: %s", reason)
+                self._list_objects = functools.partial(_boto3_list_page, self._client, self.settings.bucket)
+                self._head_object = functools.partial(self._client.head_object, Bucket=self.settings.bucket)
+                return
+            credentials = _shared_session().get_credentials()  # the client's own: one botocore session
+            self._signed_listing = SignedListing(
+                target,
+                credentials,
+                connect_timeout_s=self.settings.connect_timeout_s,
+                read_timeout_s=self.settings.read_timeout_s,
+                verify=_tls_verification(),
+            )
+            self._signed_head = SignedHead(
+                target,
+                credentials,
+                max_connections=self.settings.max_in_flight,
+                connect_timeout_s=self.settings.connect_timeout_s,
+                read_timeout_s=self.settings.read_timeout_s,
+                verify=_tls_verification(),
+            )
+            self._list_objects = self._signed_listing.list_objects_v2
+            self._head_object = self._signed_head.head_object
+
     def _head_operation(self):
-        """head_object(Key=...) for this bucket: the signed HEAD, or boto3's own where that could not
-        send what boto3 would (a proxy, a client certificate, a signature other than SigV4)."""
         if self._head_object is None:
-            with self._head_object_lock:
-                if self._head_object is None:
-                    target = resolve_head_target(self._client, self.settings.bucket)
-                    reason = _why_not_signed_here(self._client, target)
-                    if reason is None:
-                        self._signed_head = SignedHead(
-                            target,
-                            _shared_session().get_credentials(),  # the client's own: one botocore session
-                            max_connections=self.settings.max_in_flight,
-                            connect_timeout_s=self.settings.connect_timeout_s,
-                            read_timeout_s=self.settings.read_timeout_s,
-                            verify=_tls_verification(),
-                        )
-                        self._head_object = self._signed_head.head_object
-                    else:
-                        logger.warning("HEAD requests go through boto3, several times slower: %s", reason)
-                        self._head_object = functools.partial(self._client.head_object, Bucket=self.settings.bucket)
+            self._set_up_requests()
         return self._head_object
+
+    def list_operation(self):
+        """list_objects_v2(Prefix=..., MaxKeys=..., ContinuationToken=...) for this bucket, answering a
+        ListPage; for `_request`, which retries it."""
+        if self._list_objects is None:
+            self._set_up_requests()
+        return self._list_objects
 
     def head(self, key: str) -> HeadOutcome:
         try:

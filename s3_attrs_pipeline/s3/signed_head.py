@@ -27,6 +27,7 @@ the store's retry loop and error mapping are the same code for both paths.
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import hmac
 import os
@@ -52,6 +53,13 @@ _MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 # they expire, and asking it costs ~20 µs for refreshable credentials, 10% of a whole HEAD.
 _CREDENTIALS_REUSE_S = 1.0
 _PROBE_KEY = "s3-attrs-probe"
+
+
+def canonical_query(params: dict[str, str]) -> str:
+    """A query string in SigV4's canonical form, which is also a valid one to send: names sorted, names
+    and values percent-encoded but for unreserved characters."""
+    quote = functools.partial(urllib.parse.quote, safe="~")
+    return "&".join(f"{quote(name)}={quote(value)}" for name, value in sorted(params.items()))
 
 
 def encode_key(key: str) -> str:
@@ -146,9 +154,12 @@ class SigV4Signer:
             self._signing_key = (secret_key, day, key)
         return key
 
-    def headers(self, method: str, path: str, credentials, amz_date: str | None = None) -> dict[str, str]:
-        """The headers of a signed request for `path` (already encoded, see `encode_key`), `credentials`
-        being botocore's frozen ones. `amz_date` (yyyymmddThhmmssZ, UTC) defaults to now."""
+    def headers(
+        self, method: str, path: str, credentials, amz_date: str | None = None, query: str = ""
+    ) -> dict[str, str]:
+        """The headers of a signed request for `path` (already encoded, see `encode_key`) and `query`
+        (canonical: see `canonical_query`), `credentials` being botocore's frozen ones. `amz_date`
+        (yyyymmddThhmmssZ, UTC) defaults to now."""
         if amz_date is None:
             amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         day = amz_date[:8]
@@ -158,7 +169,7 @@ class SigV4Signer:
         # Names are lower-case and already in sorted order; values have no spaces to trim.
         signed_names = ";".join(headers)
         canonical_request = "\n".join((
-            method, path, "", *(f"{name}:{value}" for name, value in headers.items()), "",
+            method, path, query, *(f"{name}:{value}" for name, value in headers.items()), "",
             signed_names, EMPTY_PAYLOAD_SHA256,
         ))
         scope = day + self._scope_suffix
@@ -171,6 +182,21 @@ class SigV4Signer:
             f"SignedHeaders={signed_names}, Signature={signature}"
         )
         return headers
+
+
+def tls_context(verify: bool | str) -> ssl.SSLContext:
+    """How botocore would verify an https endpoint: `verify` as its client takes it."""
+    if not verify:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    # The CA bundle botocore would use: AWS_CA_BUNDLE / ca_bundle, else certifi's (a file or, as
+    # botocore also allows, a directory of certificates).
+    ca_path = botocore.httpsession.get_cert_path(verify)
+    if os.path.isdir(ca_path):
+        return ssl.create_default_context(capath=ca_path)
+    return ssl.create_default_context(cafile=ca_path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,26 +223,12 @@ class HeadConnections:
                  verify: bool | str = True):
         parts = urllib.parse.urlsplit(base_url)
         self._address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-        self._tls = self._tls_context(verify) if parts.scheme == "https" else None
+        self._tls = tls_context(verify) if parts.scheme == "https" else None
         self._max_idle = max_idle
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
         self._idle: collections.deque[socket.socket] = collections.deque()  # append/pop are atomic
         self._closed = False
-
-    @staticmethod
-    def _tls_context(verify: bool | str) -> ssl.SSLContext:
-        if not verify:
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-            return context
-        # The CA bundle botocore would use: AWS_CA_BUNDLE / ca_bundle, else certifi's (a file or, as
-        # botocore also allows, a directory of certificates).
-        ca_path = botocore.httpsession.get_cert_path(verify)
-        if os.path.isdir(ca_path):
-            return ssl.create_default_context(capath=ca_path)
-        return ssl.create_default_context(cafile=ca_path)
 
     def close(self) -> None:
         self._closed = True
