@@ -63,8 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--apps", type=int, default=None, help="apps (default: max(8, files / 800))")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="latency added to every S3 request")
     parser.add_argument("--parallel", type=int, nargs="+", default=[1],
-                        help="pipeline (HEAD) and (LIST+HEAD) runs with this many partition processes each, "
-                             "e.g. --parallel 1 4")
+                        help="pipeline (HEAD), (LIST+HEAD) and listed-apps runs with this many partition processes "
+                             "each, e.g. --parallel 1 4")
     parser.add_argument("--batch-size", type=int, default=50, help="the pipeline's batch_size")
     parser.add_argument("--max-in-flight", type=int, default=32, help="S3Settings.max_in_flight of the pipeline")
     parser.add_argument("--ceiling-threads", type=int, default=32, help="threads of the boto3 ceiling loop")
@@ -443,6 +443,12 @@ def floors(results: list[dict], latency_ms: float, data) -> list[str]:
         capped = " (HEAD run time-capped: its rate is of the files it did)" if listed_head.get("capped") else ""
         lines.append(f"- LIST ≥ {LIST_SPEEDUP_FLOOR:.0f}x HEAD files/s on the same apps: {_rate(listed_list):,.0f} vs "
                      f"{_rate(listed_head):,.0f} files/s = {factor:.1f}x: **{verdict}**{capped}")
+    for processes in sorted({r.get("processes", 1) for r in results} - {1}):
+        many_list, many_head = _by_key(results, "listed-list", processes), _by_key(results, "listed-head", processes)
+        if many_list and many_head and _rate(many_head):
+            lines.append(f"  (the same with {processes} processes each, partitions in parallel: "
+                         f"{_rate(many_list):,.0f} vs {_rate(many_head):,.0f} files/s = "
+                         f"{_rate(many_list) / _rate(many_head):.1f}x)")
     lines.append(f"- Peak RSS at 1M ≤ {RSS_FLOOR}x at 100k: compare two runs' --json with --compare (see README)")
     return lines
 
@@ -549,7 +555,7 @@ def verify_objects(endpoint_url: str, data: dataset_module.Dataset) -> list[str]
     import botocore.exceptions
 
     from s3_attrs_pipeline.s3 import listing
-    from s3_attrs_pipeline.s3.object_metadata import object_metadata_from_headers
+    from s3_attrs_pipeline.s3.object_metadata import ObjectStore, S3Settings, object_metadata_from_headers
 
     client = _s3_client(endpoint_url)
     client.head_bucket(Bucket=data.spec.bucket)
@@ -573,27 +579,27 @@ def verify_objects(endpoint_url: str, data: dataset_module.Dataset) -> list[str]
              "missing ones 404"]
     app = data.listed_apps[0] if data.listed_apps else None
     if app:
-        page = client.list_objects_v2(Bucket=data.spec.bucket, Prefix=f"{app}/", MaxKeys=1000)
-        entries = page.get("Contents", [])
+        with ObjectStore(S3Settings(data.spec.bucket, endpoint_url=endpoint_url)) as store:
+            entries = next(listing.list_prefix(store, f"{app}/"))  # the pipeline's own listing
 
         def head(key: str):
             return object_metadata_from_headers(
                 client.head_object(Bucket=data.spec.bucket, Key=key)["ResponseMetadata"]["HTTPHeaders"])
 
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            heads = list(pool.map(head, [entry["Key"] for entry in entries]))
-        sub_second = sum(entry["LastModified"].microsecond != 0 for entry in entries)
+            heads = list(pool.map(head, [entry.key for entry in entries]))
+        # 2020-09-13T12:26:40.123Z: the digits after the point, if any is not 0
+        sub_second = sum(bool(entry.last_modified.partition(".")[2].rstrip("Z").strip("0")) for entry in entries)
         differ = [
-            (entry["Key"], entry["LastModified"], cut, by_head)
+            (entry.key, entry.last_modified, cut, by_head)
             for entry, by_head in zip(entries, heads)
-            if (cut := listing.metadata_of(listing.ListedObject(entry["Key"], entry["ETag"], entry["LastModified"])))
-            != by_head
+            if (cut := listing.metadata_of(entry)) != by_head
         ]
         if differ:
             raise RuntimeError(f"{len(differ)} of {len(entries)} listed objects of app {app} differ from their HEAD "
                                f"once cut to the second, e.g. {differ[0]}")
         lines.append(f"listing vs HEAD, first page of app {app}: {len(entries)} objects, {sub_second} of them listed "
-                     f"with a fraction of a second (e.g. {entries[0]['LastModified'].isoformat()}); HEAD gives whole "
+                     f"with a fraction of a second (e.g. {entries[0].last_modified}); HEAD gives whole "
                      f"seconds; cut as the pipeline cuts it, every listed ETag and LastModified equals HEAD's")
     return lines
 
@@ -646,9 +652,12 @@ def _runs(args: argparse.Namespace, data: dataset_module.Dataset) -> list[tuple[
         elif key in ("listed-head", "listed-list") and data.listed_apps:
             threshold = 0 if key == "listed-head" else args.list_threshold
             name = "pipeline (HEAD)" if key == "listed-head" else "pipeline (LIST)"
-            runs.append((f"{name}, listed apps only ({len(data.listed_apps)} apps of 1000+ files)", key, "pipeline",
-                         {"list_threshold": threshold, "partitions": listed_partitions, "to_do": data.listed_apps_files},
-                         LISTED_TEMPLATE_DB))
+            for processes in args.parallel:
+                suffix = f", {processes} processes" if processes > 1 else ""
+                runs.append((f"{name}, listed apps only ({len(data.listed_apps)} apps of 1000+ files){suffix}", key,
+                             "pipeline", {"list_threshold": threshold, "partitions": listed_partitions,
+                                          "to_do": data.listed_apps_files, "parallel": processes,
+                                          "processes": processes}, LISTED_TEMPLATE_DB))
         elif key == "naive":
             runs.append(("naive: HEAD, then INSERT per triple", key, "naive", {"max_seconds": args.naive_max_seconds},
                          TEMPLATE_DB))

@@ -9,8 +9,8 @@ plans of each kind), so generic plans are not explained any more.
 The queries:
 - `_APP_FILE_COUNTS`: the grouped count per app that starts every partition run;
 - `_FIRST_PAGE` / `_NEXT_PAGE`: the keyset pages of the HEAD path;
-- `_PENDING_AT_LOCATIONS`: the LIST path's join of one listing page (1,000 location ids of one app) to
-  the app's files lacking `hash`.
+- `_LISTED_LOCATED`: the LIST path's join of one listing page (1,000 location ids of one app) to the
+  app's files lacking `hash`, which the page's INSERT writes from.
 
 Each plan also gets a bound: the files it may touch by the issue's floor ("its cost grows with the
 partition's files, not with the table"): the partition's files, or for the listing's join the
@@ -27,7 +27,7 @@ import psycopg
 from psycopg import sql
 
 from s3_attrs_pipeline.instant import database as db
-from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED, LOCATION_ID, json_text
+from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED, LOCATION_ID
 from s3_attrs_pipeline.instant.object_keys import object_key
 from s3_attrs_pipeline.instant.partitions import AppIdRange
 
@@ -106,8 +106,8 @@ def middle_page_params(conn: psycopg.Connection, partition_key: str, batch_size:
 
 
 def listing_page_params(conn: psycopg.Connection, app_id: str, page: int = 0, size: int = 1000) -> dict:
-    """_PENDING_AT_LOCATIONS's parameters for one page of the app's listing: `size` of its location ids
-    in S3's key order (`<app>/<bin>/<location-id>`), as backfill._list_app passes them."""
+    """_LISTED_LOCATED's parameters for one page of the app's listing: `size` of its location ids in S3's
+    key order (`<app>/<bin>/<location-id>`), with made-up values, as backfill._list_app writes them."""
     rows = conn.execute(
         "SELECT value #>> '{}' FROM triples WHERE app_id = %s AND attr_id = %s AND ave",
         (app_id, LOCATION_ID.attr_id),
@@ -116,13 +116,8 @@ def listing_page_params(conn: psycopg.Connection, app_id: str, page: int = 0, si
 
     app = uuid.UUID(app_id)
     keyed = sorted(((object_key(app, location).encode(), location) for (location,) in rows))
-    values = [location for _, location in keyed[page * size:(page + 1) * size]]
-    return {
-        "app_id": app,
-        "location_attr": LOCATION_ID.attr_id,
-        "hash_attr": HASH.attr_id,
-        "values": [json_text(value) for value in values],
-    }
+    locations = [location for _, location in keyed[page * size:(page + 1) * size]]
+    return db.ListedAttrs.of(app, [(location, "0" * 32, 1_600_000_000_000) for location in locations]).params
 
 
 def _explain(conn: psycopg.Connection, query, params: dict) -> str:
@@ -182,9 +177,9 @@ def explain_fresh(database_url: str, largest: str, median: str, smallest: str, l
         if listed_app:
             params = listing_page_params(conn, listed_app)
             plans.append(Plan(
-                f"{label}: _PENDING_AT_LOCATIONS, app {listed_app} (the largest listed), its first listing page "
-                f"({len(params['values'])} location ids)",
-                _explain(conn, db._PENDING_AT_LOCATIONS, params), len(params["values"]), table))
+                f"{label}: _LISTED_LOCATED (the join inside a listed page's INSERT), app {listed_app} (the largest "
+                f"listed), its first listing page ({len(params['location_values'])} location ids)",
+                _explain(conn, db._LISTED_LOCATED, params), len(params["location_values"]), table))
     return plans
 
 
@@ -204,8 +199,8 @@ def explain_after_run(database_url: str, largest: str, listed_app: str | None, b
                           files, table, batch_size))
         if listed_app:
             params = listing_page_params(conn, listed_app)
-            plans.append(Plan(f"{label}: _PENDING_AT_LOCATIONS, app {listed_app}, first listing page (all populated)",
-                              _explain(conn, db._PENDING_AT_LOCATIONS, params), len(params["values"]), table))
+            plans.append(Plan(f"{label}: _LISTED_LOCATED, app {listed_app}, first listing page (all populated)",
+                              _explain(conn, db._LISTED_LOCATED, params), len(params["location_values"]), table))
         following = middle_page_params(conn, largest, batch_size)
         with conn.transaction():
             deleted = conn.execute(
