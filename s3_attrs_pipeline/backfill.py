@@ -20,7 +20,13 @@ from s3_attrs_pipeline.instant import database as db
 from s3_attrs_pipeline.instant.object_keys import InvalidLocationId, location_id_of_key, object_key
 from s3_attrs_pipeline.instant.partitions import AppIdRange
 from s3_attrs_pipeline.s3 import listing
-from s3_attrs_pipeline.s3.object_metadata import HeadOutcome, MalformedObjectMetadata, ObjectMetadata, ObjectStore
+from s3_attrs_pipeline.s3.object_metadata import (
+    HeadOutcome,
+    ListingFailed,
+    MalformedObjectMetadata,
+    ObjectMetadata,
+    ObjectStore,
+)
 
 LOGGED_FILES_PER_KIND = 20  # per partition and kind of problem; the rest are only counted
 PROGRESS_LOG_INTERVAL_S = 10.0
@@ -457,7 +463,7 @@ def _list_app(
                     writer.malformed(file, *page.malformed[file.location_value])
             writer.flush(page.attrs)
             progress_log()
-    except listing.ListingFailed as error:
+    except ListingFailed as error:
         writer.flush()
         log.warning(f"{error}; the app's remaining files are HEADed instead")
         return False

@@ -193,20 +193,20 @@ def test_a_key_names_a_location_id_only_under_its_app_and_bin():
 
 def test_listed_metadata_is_cut_to_the_second_a_head_gives():
     for text in ("2026-11-24T09:31:16.987Z", "2026-11-24T09:31:16Z", "2026-11-24T09:31:16.987000+00:00"):
-        metadata = listing.metadata_of(listing.ListedObject("k", '"abc-2"', text))
+        metadata = listing.metadata_of(ListedObject("k", '"abc-2"', text))
         assert (metadata.hash, metadata.last_modified_ms) == ("abc-2", 1795512676000), text
-    in_paris = listing.ListedObject("k", '"abc"', "2026-11-24T10:31:16+01:00")
+    in_paris = ListedObject("k", '"abc"', "2026-11-24T10:31:16+01:00")
     assert listing.metadata_of(in_paris).last_modified_ms == 1795512676000
     with pytest.raises(MalformedObjectMetadata, match="ETag"):
-        listing.metadata_of(listing.ListedObject("k", 'garbage "etag', "2026-11-24T09:31:16Z"))
+        listing.metadata_of(ListedObject("k", 'garbage "etag', "2026-11-24T09:31:16Z"))
     with pytest.raises(MalformedObjectMetadata, match="gives no LastModified"):
-        listing.metadata_of(listing.ListedObject("k", '"abc"', None))
+        listing.metadata_of(ListedObject("k", '"abc"', None))
     with pytest.raises(MalformedObjectMetadata, match="'yesterday' is not an ISO 8601 time"):
-        listing.metadata_of(listing.ListedObject("k", '"abc"', "yesterday"))
+        listing.metadata_of(ListedObject("k", '"abc"', "yesterday"))
     with pytest.raises(MalformedObjectMetadata, match="no time zone"):
-        listing.metadata_of(listing.ListedObject("k", '"abc"', "2026-11-24T09:31:16"))
+        listing.metadata_of(ListedObject("k", '"abc"', "2026-11-24T09:31:16"))
     with pytest.raises(MalformedObjectMetadata, match="1970"):
-        listing.metadata_of(listing.ListedObject("k", '"abc"', "1969-01-01T00:00:00Z"))
+        listing.metadata_of(ListedObject("k", '"abc"', "1969-01-01T00:00:00Z"))
 
 
 _PAGE = b"""<?xml version="1.0" encoding="UTF-8"?>

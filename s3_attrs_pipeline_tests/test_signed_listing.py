@@ -9,7 +9,7 @@ import botocore.credentials
 import pytest
 
 from s3_attrs_pipeline.s3 import listing, object_metadata
-from s3_attrs_pipeline.s3.object_metadata import ObjectStore, S3AccessError, S3Settings
+from s3_attrs_pipeline.s3.object_metadata import ListingFailed, ObjectStore, S3AccessError, S3Settings
 from s3_attrs_pipeline.s3.signed_head import SigV4Signer, canonical_query, host_header
 from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
 from s3_attrs_pipeline_tests.test_fast_head import SPECIAL_KEYS, _botocore_authorization
@@ -39,9 +39,7 @@ def test_a_signed_query_is_botocores(token, base_url, region):
 def _all_pages(store: ObjectStore, prefix: str, page_size: int) -> list:
     pages, continuation = [], None
     while True:
-        params = {"Prefix": prefix, "MaxKeys": page_size} | ({"ContinuationToken": continuation} if continuation else {})
-        page, error, _ = store._request(store.list_operation(), **params)
-        assert error is None, error
+        page = store.list_page(prefix, page_size, continuation)
         pages.append(page.objects)
         continuation = page.continuation
         if continuation is None:
@@ -79,7 +77,7 @@ def _listing_outcome(proxy_url: str, bucket: str, *, through_boto3: bool, monkey
         with ObjectStore(S3Settings(bucket, endpoint_url=proxy_url, **settings)) as store:
             try:
                 pages = list(listing.list_prefix(store, "app/"))
-            except (listing.ListingFailed, S3AccessError) as error:
+            except (ListingFailed, S3AccessError) as error:
                 # The signed request's URL has the same query, in canonical order.
                 return type(error).__name__, re.sub(r'URL: "[^"]*"', "URL: <the listing's>", str(error)), store.requests_sent
             return "pages", [[entry.key for entry in page] for page in pages], store.requests_sent

@@ -10,23 +10,10 @@ import queue
 import threading
 from collections.abc import Iterator
 
-import botocore.exceptions
-
-from s3_attrs_pipeline.s3.object_metadata import (
-    _ACCESS_ERROR_CODES,
-    MalformedObjectMetadata,
-    ObjectMetadata,
-    ObjectStore,
-    S3AccessError,
-    parse_etag,
-)
-from s3_attrs_pipeline.s3.signed_listing import ListedObject, ListPage
+from s3_attrs_pipeline.s3.object_metadata import MalformedObjectMetadata, ObjectMetadata, ObjectStore, parse_etag
+from s3_attrs_pipeline.s3.signed_listing import ListedObject
 
 LIST_PAGE_SIZE = 1000  # S3's maximum
-
-
-class ListingFailed(RuntimeError):
-    """A listing request still failed after its retries (or S3 sent a page that cannot be parsed)."""
 
 
 def metadata_of(listed: ListedObject) -> ObjectMetadata:
@@ -44,34 +31,11 @@ def metadata_of(listed: ListedObject) -> ObjectMetadata:
     return ObjectMetadata(parse_etag(listed.etag), seconds * 1000)
 
 
-def _list_page(store: ObjectStore, prefix: str, continuation: str | None) -> ListPage:
-    params = {"Prefix": prefix, "MaxKeys": LIST_PAGE_SIZE}
-    if continuation:
-        params["ContinuationToken"] = continuation
-    try:
-        page, error, retries = store._request(store.list_operation(), **params)
-    except ValueError as unparseable:
-        raise ListingFailed(f"listing s3://{store.settings.bucket}/{prefix} sent an unparseable page: {unparseable}")
-    if error is None:
-        return page
-    if isinstance(error, botocore.exceptions.ClientError):
-        code = str(error.response.get("Error", {}).get("Code", ""))
-        if code in _ACCESS_ERROR_CODES:
-            raise S3AccessError(
-                f"S3 answered {code} to listing s3://{store.settings.bucket}/{prefix}: the pipeline cannot list "
-                "this bucket (check that the policy allows s3:ListBucket)"
-            )
-        reason = f"S3 answered {code or 'an error'}"
-    else:
-        reason = f"{type(error).__name__}: {error}"
-    raise ListingFailed(f"listing s3://{store.settings.bucket}/{prefix} failed after {retries} retries: {reason}")
-
-
 def list_prefix(store: ObjectStore, prefix: str) -> Iterator[list[ListedObject]]:
     """Every object under `prefix`, a page at a time, in key order."""
     continuation = None
     while True:
-        page = _list_page(store, prefix, continuation)
+        page = store.list_page(prefix, LIST_PAGE_SIZE, continuation)
         yield page.objects
         continuation = page.continuation
         if continuation is None:

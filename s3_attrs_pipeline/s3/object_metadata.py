@@ -49,6 +49,10 @@ class S3AccessError(RuntimeError):
     """The bucket cannot be read at all (access denied, no such bucket, no credentials)."""
 
 
+class ListingFailed(RuntimeError):
+    """A listing request still failed after its retries (or S3 sent a page that cannot be parsed)."""
+
+
 class MalformedObjectMetadata(ValueError):
     """An object's ETag or Last-Modified header is not what S3 sends."""
 
@@ -113,6 +117,13 @@ def object_metadata_from_headers(headers: dict[str, str]) -> ObjectMetadata:
 
 def _error_code(error: botocore.exceptions.ClientError) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def _failure(error: Exception) -> str:
+    """What went wrong with a request whose retries are spent, for a log line."""
+    if isinstance(error, botocore.exceptions.ClientError):
+        return f"S3 answered {_error_code(error) or 'an error'}"
+    return f"{type(error).__name__}: {error}"
 
 
 @functools.cache
@@ -301,12 +312,30 @@ class ObjectStore:
             self._set_up_requests()
         return self._head_object
 
-    def list_operation(self):
-        """list_objects_v2(Prefix=..., MaxKeys=..., ContinuationToken=...) for this bucket, answering a
-        ListPage; for `_request`, which retries it."""
+    def _list_operation(self):
         if self._list_objects is None:
             self._set_up_requests()
         return self._list_objects
+
+    def list_page(self, prefix: str, page_size: int, continuation: str | None = None) -> ListPage:
+        """One page of ListObjectsV2 under `prefix`. S3AccessError if S3 refuses to list the bucket;
+        ListingFailed once the retries are spent or if the page cannot be parsed."""
+        params = {"Prefix": prefix, "MaxKeys": page_size}
+        if continuation:
+            params["ContinuationToken"] = continuation
+        where = f"s3://{self.settings.bucket}/{prefix}"
+        try:
+            page, error, retries = self._request(self._list_operation(), **params)
+        except ValueError as unparseable:
+            raise ListingFailed(f"listing {where} sent an unparseable page: {unparseable}") from None
+        if error is None:
+            return page
+        if isinstance(error, botocore.exceptions.ClientError) and _error_code(error) in _ACCESS_ERROR_CODES:
+            raise S3AccessError(
+                f"S3 answered {_error_code(error)} to listing {where}: the pipeline cannot list this bucket "
+                "(check that the policy allows s3:ListBucket)"
+            )
+        raise ListingFailed(f"listing {where} failed after {retries} retries: {_failure(error)}")
 
     def head(self, key: str) -> HeadOutcome:
         try:
@@ -316,26 +345,22 @@ class ObjectStore:
         except ValueError as error:
             # boto3's head_object (the fallback) could not parse a header (a Last-Modified that is no date).
             return HeadOutcome(key, failure=f"unparseable response: {error}", malformed=True)
-        if isinstance(error, botocore.exceptions.ClientError):
-            code = _error_code(error)
-            if code in _MISSING_CODES:
-                return HeadOutcome(key, missing=True, retries=retries)
-            if code in _ACCESS_ERROR_CODES:
-                raise S3AccessError(
-                    f"S3 answered {code} for s3://{self.settings.bucket}/{key}: the pipeline cannot read this "
-                    "bucket (check the credentials and that the policy allows s3:GetObject and s3:ListBucket)"
-                )
-            failure = f"S3 answered {code or 'an error'}"
-        elif error is not None:
-            failure = f"{type(error).__name__}: {error}"
-        else:
+        if error is None:
             try:
                 metadata = object_metadata_from_headers(response["ResponseMetadata"].get("HTTPHeaders", {}))
             except MalformedObjectMetadata as malformed:
                 return HeadOutcome(key, failure=str(malformed), malformed=True, retries=retries)
             return HeadOutcome(key, metadata=metadata, retries=retries)
+        code = _error_code(error) if isinstance(error, botocore.exceptions.ClientError) else None
+        if code in _MISSING_CODES:
+            return HeadOutcome(key, missing=True, retries=retries)
+        if code in _ACCESS_ERROR_CODES:
+            raise S3AccessError(
+                f"S3 answered {code} for s3://{self.settings.bucket}/{key}: the pipeline cannot read this "
+                "bucket (check the credentials and that the policy allows s3:GetObject and s3:ListBucket)"
+            )
         suffix = f" after {retries} retries" if retries else ""
-        return HeadOutcome(key, failure=failure + suffix, retries=retries)
+        return HeadOutcome(key, failure=_failure(error) + suffix, retries=retries)
 
     def submit_head(self, key: str) -> Future:
         """HEAD `key` on the store's threads; the future's result is its HeadOutcome."""
