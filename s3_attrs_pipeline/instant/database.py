@@ -431,8 +431,6 @@ class FileObjectAttrs:
     last_modified_ms: int
 
 
-# One row per file, checked once against its location-id, then both triples from it. The
-# statement is built from this module's constant text only; every value is a parameter.
 def _new_triple_rows(name: str) -> str:
     return (
         f"SELECT app_id, entity_id, %({name}_attr)s::uuid, {name}_value, {name}_md5, %({name}_ea)s, "
@@ -441,8 +439,30 @@ def _new_triple_rows(name: str) -> str:
     )
 
 
-_INSERT_TRIPLES = """
-WITH located AS (
+@dataclasses.dataclass(frozen=True)
+class _TriplesInsert:
+    plain: sql.Composed
+    on_conflict: sql.Composed  # the same with ON CONFLICT DO NOTHING
+
+
+def _insert_from(located: str) -> _TriplesInsert:
+    """The INSERT of both new triples for each row of `located` (one row per file, checked once
+    against its location-id), returning the files written. The statement is built from this
+    module's constant text only; every value is a parameter."""
+    text = (
+        f"WITH located AS ({located})\n"
+        "INSERT INTO triples\n"
+        "  (app_id, entity_id, attr_id, value, value_md5, ea, eav, av, ave, vae, checked_data_type)\n"
+        f"{_new_triple_rows('hash')}\nUNION ALL\n{_new_triple_rows('last_modified')}\n"
+        "{on_conflict}\nRETURNING entity_id"
+    )
+    return _TriplesInsert(
+        sql.SQL(text).format(on_conflict=sql.SQL("")),
+        sql.SQL(text).format(on_conflict=sql.SQL("ON CONFLICT DO NOTHING")),
+    )
+
+
+_INSERT_TRIPLES = _insert_from("""
   SELECT f.* FROM unnest(%(app_ids)s::uuid[], %(entity_ids)s::uuid[], %(location_values)s::jsonb[],
                          %(hash_values)s::jsonb[], %(hash_md5s)s::text[],
                          %(last_modified_values)s::jsonb[], %(last_modified_md5s)s::text[])
@@ -453,14 +473,7 @@ WITH located AS (
     SELECT 1 FROM triples l
     WHERE l.app_id = f.app_id AND l.entity_id = f.entity_id AND l.attr_id = %(location_attr)s
       AND l.ea AND l.value = f.location_value)
-)
-INSERT INTO triples (app_id, entity_id, attr_id, value, value_md5, ea, eav, av, ave, vae, checked_data_type)
-""" + _new_triple_rows("hash") + "\nUNION ALL\n" + _new_triple_rows("last_modified") + """
-{on_conflict}
-RETURNING entity_id
-"""
-_INSERT_NEW_TRIPLES = sql.SQL(_INSERT_TRIPLES).format(on_conflict=sql.SQL(""))
-_INSERT_MISSING_TRIPLES = sql.SQL(_INSERT_TRIPLES).format(on_conflict=sql.SQL("ON CONFLICT DO NOTHING"))
+""")
 
 _STILL_LOCATED = """
 SELECT l.entity_id FROM triples l
@@ -503,15 +516,7 @@ FROM unnest(%(location_values)s::jsonb[], %(hash_values)s::jsonb[], %(hash_md5s)
 JOIN triples l ON l.app_id = %(app_id)s AND l.attr_id = %(location_attr)s AND l.ave AND l.ea
               AND l.value = f.location_value
 WHERE """ + _LACKS_HASH
-_INSERT_LISTED_TRIPLES = """
-WITH located AS (""" + _LISTED_LOCATED + """)
-INSERT INTO triples (app_id, entity_id, attr_id, value, value_md5, ea, eav, av, ave, vae, checked_data_type)
-""" + _new_triple_rows("hash") + "\nUNION ALL\n" + _new_triple_rows("last_modified") + """
-{on_conflict}
-RETURNING entity_id
-"""
-_INSERT_NEW_LISTED_TRIPLES = sql.SQL(_INSERT_LISTED_TRIPLES).format(on_conflict=sql.SQL(""))
-_INSERT_MISSING_LISTED_TRIPLES = sql.SQL(_INSERT_LISTED_TRIPLES).format(on_conflict=sql.SQL("ON CONFLICT DO NOTHING"))
+_INSERT_LISTED_TRIPLES = _insert_from(_LISTED_LOCATED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -519,7 +524,6 @@ class ListedAttrs:
     """One listing page's values for an app's files, by location-id, encoded for the statement: built
     where the page is read, so that the thread writing pages only writes."""
 
-    app_id: uuid.UUID
     params: dict
 
     @property
@@ -534,7 +538,7 @@ class ListedAttrs:
             "location_attr": LOCATION_ID.attr_id,
             "location_values": [json_text(location_id) for location_id, _, _ in listed],
         }
-        return cls(app_id, params | _new_value_params([h for _, h, _ in listed], [m for _, _, m in listed]))
+        return cls(params | _new_value_params([h for _, h, _ in listed], [m for _, _, m in listed]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -553,19 +557,19 @@ def write_file_attrs(
     """Write both triples of every file, and the progress that follows from what was written, in
     one transaction: a batch is recorded whole or not at all."""
     write = functools.partial(_write_file_attrs, conn, files, progress_after)
-    return _plain_then_on_conflict(write, _INSERT_NEW_TRIPLES, _INSERT_MISSING_TRIPLES)
+    return _plain_then_on_conflict(write, _INSERT_TRIPLES)
 
 
 def _plain_then_on_conflict(
-    write: Callable[[sql.Composed], BatchWriteOutcome], plain: sql.Composed, on_conflict: sql.Composed
+    write: Callable[[sql.Composed], BatchWriteOutcome], insert: _TriplesInsert
 ) -> BatchWriteOutcome:
     # A plain insert costs ~20% less than ON CONFLICT's speculative one. The files were read as
     # lacking `hash`, so a conflict means another writer (or a lone `lastModified`) got there first:
     # rare, and then the batch is written again with ON CONFLICT DO NOTHING.
     try:
-        return write(plain)
+        return write(insert.plain)
     except psycopg.errors.UniqueViolation:
-        return write(on_conflict)
+        return write(insert.on_conflict)
 
 
 def _write_file_attrs(
@@ -602,7 +606,7 @@ def write_listed_attrs(
     and the progress that follows, in one transaction. A file populated meanwhile by another writer
     is left as it is and not counted: the listing's files are only known as they are written."""
     write = functools.partial(_write_listed_attrs, conn, listed, progress_after)
-    return _plain_then_on_conflict(write, _INSERT_NEW_LISTED_TRIPLES, _INSERT_MISSING_LISTED_TRIPLES)
+    return _plain_then_on_conflict(write, _INSERT_LISTED_TRIPLES)
 
 
 def _write_listed_attrs(

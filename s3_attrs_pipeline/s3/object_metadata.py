@@ -154,11 +154,7 @@ def _boto3_list_page(client, bucket: str, **params) -> ListPage:
         ListedObject(entry["Key"], entry.get("ETag"), _iso_text(entry.get("LastModified")))
         for entry in response.get("Contents", [])
     ]
-    if not response.get("IsTruncated"):
-        return ListPage(objects, None)
-    if not response.get("NextContinuationToken"):
-        raise ValueError("the listing is truncated but gives no NextContinuationToken")
-    return ListPage(objects, response["NextContinuationToken"])
+    return ListPage.of(objects, bool(response.get("IsTruncated")), response.get("NextContinuationToken"))
 
 
 def _why_not_signed_here(client, target) -> str | None:
@@ -289,20 +285,14 @@ class ObjectStore:
                 self._head_object = functools.partial(self._client.head_object, Bucket=self.settings.bucket)
                 return
             credentials = _shared_session().get_credentials()  # the client's own: one botocore session
-            self._signed_listing = SignedListing(
-                target,
-                credentials,
+            connection = dict(
                 connect_timeout_s=self.settings.connect_timeout_s,
                 read_timeout_s=self.settings.read_timeout_s,
                 verify=_tls_verification(),
             )
+            self._signed_listing = SignedListing(target, credentials, **connection)
             self._signed_head = SignedHead(
-                target,
-                credentials,
-                max_connections=self.settings.max_in_flight,
-                connect_timeout_s=self.settings.connect_timeout_s,
-                read_timeout_s=self.settings.read_timeout_s,
-                verify=_tls_verification(),
+                target, credentials, max_connections=self.settings.max_in_flight, **connection
             )
             self._list_objects = self._signed_listing.list_objects_v2
             self._head_object = self._signed_head.head_object

@@ -36,6 +36,14 @@ class ListPage:
     objects: list[ListedObject]
     continuation: str | None  # the token of the next page; None on the last one
 
+    @classmethod
+    def of(cls, objects: list[ListedObject], truncated: bool, next_token: str | None) -> "ListPage":
+        """The page as a ListObjectsV2 answer describes it (ValueError if it says more follows but not
+        how to ask for it)."""
+        if truncated and not next_token:
+            raise ValueError("the listing is truncated but gives no NextContinuationToken")
+        return cls(objects, next_token if truncated else None)
+
 
 def _decoded(value: str | None, url_encoded: bool) -> str | None:
     # encoding-type=url: S3 escapes keys as a form would (botocore decodes them the same way).
@@ -61,10 +69,7 @@ def parse_list_objects_v2(body: bytes) -> ListPage:
             ListedObject(key, entry.findtext(f"{namespace}ETag"), entry.findtext(f"{namespace}LastModified"))
         )
     truncated = root.findtext(f"{namespace}IsTruncated") == "true"
-    continuation = root.findtext(f"{namespace}NextContinuationToken") if truncated else None
-    if truncated and not continuation:
-        raise ValueError("the listing is truncated but gives no NextContinuationToken")
-    return ListPage(objects, continuation)
+    return ListPage.of(objects, truncated, root.findtext(f"{namespace}NextContinuationToken"))
 
 
 def _client_error(status: int, reason: str, headers: dict, body: bytes) -> botocore.exceptions.ClientError:
@@ -107,7 +112,9 @@ class SignedListing:
         self._http.clear()
 
     # boto3's parameter names, so that the store calls either the same way
-    def list_objects_v2(self, Prefix: str, MaxKeys: int, ContinuationToken: str | None = None) -> ListPage:  # noqa: N803
+    def list_objects_v2(
+        self, Prefix: str, MaxKeys: int, ContinuationToken: str | None = None  # noqa: N803
+    ) -> ListPage:
         if self._credentials is None:
             raise botocore.exceptions.NoCredentialsError()
         params = {"list-type": "2", "prefix": Prefix, "max-keys": str(MaxKeys), "encoding-type": "url"}
