@@ -16,11 +16,11 @@ $(INSTALLED): pyproject.toml
 demo: $(INSTALLED)
 	$(BIN)/s3-attrs demo
 
-# The Dagster UI (webserver and daemon) on the demo's data.
+# The Dagster UI (webserver and daemon) on the demo's data, through the `dg` project.
 ui: $(INSTALLED)
 	$(BIN)/s3-attrs demo --services-only
 	@echo "Dagster UI: http://127.0.0.1:3000"
-	. .demo/env && $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	. .demo/env && VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/dg dev -h 127.0.0.1 -p 3000
 
 test: $(INSTALLED)
 	$(BIN)/pytest

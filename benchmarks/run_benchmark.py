@@ -37,9 +37,10 @@ import warnings
 warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from benchlib import dataset as dataset_module  # noqa: E402
 from benchlib import counting, explain, services, strategies  # noqa: E402
-from s3_attrs_pipeline.instant.partitions import partition_keys  # noqa: E402
+from benchlib import dataset as dataset_module  # noqa: E402
+
+from s3_attrs_pipeline.instant.app_id_ranges import partition_keys  # noqa: E402
 
 TEMPLATE_DB = "bench_template"
 LISTED_TEMPLATE_DB = "bench_listed_apps"  # the template without the apps the pipeline HEADs
@@ -282,7 +283,8 @@ def _notes(result: dict, total_pending: int) -> str:
         notes.append(f"time-capped: {result['files']} of {result.get('to_do', total_pending)} files")
     if report.get("apps_listed"):
         notes.append(f"{report['apps_listed']} apps listed")
-    for field in ("missing", "failed", "invalid", "malformed", "vanished", "failed_partitions", "s3_retries"):
+    for field in ("missing", "failed", "invalid_location_id", "malformed_object_metadata", "vanished_during_run",
+                  "failed_partitions", "s3_retries"):
         if report.get(field):
             notes.append(f"{field} {report[field]}")
     if result.get("client_requests") is not None and result.get("requests_counted"):
@@ -503,7 +505,7 @@ def summarize_profile(path: pathlib.Path, seconds: float, rate: int = 200, top: 
         "http.client (any frame)": "http/client.py",
         "psycopg (any frame)": "psycopg/",
         "s3_attrs_pipeline (any frame)": "s3_attrs_pipeline/",
-        "signed HEAD (s3/signed_head.py, any frame)": "s3/signed_head.py",
+        "signed HEAD (s3/head.py, any frame)": "s3/head.py",
         "listing (s3/listing.py, any frame)": "s3/listing.py",
         "concurrent.futures (any frame)": "concurrent/futures",
     }
@@ -555,7 +557,8 @@ def verify_objects(endpoint_url: str, data: dataset_module.Dataset) -> list[str]
     import botocore.exceptions
 
     from s3_attrs_pipeline.s3 import listing
-    from s3_attrs_pipeline.s3.object_metadata import ObjectStore, S3Settings, object_metadata_from_headers
+    from s3_attrs_pipeline.s3.metadata import object_metadata_from_headers
+    from s3_attrs_pipeline.s3.store import ObjectStore, S3Settings
 
     client = _s3_client(endpoint_url)
     client.head_bucket(Bucket=data.spec.bucket)

@@ -7,7 +7,6 @@ code runs under an asset, a test or a benchmark. `log` is any logger with info/w
 
 import collections
 import dataclasses
-import datetime
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,17 +15,13 @@ from typing import Protocol
 
 import psycopg
 
-from s3_attrs_pipeline.instant import database as db
+from s3_attrs_pipeline.counts import FileCounts
+from s3_attrs_pipeline.instant import catalog, partition_locks, progress, reads, writes
+from s3_attrs_pipeline.instant.app_id_ranges import AppIdRange
 from s3_attrs_pipeline.instant.object_keys import InvalidLocationId, location_id_of_key, object_key
-from s3_attrs_pipeline.instant.partitions import AppIdRange
 from s3_attrs_pipeline.s3 import listing
-from s3_attrs_pipeline.s3.object_metadata import (
-    HeadOutcome,
-    ListingFailed,
-    MalformedObjectMetadata,
-    ObjectMetadata,
-    ObjectStore,
-)
+from s3_attrs_pipeline.s3.metadata import MalformedObjectMetadata, ObjectMetadata
+from s3_attrs_pipeline.s3.store import HeadOutcome, ListingFailed, ObjectStore
 
 LOGGED_FILES_PER_KIND = 20  # per partition and kind of problem; the rest are only counted
 PROGRESS_LOG_INTERVAL_S = 10.0
@@ -49,43 +44,14 @@ class FileProblem:
 @dataclasses.dataclass
 class PartitionReport:
     partition_key: str
-    processed: int = 0
-    successful: int = 0
-    missing: int = 0
-    failed: int = 0
-    invalid: int = 0  # location-id that cannot name an object
-    malformed: int = 0  # object whose ETag or Last-Modified is not what S3 sends
-    already_populated: int = 0
-    vanished: int = 0
-    s3_retries: int = 0
-    s3_throttled: int = 0  # responses that told us to slow down
+    counts: FileCounts = FileCounts()
     concurrent_run: bool = False  # another run held the partition: this one did nothing
-    apps_listed: int = 0  # apps whose objects were read from a listing rather than HEADs
-    batches: int = 0
     duration_s: float = 0.0
     problems: list[FileProblem] = dataclasses.field(default_factory=list)
 
     @property
     def files_per_second(self) -> float:
-        return self.processed / self.duration_s if self.duration_s > 0 else 0.0
-
-    @property
-    def errors(self) -> int:
-        """Files not written for a reason other than a missing object."""
-        return self.failed + self.invalid + self.malformed
-
-    def as_progress_state(self, status: str) -> dict:
-        return {
-            "status": status,
-            "processed": self.processed,
-            "successful": self.successful,
-            "missing": self.missing,
-            "failed": self.failed,
-            "invalid": self.invalid,
-            "malformed": self.malformed,
-            "already-populated": self.already_populated,
-            "updated-at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
+        return self.counts.processed / self.duration_s if self.duration_s > 0 else 0.0
 
 
 class PartitionFailed(RuntimeError):
@@ -97,18 +63,27 @@ class PartitionFailed(RuntimeError):
     def __init__(self, report: PartitionReport):
         self.report = report
         super().__init__(
-            f"partition {report.partition_key}: {report.failed} of {report.processed} files failed in S3 after "
-            f"their retries; rerun the partition to retry them"
+            f"partition {report.partition_key}: {report.counts.failed} of {report.counts.processed} files failed "
+            "in S3 after their retries; rerun the partition to retry them"
         )
 
 
 @dataclasses.dataclass(frozen=True)
 class BackfillSettings:
-    batch_size: int = 50
-    partition_count: int = 256
-    # An app is listed instead of HEADed when at least this many of its files lack `hash`
-    # and they are at least 1/LISTED_APP_MIN_PENDING_SHARE of its files; 0 never lists.
-    list_threshold: int = 1000
+    """How a partition is backfilled. The asset's config and the CLI's options take their defaults
+    and descriptions from here."""
+
+    batch_size: int = dataclasses.field(
+        default=50, metadata={"help": "Files written per transaction (and read per page)."}
+    )
+    list_threshold: int = dataclasses.field(
+        default=1000,
+        metadata={
+            "help": "An app is read with ListObjectsV2 (1,000 objects a request) instead of one HEAD per file when "
+            "at least this many of its files lack the attrs and they are at least a tenth of its files; 0 never lists."
+        },
+    )
+    partition_count: int = 256  # of the partitions definition: a partition's end recomputes `completed`
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -122,7 +97,7 @@ class BackfillSettings:
 LISTED_APP_MIN_PENDING_SHARE = 10
 
 
-def apps_to_list(apps: list[db.AppFileCount], list_threshold: int) -> list[db.AppFileCount]:
+def apps_to_list(apps: list[reads.AppFileCount], list_threshold: int) -> list[reads.AppFileCount]:
     """The apps whose objects are read with ListObjectsV2 rather than one HEAD per file."""
     if list_threshold <= 0:
         return []
@@ -154,7 +129,7 @@ class _ProblemLog:
         self._report = report
         self._logged: dict[str, int] = {}
 
-    def __call__(self, kind: str, file: db.PendingFile, key: str | None, reason: str, *, level: str) -> None:
+    def __call__(self, kind: str, file: reads.PendingFile, key: str | None, reason: str, *, level: str) -> None:
         count = self._logged.get(kind, 0)
         self._logged[kind] = count + 1
         if count >= LOGGED_FILES_PER_KIND:
@@ -178,41 +153,39 @@ class _BatchWriter:
         self._new_batch()
 
     def _new_batch(self) -> None:
-        self._to_write: list[db.FileObjectAttrs] = []
-        self._counts = dict(processed=0, missing=0, failed=0, invalid=0, malformed=0, s3_retries=0)
-        self._last_file: db.PendingFile | None = None
+        self._to_write: list[writes.FileObjectAttrs] = []
+        self._counts = FileCounts()
+        self._last_file: reads.PendingFile | None = None
 
     def __len__(self) -> int:
-        return self._counts["processed"]
+        return self._counts.processed
 
-    def _count(self, file: db.PendingFile, kind: str | None) -> None:
-        self._counts["processed"] += 1
-        if kind:
-            self._counts[kind] += 1
+    def _count(self, file: reads.PendingFile, **counts: int) -> None:
+        self._counts += FileCounts(processed=1, **counts)
         self._last_file = file
 
-    def found(self, file: db.PendingFile, metadata: ObjectMetadata) -> None:
-        self._to_write.append(db.FileObjectAttrs(file, metadata.hash, metadata.last_modified_ms))
-        self._count(file, None)
+    def found(self, file: reads.PendingFile, metadata: ObjectMetadata) -> None:
+        self._to_write.append(writes.FileObjectAttrs(file, metadata.hash, metadata.last_modified_ms))
+        self._count(file)
 
-    def missing(self, file: db.PendingFile, key: str, reason: str) -> None:
-        self._count(file, "missing")
+    def missing(self, file: reads.PendingFile, key: str, reason: str) -> None:
+        self._count(file, missing=1)
         self._problem("missing", file, key, reason, level="warning")
 
-    def invalid(self, file: db.PendingFile, reason: str) -> None:
-        self._count(file, "invalid")
+    def invalid(self, file: reads.PendingFile, reason: str) -> None:
+        self._count(file, invalid_location_id=1)
         self._problem("invalid", file, None, reason, level="warning")
 
-    def malformed(self, file: db.PendingFile, key: str, reason: str) -> None:
-        self._count(file, "malformed")
+    def malformed(self, file: reads.PendingFile, key: str, reason: str) -> None:
+        self._count(file, malformed_object_metadata=1)
         self._problem("malformed", file, key, reason, level="warning")
 
-    def failed(self, file: db.PendingFile, key: str, reason: str) -> None:
-        self._count(file, "failed")
+    def failed(self, file: reads.PendingFile, key: str, reason: str) -> None:
+        self._count(file, failed=1)
         self._problem("failed", file, key, reason, level="error")
 
-    def head_outcome(self, file: db.PendingFile, key: str, outcome: HeadOutcome) -> None:
-        self._counts["s3_retries"] += outcome.retries
+    def head_outcome(self, file: reads.PendingFile, key: str, outcome: HeadOutcome) -> None:
+        self._counts += FileCounts(s3_retries=outcome.retries)
         if outcome.metadata is not None:
             self.found(file, outcome.metadata)
         elif outcome.missing:
@@ -222,53 +195,44 @@ class _BatchWriter:
         else:
             self.failed(file, key, outcome.failure)
 
-    def flush(self, listed: db.ListedAttrs | None = None) -> None:
-        """Write the batch, with the progress that follows from it, in one transaction. With `listed`
+    def flush(self, listed: writes.ListedAttrs | None = None) -> None:
+        """Write the batch and the progress that follows from it in one transaction. With `listed`
         (a listing page: only its malformed files may be counted so far) the files it writes are
         counted as processed as they are written."""
         if listed is not None and not listed.locations:
             listed = None
-        if not self._counts["processed"] and listed is None:
+        if not self._counts.processed and listed is None:
             return
         if listed is not None and self._to_write:
             raise RuntimeError("a listing page is written on its own, not with HEADed files")
-        counts, last_file = self._counts, self._last_file
-        counted = dataclasses.replace(
-            self._report,
-            batches=self._report.batches + 1,
-            **{name: getattr(self._report, name) + counts[name] for name in counts},
-        )
-        found_by_listing = listed is not None
+        batch, last_file, report = self._counts, self._last_file, self._report
 
-        def progress_after(outcome: db.BatchWriteOutcome) -> db.ProgressUpdate:
-            state = _with_write(counted, outcome, found_by_listing).as_progress_state("running")
-            last_entity_id = outcome.last_written or (last_file.entity_id if last_file else None)
-            return db.ProgressUpdate(
-                self._report.partition_key,
-                (state | {"last-entity-id": str(last_entity_id)}) if last_entity_id else state,
-                processed=counts["processed"] + (outcome.written if found_by_listing else 0),
-                successful=outcome.written,
-                failed=counts["failed"] + counts["invalid"] + counts["malformed"],
-                missing=counts["missing"],
-            )
+        def attempt(on_conflict: bool) -> FileCounts:
+            with self._conn.transaction():
+                if listed is not None:
+                    outcome = writes.write_listed_attrs(self._conn, listed, on_conflict=on_conflict)
+                else:
+                    outcome = writes.write_file_attrs(self._conn, self._to_write, on_conflict=on_conflict)
+                written = batch + _counts_of(outcome, found_by_listing=listed is not None)
+                last_entity_id = outcome.last_written or (last_file.entity_id if last_file else None)
+                progress.record_progress(
+                    self._conn, report.partition_key, "running", report.counts + written,
+                    added=written, last_entity_id=last_entity_id,
+                )
+            return written
 
-        if listed is not None:
-            outcome = db.write_listed_attrs(self._conn, listed, progress_after)
-        else:
-            outcome = db.write_file_attrs(self._conn, self._to_write, progress_after)
-        done = _with_write(counted, outcome, found_by_listing)
-        for field in dataclasses.fields(PartitionReport):
-            setattr(self._report, field.name, getattr(done, field.name))
+        report.counts += writes.retried_on_conflict(attempt)
         self._new_batch()
 
 
-def _with_write(report: PartitionReport, outcome: db.BatchWriteOutcome, found_by_listing: bool) -> PartitionReport:
-    return dataclasses.replace(
-        report,
-        processed=report.processed + (outcome.written if found_by_listing else 0),
-        successful=report.successful + outcome.written,
-        already_populated=report.already_populated + outcome.already_populated,
-        vanished=report.vanished + outcome.vanished,
+def _counts_of(outcome: writes.WriteOutcome, *, found_by_listing: bool) -> FileCounts:
+    """What a write adds to its batch's counts. A listing's files are processed as they are written."""
+    return FileCounts(
+        processed=outcome.written if found_by_listing else 0,
+        successful=outcome.written,
+        already_populated=outcome.already_populated,
+        vanished_during_run=outcome.vanished,
+        batches=1,
     )
 
 
@@ -283,9 +247,9 @@ def backfill_partition(
     any could not be done. S3AccessError stops at once; database errors propagate."""
     app_ids = AppIdRange.for_partition(partition_key)
     report = PartitionReport(partition_key)
-    db.ensure_file_attrs(conn)
+    catalog.ensure_file_attrs(conn)
     store.check_bucket()
-    if not db.try_lock_partition(conn, partition_key):
+    if not partition_locks.try_lock_partition(conn, partition_key):
         report.concurrent_run = True
         log.warning(
             f"partition {partition_key} is being backfilled by another run right now; this run leaves it to that one"
@@ -294,7 +258,7 @@ def backfill_partition(
     try:
         return _backfill_locked_partition(conn, store, app_ids, report, settings, log)
     finally:
-        db.unlock_partition(conn, partition_key)
+        partition_locks.unlock_partition(conn, partition_key)
 
 
 def _backfill_locked_partition(
@@ -307,45 +271,48 @@ def _backfill_locked_partition(
 ) -> PartitionReport:
     partition_key = report.partition_key
     started = time.monotonic()
-    apps = db.app_file_counts(conn, app_ids)
-    report.already_populated = sum(app.populated for app in apps)
+    apps = reads.app_file_counts(conn, app_ids)
+    already_populated = sum(app.populated for app in apps)
+    report.counts += FileCounts(already_populated=already_populated)
     listed = apps_to_list(apps, settings.list_threshold)
     log.info(
         f"Starting S3 attrs backfill of partition {partition_key} (apps {app_ids.first}..{app_ids.last}): "
         f"{sum(app.pending for app in apps)} files to do in {sum(1 for app in apps if app.pending)} apps, "
-        f"{report.already_populated} already populated; "
+        f"{already_populated} already populated; "
         f"{len(listed)} apps listed (ListObjectsV2), the others HEADed per file"
     )
     writer = _BatchWriter(conn, report, _ProblemLog(log, report))
     progress_log = _ProgressLog(log, report, started)
     status = "failed"
     try:
-        db.record_progress(conn, db.ProgressUpdate(partition_key, report.as_progress_state("running")))
+        with conn.transaction():
+            progress.record_progress(conn, partition_key, "running", report.counts)
         head_ranges = ranges_between(app_ids, [app.app_id for app in listed])
         for app in listed:
             if _list_app(conn, store, app, writer, progress_log, log):
-                report.apps_listed += 1
+                report.counts += FileCounts(apps_listed=1)
             else:
                 head_ranges.append(AppIdRange(partition_key, app.app_id, app.app_id))
         for app_range in head_ranges:
             _head_range(conn, store, app_range, writer, progress_log, settings)
-        status = "failed" if report.failed else "completed"
+        status = "failed" if report.counts.failed else "completed"
     finally:
         report.duration_s = time.monotonic() - started
-        report.s3_throttled = store.rate_limiter.throttle_events
-        db.record_progress(
-            conn,
-            db.ProgressUpdate(
-                partition_key, report.as_progress_state(status), partition_count=settings.partition_count
-            ),
-        )
+        report.counts = dataclasses.replace(report.counts, s3_throttled=store.rate_limiter.throttle_events)
+        with conn.transaction():
+            progress.record_progress(
+                conn, partition_key, status, report.counts, partition_count=settings.partition_count
+            )
+    counts = report.counts
     log.info(
-        f"S3 attrs backfill of partition {partition_key} {status}: total-processed={report.processed} "
-        f"total-successful={report.successful} missing={report.missing} total-failed={report.errors} "
-        f"already-populated={report.already_populated} in {report.duration_s:.1f}s "
+        f"S3 attrs backfill of partition {partition_key} {status}: processed={counts.processed} "
+        f"successful={counts.successful} missing={counts.missing} failed={counts.failed} "
+        f"invalid_location_id={counts.invalid_location_id} "
+        f"malformed_object_metadata={counts.malformed_object_metadata} "
+        f"already_populated={counts.already_populated} in {report.duration_s:.1f}s "
         f"({report.files_per_second:.0f} files/s)"
     )
-    if report.failed:
+    if counts.failed:
         raise PartitionFailed(report)
     return report
 
@@ -363,11 +330,11 @@ class _ProgressLog:
         if now - self._last < PROGRESS_LOG_INTERVAL_S:
             return
         self._last = now
-        report = self._report
+        report, counts = self._report, self._report.counts
         self._log.info(
-            f"Processed batch {report.batches} of partition {report.partition_key}: "
-            f"total-processed={report.processed} successful={report.successful} missing={report.missing} "
-            f"failed={report.failed} ({report.files_per_second:.0f} files/s)"
+            f"Processed batch {counts.batches} of partition {report.partition_key}: "
+            f"processed={counts.processed} successful={counts.successful} missing={counts.missing} "
+            f"failed={counts.failed} ({report.files_per_second:.0f} files/s)"
         )
 
 
@@ -381,7 +348,7 @@ def _head_range(
 ) -> None:
     """HEAD every file of the range that lacks `hash`. A sliding window keeps requests in flight
     while pages are read and batches written: no batch waits for its slowest HEAD before the next starts."""
-    window: collections.deque[tuple[db.PendingFile, str | None, Future | InvalidLocationId]] = collections.deque()
+    window: collections.deque[tuple[reads.PendingFile, str | None, Future | InvalidLocationId]] = collections.deque()
     window_size = 2 * max(settings.batch_size, store.settings.max_in_flight)
 
     def settle_oldest() -> None:
@@ -395,7 +362,7 @@ def _head_range(
             progress_log()
 
     try:
-        for page in db.iter_pending_batches(conn, app_ids, settings.batch_size):
+        for page in reads.iter_pending_batches(conn, app_ids, settings.batch_size):
             for file in page:
                 try:
                     key = object_key(file.app_id, file.location_value)
@@ -417,7 +384,7 @@ def _head_range(
 
 @dataclasses.dataclass(frozen=True)
 class _ListedPage:
-    attrs: db.ListedAttrs  # the listed objects' values, by location-id
+    attrs: writes.ListedAttrs  # the listed objects' values, by location-id
     malformed: dict[str, tuple[str, str]]  # location-id: (key, why its metadata cannot be written)
 
 
@@ -436,13 +403,13 @@ def _listed_pages(store: ObjectStore, app_id: uuid.UUID) -> Iterator[_ListedPage
                 malformed[location_id] = (listed.key, str(error))
             else:
                 found.append((location_id, metadata.hash, metadata.last_modified_ms))
-        yield _ListedPage(db.ListedAttrs.of(app_id, found), malformed)
+        yield _ListedPage(writes.ListedAttrs.of(app_id, found), malformed)
 
 
 def _list_app(
     conn: psycopg.Connection,
     store: ObjectStore,
-    app: db.AppFileCount,
+    app: reads.AppFileCount,
     writer: _BatchWriter,
     progress_log: _ProgressLog,
     log: Log,
@@ -458,7 +425,7 @@ def _list_app(
     try:
         for page in listing.prefetched(_listed_pages(store, app.app_id)):
             if page.malformed:
-                for file in db.pending_files_at(conn, app.app_id, list(page.malformed)):
+                for file in reads.pending_files_at(conn, app.app_id, list(page.malformed)):
                     malformed.add(file.entity_id)
                     writer.malformed(file, *page.malformed[file.location_value])
             writer.flush(page.attrs)
@@ -468,7 +435,7 @@ def _list_app(
         log.warning(f"{error}; the app's remaining files are HEADed instead")
         return False
     unlisted_range = AppIdRange(str(app.app_id), app.app_id, app.app_id)
-    for page in db.iter_pending_batches(conn, unlisted_range, listing.LIST_PAGE_SIZE):
+    for page in reads.iter_pending_batches(conn, unlisted_range, listing.LIST_PAGE_SIZE):
         for file in page:
             if file.entity_id in malformed:
                 continue
@@ -481,32 +448,3 @@ def _list_app(
         writer.flush()
         progress_log()
     return True
-
-
-def known_missing(progress: dict, partition_key: str) -> int:
-    """Objects the partition's latest run found missing in S3."""
-    return progress.get("partitions", {}).get(partition_key, {}).get("missing", 0)
-
-
-def known_invalid(progress: dict, partition_key: str) -> int:
-    """Files the partition's latest run could not fill from bad data: invalid location ids, malformed metadata."""
-    state = progress.get("partitions", {}).get(partition_key, {})
-    return state.get("invalid", 0) + state.get("malformed", 0)
-
-
-def unexplained_gap(coverage: db.PartitionCoverage | None, progress: dict, partition_key: str) -> int:
-    """Files lacking `hash` beyond those known to be unfillable: new uploads, or failures."""
-    lacking = coverage.lacking_hash if coverage else 0
-    return max(0, lacking - known_missing(progress, partition_key) - known_invalid(progress, partition_key))
-
-
-def partitions_with_work(
-    partition_keys: list[str], coverage: dict[str, db.PartitionCoverage], progress: dict
-) -> list[str]:
-    """The partitions worth a run: never completed, or with an unexplained gap."""
-    states = progress.get("partitions", {})
-    return [
-        key
-        for key in partition_keys
-        if states.get(key, {}).get("status") != "completed" or unexplained_gap(coverage.get(key), progress, key)
-    ]

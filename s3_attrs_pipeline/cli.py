@@ -6,14 +6,21 @@ import os
 import sys
 import time
 
-from s3_attrs_pipeline.instant import database as db
+import psycopg
+
+from s3_attrs_pipeline.backfill import BackfillSettings
+from s3_attrs_pipeline.counts import FileCounts
+from s3_attrs_pipeline.instant import progress, reads, writes
+from s3_attrs_pipeline.instant.catalog import CatalogMismatch
+from s3_attrs_pipeline.instant.connection import DatabaseUrlError, connect, validate_database_url
+from s3_attrs_pipeline.s3.store import validate_bucket_name
+from s3_attrs_pipeline.settings import setting_help
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-
-_STATS_ORDER = (
-    "total-files", "processed-files", "remaining-files", "completion-percentage",
-    "total-processed", "total-successful", "total-failed", "total-missing", "completed",
+SUMMARY_COUNTS = (
+    "processed", "successful", "missing", "failed", "invalid_location_id", "malformed_object_metadata",
+    "already_populated",
 )
 
 
@@ -23,14 +30,12 @@ class SetupError(Exception):
 
 def _database_url() -> str:
     try:
-        return db.validate_database_url(os.environ.get("INSTANT_DATABASE_URL"))
-    except db.DatabaseUrlError as error:
+        return validate_database_url(os.environ.get("INSTANT_DATABASE_URL"))
+    except DatabaseUrlError as error:
         raise SetupError(str(error)) from None
 
 
 def _check_bucket_env() -> None:
-    from s3_attrs_pipeline.defs.resources import validate_bucket_name
-
     try:
         validate_bucket_name(os.environ.get("INSTANT_S3_BUCKET"))
     except ValueError as error:
@@ -47,13 +52,13 @@ def _confirm(question: str, assume_yes: bool) -> bool:
 
 
 def print_stats(as_json: bool) -> None:
-    with db.connect(_database_url()) as conn:
-        stats = db.migration_stats(conn)
+    with connect(_database_url()) as conn:
+        stats = progress.migration_stats(conn)
     if as_json:
         print(json.dumps(stats))
         return
-    for name in _STATS_ORDER:
-        print(f"{name:>22}: {stats[name]}")
+    for name in progress.STATS_ORDER:
+        print(f"{name:>32}: {stats[name]}")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -64,8 +69,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     url = _database_url()
     _check_bucket_env()
+    # Dagster is imported only by the commands that run it: `stats` and `reset` answer at once.
     from s3_attrs_pipeline import runs
-    from s3_attrs_pipeline.backfill import partitions_with_work
     from s3_attrs_pipeline.defs.assets import BackfillConfig
     from s3_attrs_pipeline.defs.partitions import PARTITION_WIDTH
 
@@ -75,11 +80,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise SetupError(f"unknown partition keys {', '.join(unknown)} (keys are {PARTITION_WIDTH} hex digits)")
     keys = args.partition or every_key
     if not args.partition and not args.all:
-        with db.connect(url) as conn:
-            keys = partitions_with_work(keys, db.coverage_by_partition(conn, PARTITION_WIDTH), db.read_progress(conn))
+        with connect(url) as conn:
+            coverage = reads.coverage_by_partition(conn, PARTITION_WIDTH)
+            keys = progress.partitions_with_work(keys, coverage, progress.read_progress(conn))
         print(f"{len(keys)} of {len(every_key)} partitions have work to do (--all runs every one)")
     started = time.monotonic()
-    totals: dict[str, float] = {}
+    totals = FileCounts()
     failed: list = []
     for run in runs.materialize_partitions(
         keys,
@@ -88,8 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         log_level="WARNING" if args.quiet else "INFO",
         tags={"s3-attrs/launched-by": "cli"},
     ):
-        for name in ("processed", "successful", "missing", "failed", "invalid_location_id", "already_populated"):
-            totals[name] = totals.get(name, 0) + run.metadata.get(name, 0)
+        totals += FileCounts.from_metadata(run.metadata)
         if not run.success:
             failed.append(run)
             print(f"partition {run.partition_key} FAILED (run {run.run_id}): {run.error}", file=sys.stderr)
@@ -101,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     print(
         f"{len(keys)} partitions in {elapsed:.1f}s: {len(keys) - len(failed)} succeeded, {len(failed)} failed; "
-        + " ".join(f"{name}={int(value)}" for name, value in totals.items())
+        + " ".join(f"{name}={getattr(totals, name)}" for name in SUMMARY_COUNTS)
     )
     if failed:
         print("failed partitions (rerun with --partition): " + " ".join(run.partition_key for run in failed), file=sys.stderr)
@@ -111,10 +116,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_reset(args: argparse.Namespace) -> int:
     url = _database_url()
-    if not _confirm(f"Clear the progress state (config rows {db.PROGRESS_CONFIG_KEY!r} and {db.PARTITION_PROGRESS_KEY_PREFIX}*)?", args.yes):
+    rows = f"config rows {progress.PROGRESS_CONFIG_KEY!r} and {progress.PARTITION_PROGRESS_KEY_PREFIX}*"
+    if not _confirm(f"Clear the progress state ({rows})?", args.yes):
         return EXIT_FAILED
-    with db.connect(url) as conn:
-        db.reset_progress(conn)
+    with connect(url) as conn:
+        progress.reset_progress(conn)
     print("progress state cleared")
     return 0
 
@@ -125,9 +131,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         "Delete every $files.hash and $files.lastModified triple in every app, and the progress state?", args.yes
     ):
         return EXIT_FAILED
-    with db.connect(url) as conn:
-        deleted = db.delete_new_attr_triples(conn)
-        db.reset_progress(conn)
+    with connect(url) as conn:
+        deleted = writes.delete_new_attr_triples(conn)
+        progress.reset_progress(conn)
     print(f"deleted {deleted} hash and lastModified triples; progress state cleared")
     return 0
 
@@ -135,7 +141,17 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from s3_attrs_pipeline.local import demo
 
-    return demo.main(services_only=args.services_only, stop=args.stop)
+    root = demo.demo_dir()
+    if args.stop:
+        demo.stop_services(root)
+        return 0
+    demo.start_services(root)
+    print(f"services ready; `source {root / 'env'}` to use them from a shell")
+    if args.services_only:
+        return 0
+    status = main(["run", "--quiet"])
+    main(["stats"])
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,14 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="materialize partitions through Dagster (all by default)")
     run.add_argument("--partition", action="append", metavar="KEY", help="a partition key, e.g. 3f; repeatable")
-    run.add_argument("--batch-size", type=int, default=50, help="files per batch (default 50)")
-    run.add_argument(
-        "--list-threshold",
-        type=int,
-        default=1000,
-        help="list an app (ListObjectsV2) instead of HEADing its files when at least this many lack the attrs "
-        "(default 1000; 0 never lists)",
-    )
+    for name in ("batch_size", "list_threshold"):
+        default = getattr(BackfillSettings, name)
+        run.add_argument(
+            "--" + name.replace("_", "-"), type=int, default=default,
+            help=f"{setting_help(BackfillSettings, name)} (default {default})",
+        )
     run.add_argument("--all", action="store_true", help="run every partition, even those with nothing new to do")
     run.add_argument("--parallel", type=int, default=2, help="partition runs at once, in worker processes (default 2)")
     run.add_argument("--quiet", action="store_true", help="print only failures and the summary")
@@ -187,16 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as error:
         print(f"s3-attrs: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except db.psycopg.OperationalError as error:
+    except psycopg.OperationalError as error:
         print(f"s3-attrs: cannot reach the InstantDB database: {_first_line(error)}", file=sys.stderr)
         return EXIT_FAILED
-    except db.psycopg.errors.InsufficientPrivilege as error:
+    except psycopg.errors.InsufficientPrivilege as error:
         print(
             f"s3-attrs: the database role lacks a privilege: {_first_line(error)} (see docs/postgres-grants.sql)",
             file=sys.stderr,
         )
         return EXIT_FAILED
-    except db.CatalogMismatch as error:
+    except CatalogMismatch as error:
         print(f"s3-attrs: {error}", file=sys.stderr)
         return EXIT_FAILED
 

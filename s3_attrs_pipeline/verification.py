@@ -5,11 +5,10 @@ import dataclasses
 
 import psycopg
 
-from s3_attrs_pipeline.backfill import known_invalid, known_missing, unexplained_gap
-from s3_attrs_pipeline.instant import database as db
+from s3_attrs_pipeline.instant import progress, reads
+from s3_attrs_pipeline.instant.app_id_ranges import partition_keys
 from s3_attrs_pipeline.instant.object_keys import InvalidLocationId, object_key
-from s3_attrs_pipeline.instant.partitions import partition_keys
-from s3_attrs_pipeline.s3.object_metadata import ObjectStore
+from s3_attrs_pipeline.s3.store import ObjectStore
 
 MISMATCH_EXAMPLES = 20
 
@@ -46,7 +45,7 @@ class VerificationReport:
     known_invalid: int = 0  # invalid location id or malformed object metadata in the latest run
     remaining: int = 0  # files lacking hash that are not known to be missing or invalid
     partitions_with_gaps: list[PartitionGap] = dataclasses.field(default_factory=list)
-    malformed: db.MalformedTriples = db.MalformedTriples(0, 0, 0)
+    malformed: reads.MalformedTriples = reads.MalformedTriples(0, 0, 0)
     sample_size: int = 0
     sample_hash_mismatches: int = 0
     sample_last_modified_mismatches: int = 0
@@ -64,7 +63,7 @@ class VerificationReport:
 
     @property
     def well_formed(self) -> bool:
-        return self.only_one == 0 and self.malformed == db.MalformedTriples(0, 0, 0)
+        return self.only_one == 0 and self.malformed == reads.MalformedTriples(0, 0, 0)
 
     @property
     def gap_partition_keys(self) -> list[str]:
@@ -73,8 +72,8 @@ class VerificationReport:
 
 def database_report(conn: psycopg.Connection, partition_width: int) -> VerificationReport:
     """Everything the database alone can tell: coverage, gaps by partition, malformed triples."""
-    coverage = db.coverage_by_partition(conn, partition_width)
-    progress = db.read_progress(conn)
+    coverage = reads.coverage_by_partition(conn, partition_width)
+    state = progress.read_progress(conn)
     report = VerificationReport()
     for key in partition_keys(partition_width):
         part = coverage.get(key)
@@ -85,18 +84,18 @@ def database_report(conn: psycopg.Connection, partition_width: int) -> Verificat
         report.with_last_modified += part.with_last_modified
         report.with_both += part.with_both
         report.with_neither += part.files - part.with_hash - part.with_last_modified + part.with_both
-        missing = min(known_missing(progress, key), part.lacking_hash)
-        invalid = min(known_invalid(progress, key), part.lacking_hash - missing)
+        missing = min(progress.known_missing(state, key), part.lacking_hash)
+        invalid = min(progress.known_invalid(state, key), part.lacking_hash - missing)
         report.known_missing += missing
         report.known_invalid += invalid
-        gap = unexplained_gap(part, progress, key)
+        gap = progress.unexplained_gap(part, state, key)
         report.remaining += gap
         if gap:
             report.partitions_with_gaps.append(
                 PartitionGap(key, part.files, part.with_hash, part.lacking_hash, missing, invalid, gap)
             )
     report.only_one = report.with_hash + report.with_last_modified - 2 * report.with_both
-    report.malformed = db.malformed_new_triples(conn)
+    report.malformed = reads.malformed_new_triples(conn)
     return report
 
 
@@ -105,7 +104,7 @@ def verify(conn: psycopg.Connection, store: ObjectStore, partition_width: int, s
     if sample_size <= 0 or report.with_both == 0:
         return report
     store.check_bucket()
-    sample = db.sample_populated_files(conn, sample_size, report.with_both)
+    sample = reads.sample_populated_files(conn, sample_size, report.with_both)
     keyed = []
     for populated in sample:
         try:
@@ -132,7 +131,7 @@ def verify(conn: psycopg.Connection, store: ObjectStore, partition_width: int, s
     return report
 
 
-def _note(report: VerificationReport, populated: db.PopulatedFile, key: str, stored: str, actual: str) -> None:
+def _note(report: VerificationReport, populated: reads.PopulatedFile, key: str, stored: str, actual: str) -> None:
     if len(report.mismatches) < MISMATCH_EXAMPLES:
         report.mismatches.append(
             SampleMismatch(str(populated.file.app_id), str(populated.file.entity_id), key, stored, actual)

@@ -8,11 +8,10 @@ import itertools
 import os
 import pathlib
 
-import yaml
-
 import boto3
 import psycopg
 import pytest
+import yaml
 
 from s3_attrs_pipeline import runs
 from s3_attrs_pipeline.local import postgres, s3_server, seed
@@ -27,7 +26,7 @@ _AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
-    "S3_ATTRS_RUN_RETRIES": "0",
+    "S3_ATTRS_STEP_RETRIES": "0",
 }
 
 

@@ -9,9 +9,9 @@ import pytest
 from s3_attrs_pipeline import backfill
 from s3_attrs_pipeline.defs.assets import files_s3_attrs
 from s3_attrs_pipeline.defs.resources import resources_from_env
-from s3_attrs_pipeline.instant import database as db
+from s3_attrs_pipeline.instant import progress
 from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED
-from s3_attrs_pipeline.s3.object_metadata import ObjectStore, S3Settings
+from s3_attrs_pipeline.s3.store import ObjectStore, S3Settings
 from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
 from s3_attrs_pipeline_tests.helpers import (
     all_triples,
@@ -81,12 +81,12 @@ def test_full_run_writes_what_head_returns(conn, s3_client, bucket, seeded_files
     assert location_triples(conn) == locations_before
     assert swept_locations(conn) == 0
 
-    progress = db.read_progress(conn)
-    assert progress["total-successful"] == len(in_s3) - len(prepopulated)
-    assert progress["total-missing"] == len(seeded_files) - len(in_s3)
-    assert progress["total-processed"] == len(seeded_files) - len(prepopulated)
-    assert progress["total-failed"] == 0
-    assert {k for k, v in progress["partitions"].items() if v["status"] == "completed"} == set(
+    state = progress.read_progress(conn)
+    assert state["total-successful"] == len(in_s3) - len(prepopulated)
+    assert state["total-missing"] == len(seeded_files) - len(in_s3)
+    assert state["total-processed"] == len(seeded_files) - len(prepopulated)
+    assert state["total-failed"] == 0
+    assert {k for k, v in state["partitions"].items() if v["status"] == "completed"} == set(
         _partitions_of(seeded_files)
     )
 
@@ -138,13 +138,13 @@ def test_a_run_resumed_after_a_crash_finishes_the_rest(conn, s3_endpoint, bucket
         partial = _in_partition(new_attr_triples(conn), key)
         assert all(len(attrs) == 2 for attrs in partial.values()), "a file was half written"
         assert 0 < len(partial) < sum(f.in_s3 for f in files)
-        assert db.read_progress(conn)["total-successful"] == len(partial) - sum(f.prepopulated for f in files)
+        assert progress.read_progress(conn)["total-successful"] == len(partial) - sum(f.prepopulated for f in files)
 
         report = backfill.backfill_partition(conn, store, key, settings, log)
     done = _in_partition(new_attr_triples(conn), key)
     assert {(f.app_id, f.entity_id) for f in files if f.in_s3} == set(done)
-    assert report.successful == len(done) - len(partial)
-    assert db.read_progress(conn)["total-successful"] == len(done) - sum(f.prepopulated for f in files)
+    assert report.counts.successful == len(done) - len(partial)
+    assert progress.read_progress(conn)["total-successful"] == len(done) - sum(f.prepopulated for f in files)
 
 
 def test_failed_files_fail_the_partition_after_the_rest_is_done(conn, s3_endpoint, bucket, seeded_files):
@@ -161,10 +161,10 @@ def test_failed_files_fail_the_partition_after_the_rest_is_done(conn, s3_endpoin
             )
         assert proxy.stats()["internal_error"] == 2 * 3  # each failing key: one try and two retries
     report = raised.value.report
-    assert report.failed == 2 and report.successful == len(files) - 2
+    assert report.counts.failed == 2 and report.counts.successful == len(files) - 2
     assert {p.key for p in report.problems if p.reason.startswith("failed")} == failing
     assert all("S3 answered 500 after 2 retries" in p.reason for p in report.problems if p.key in failing)
-    assert db.read_progress(conn)["partitions"][key]["status"] == "failed"
+    assert progress.read_progress(conn)["partitions"][key]["status"] == "failed"
     assert len(_in_partition(new_attr_triples(conn), key)) == sum(
         f.in_s3 for f in seeded_files if f.app_id.hex[:2] == key
     ) - 2

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from s3_attrs_pipeline import cli, runs
-from s3_attrs_pipeline.instant import database as db
+from s3_attrs_pipeline.instant import progress
 from s3_attrs_pipeline_tests.helpers import NEW_ATTR_IDS, all_triples, new_attr_triples, swept_locations
 
 
@@ -22,8 +22,9 @@ def test_run_then_stats_then_rollback(conn, bucket, seeded_files, dagster_home, 
     assert cli.main(args) == 0
     assert f"{len(_data_partitions(seeded_files))} succeeded, 0 failed" in capsys.readouterr().out
 
-    from s3_attrs_pipeline.runs import dagster_instance
     import dagster as dg
+
+    from s3_attrs_pipeline.runs import dagster_instance
 
     instance = dagster_instance()
     materialized = instance.get_materialized_partitions(dg.AssetKey("files_s3_attrs"))
@@ -43,7 +44,7 @@ def test_run_then_stats_then_rollback(conn, bucket, seeded_files, dagster_home, 
     after = all_triples(conn)
     assert after == before - prepopulated_triples
     assert new_attr_triples(conn) == {}
-    assert db.read_progress(conn) == {}
+    assert progress.read_progress(conn) == {}
     assert swept_locations(conn) == 0
 
 
@@ -51,21 +52,21 @@ def test_run_skips_partitions_with_nothing_new(conn, bucket, seeded_files, dagst
     monkeypatch.setattr(runs, "all_partition_keys", lambda: _data_partitions(seeded_files))
     assert cli.main(["run", "--parallel", "1", "--quiet"]) == 0
     before = all_triples(conn)
-    progress = db.read_progress(conn)
+    state = progress.read_progress(conn)
     capsys.readouterr()
 
     assert cli.main(["run", "--parallel", "1", "--quiet"]) == 0
     assert "0 of" in capsys.readouterr().out
     assert all_triples(conn) == before
-    assert db.read_progress(conn)["total-processed"] == progress["total-processed"]
+    assert progress.read_progress(conn)["total-processed"] == state["total-processed"]
 
 
 def test_reset_clears_only_the_progress_row(conn, bucket, seeded_files, dagster_home):
     assert cli.main(["run", "--parallel", "1", "--partition", _data_partitions(seeded_files)[0]]) == 0
     triples = all_triples(conn)
-    assert db.read_progress(conn) != {}
+    assert progress.read_progress(conn) != {}
     assert cli.main(["reset", "--yes"]) == 0
-    assert db.read_progress(conn) == {}
+    assert progress.read_progress(conn) == {}
     assert all_triples(conn) == triples
 
 

@@ -1,6 +1,7 @@
 """A real partition backfill, launched with the GraphQL mutation the UI sends and run by the Dagster
 daemon on a PostgreSQL-backed instance, with S3 faults that fail some partitions; then the UI's
-"re-execute failed" of only those, and the sensor's verification runs after each backfill."""
+"re-execute failed" of only those, and the checks of files_s3_attrs run by their automation condition once
+after each backfill."""
 
 import dagster as dg
 import pytest
@@ -8,13 +9,12 @@ from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES, Bulk
 from dagster._core.storage.tags import BACKFILL_ID_TAG
 from dagster_graphql.test.utils import define_out_of_process_context, execute_dagster_graphql
 
-from s3_attrs_pipeline.defs.automation import TRIGGER_TAG
+from s3_attrs_pipeline.defs.automation import CHECK_KEYS
 from s3_attrs_pipeline_tests.conftest import REPO_ROOT
 from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
 from s3_attrs_pipeline_tests.helpers import start_fast_daemon, stop_process, wait_for
 
 FILES = dg.AssetKey("files_s3_attrs")
-VERIFICATION = dg.AssetKey("s3_attrs_verification")
 LAUNCH_BACKFILL = """
 mutation($params: LaunchBackfillParams!) {
   launchPartitionBackfill(backfillParams: $params) {
@@ -53,20 +53,23 @@ def _runs_by_partition(instance, backfill_id) -> dict[str, dg.DagsterRunStatus]:
     return {run.tags["dagster/partition"]: run.status for run in runs}
 
 
-def _verification_of(instance, backfill_id) -> dict:
-    """The metadata and check results of the sensor's verification run for the backfill, once it succeeded."""
-    runs = instance.get_runs(filters=dg.RunsFilter(tags={TRIGGER_TAG: f"backfill:{backfill_id}"}))
-    if not runs or runs[0].status != dg.DagsterRunStatus.SUCCESS:
+def _checks_run(instance, runs_so_far: int) -> dict:
+    """The numbers and outcomes of the checks' `runs_so_far`-th run, once all three checks ended in it; {}
+    before. Each backfill must be followed by exactly one run of the checks, not one per partition."""
+    histories = {
+        key: instance.event_log_storage.get_asset_check_execution_history(key, limit=10) for key in CHECK_KEYS
+    }
+    if any(len(history) < runs_so_far for history in histories.values()):
         return {}
-    assert len(runs) == 1, "the sensor requested a second verification of one backfill"
-    records = instance.fetch_materializations(VERIFICATION, limit=10).records
-    (record,) = [r for r in records if r.run_id == runs[0].run_id]
-    metadata = {k: v.value for k, v in record.asset_materialization.metadata.items() if isinstance(v.value, int)}
-    checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(
-        [dg.AssetCheckKey(VERIFICATION, name) for name in ("completeness", "consistency", "well_formed")]
-    )
-    metadata["checks"] = {key.name: execution.status.value for key, execution in checks.items()}
-    return metadata
+    assert all(len(history) == runs_so_far for history in histories.values()), "the checks ran more than once"
+    latest = {key.name: history[0] for key, history in histories.items()}
+    if any(record.event is None or record.status.value == "PLANNED" for record in latest.values()):
+        return {}
+    results = {"checks": {name: record.status.value for name, record in latest.items()}}
+    for record in latest.values():
+        metadata = record.event.asset_check_evaluation.metadata
+        results |= {k: v.value for k, v in metadata.items() if isinstance(v.value, int)}
+    return results
 
 
 @pytest.fixture
@@ -111,7 +114,7 @@ def test_ui_backfill_with_faults_then_rerun_of_failed_partitions(conn, bucket, s
             failing
         )
 
-        after_first = _wait(lambda: _verification_of(instance, first), "the verification after the first backfill")
+        after_first = _wait(lambda: _checks_run(instance, 1), "the checks after the first backfill")
         # Their missing objects answered 500 too, so they are not known to be missing yet.
         unreached = [f for f in seeded_files if f.app_id.hex[:2] in failing and not f.prepopulated]
         assert after_first["remaining"] == len(unreached)
@@ -129,8 +132,8 @@ def test_ui_backfill_with_faults_then_rerun_of_failed_partitions(conn, bucket, s
         assert _runs_by_partition(instance, second) == {key: dg.DagsterRunStatus.SUCCESS for key in failing}
         assert instance.get_materialized_partitions(FILES) == set(partitions)
 
-        after_rerun = _wait(lambda: _verification_of(instance, second), "the verification after the rerun")
+        after_rerun = _wait(lambda: _checks_run(instance, 2), "the checks after the rerun")
         assert after_rerun["remaining"] == 0
         assert after_rerun["with_both"] == sum(f.in_s3 for f in seeded_files)
-        assert after_rerun["known_missing_in_s3"] == sum(not f.in_s3 for f in seeded_files)
+        assert after_rerun["known_missing"] == sum(not f.in_s3 for f in seeded_files)
         assert after_rerun["checks"] == {"completeness": "SUCCEEDED", "consistency": "SUCCEEDED", "well_formed": "SUCCEEDED"}

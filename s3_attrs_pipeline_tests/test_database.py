@@ -6,9 +6,10 @@ import uuid
 import psycopg
 import pytest
 
-from s3_attrs_pipeline.instant import database as db
+from s3_attrs_pipeline.counts import FileCounts
+from s3_attrs_pipeline.instant import catalog, connection, progress, reads, writes
+from s3_attrs_pipeline.instant.app_id_ranges import AppIdRange
 from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED, SYSTEM_CATALOG_APP_ID, json_text, value_md5
-from s3_attrs_pipeline.instant.partitions import AppIdRange
 
 
 @pytest.mark.parametrize(
@@ -34,8 +35,8 @@ def _catalog_rows(conn):
 
 
 def test_new_attrs_are_created_once_with_their_system_ids(conn):
-    db.ensure_file_attrs(conn)
-    db.ensure_file_attrs(conn)
+    catalog.ensure_file_attrs(conn)
+    catalog.ensure_file_attrs(conn)
     attrs, idents = _catalog_rows(conn)
     assert attrs == [
         (HASH.attr_id, "blob", "one", False, True, "string", HASH.ident_id),
@@ -53,9 +54,9 @@ def test_concurrent_attr_creation_is_safe(instant_db_url):
 
     def create():
         try:
-            with db.connect(instant_db_url) as connection:
+            with connection.connect(instant_db_url) as session:
                 barrier.wait()
-                db.ensure_file_attrs(connection)
+                catalog.ensure_file_attrs(session)
         except Exception as error:  # collected for the assertion below
             errors.append(error)
 
@@ -65,16 +66,16 @@ def test_concurrent_attr_creation_is_safe(instant_db_url):
     for thread in threads:
         thread.join()
     assert errors == []
-    with psycopg.connect(instant_db_url) as connection:
-        attrs, idents = _catalog_rows(connection)
+    with psycopg.connect(instant_db_url) as session:
+        attrs, idents = _catalog_rows(session)
     assert len(attrs) == 2 and len(idents) == 2
 
 
 def test_an_attr_with_unexpected_flags_is_a_clear_error(conn):
-    db.ensure_file_attrs(conn)
+    catalog.ensure_file_attrs(conn)
     conn.execute("UPDATE attrs SET is_indexed = false WHERE id = %s", (HASH.attr_id,))
-    with pytest.raises(db.CatalogMismatch, match=r"\$files.hash .* is_indexed is False, expected True"):
-        db.ensure_file_attrs(conn)
+    with pytest.raises(catalog.CatalogMismatch, match=r"\$files.hash .* is_indexed is False, expected True"):
+        catalog.ensure_file_attrs(conn)
 
 
 def test_a_hash_attr_under_another_id_is_a_clear_error(conn):
@@ -84,57 +85,61 @@ def test_a_hash_attr_under_another_id_is_a_clear_error(conn):
            VALUES (%s, %s, 'blob', 'one', false, true, %s, '$files', 'hash')""",
         (other_id, SYSTEM_CATALOG_APP_ID, uuid.uuid4()),
     )
-    with pytest.raises(db.CatalogMismatch, match=f"id is UUID\\('{other_id}'\\)"):
-        db.ensure_file_attrs(conn)
+    with pytest.raises(catalog.CatalogMismatch, match=f"id is UUID\\('{other_id}'\\)"):
+        catalog.ensure_file_attrs(conn)
     assert conn.execute("SELECT count(*) FROM idents WHERE label = 'hash'").fetchone()[0] == 0
 
 
 def test_a_missing_location_id_attr_is_a_clear_error(conn):
     conn.execute("DELETE FROM attrs WHERE label = 'location-id'")
-    with pytest.raises(db.CatalogMismatch, match=r"\$files.location-id .* does not exist"):
-        db.ensure_file_attrs(conn)
+    with pytest.raises(catalog.CatalogMismatch, match=r"\$files.location-id .* does not exist"):
+        catalog.ensure_file_attrs(conn)
 
 
 @pytest.mark.parametrize("url", [None, "", "   ", "postgresql://u:secret@host:notaport/db?bad", "not a url = ="])
 def test_bad_database_urls_are_clear_errors_without_the_password(url):
-    with pytest.raises(db.DatabaseUrlError, match="INSTANT_DATABASE_URL") as raised:
-        db.validate_database_url(url)
+    with pytest.raises(connection.DatabaseUrlError, match="INSTANT_DATABASE_URL") as raised:
+        connection.validate_database_url(url)
     assert "secret" not in str(raised.value)
 
 
 def test_sessions_carry_timeouts(instant_db_url):
-    limits = db.SessionLimits(statement_timeout_ms=1234, lock_timeout_ms=567)
-    with db.connect(instant_db_url, limits) as connection:
-        assert connection.execute("SHOW statement_timeout").fetchone()[0] == "1234ms"
-        assert connection.execute("SHOW lock_timeout").fetchone()[0] == "567ms"
-        assert connection.execute("SHOW plan_cache_mode").fetchone()[0] == "force_custom_plan"
+    limits = connection.SessionLimits(statement_timeout_ms=1234, lock_timeout_ms=567)
+    with connection.connect(instant_db_url, limits) as session:
+        assert session.execute("SHOW statement_timeout").fetchone()[0] == "1234ms"
+        assert session.execute("SHOW lock_timeout").fetchone()[0] == "567ms"
+        assert session.execute("SHOW plan_cache_mode").fetchone()[0] == "force_custom_plan"
 
 
 def test_progress_keeps_totals_in_one_row_and_each_partition_in_its_own(conn):
     def config_rows() -> dict:
         return dict(conn.execute("SELECT k, v::text FROM config WHERE k LIKE 's3-attrs-%'").fetchall())
 
-    db.record_progress(conn, db.ProgressUpdate("0a", {"status": "running", "processed": 5}, processed=5, missing=1))
-    db.record_progress(conn, db.ProgressUpdate("0b", {"status": "completed"}, processed=2, partition_count=2))
+    progress.record_progress(
+        conn, "0a", "running", FileCounts(processed=5), added=FileCounts(processed=5, missing=1)
+    )
+    progress.record_progress(conn, "0b", "completed", FileCounts(processed=2), added=FileCounts(processed=2), partition_count=2)
     before = config_rows()
-    db.record_progress(conn, db.ProgressUpdate("0a", {"status": "completed"}, processed=3, partition_count=2))
+    progress.record_progress(conn, "0a", "completed", FileCounts(processed=8), added=FileCounts(processed=3), partition_count=2)
     after = config_rows()
 
-    assert after[db.PARTITION_PROGRESS_KEY_PREFIX + "0b"] == before[db.PARTITION_PROGRESS_KEY_PREFIX + "0b"]
-    assert "partitions" not in after[db.PROGRESS_CONFIG_KEY]
-    progress = db.read_progress(conn)
-    assert progress["total-processed"] == 10 and progress["total-missing"] == 1
-    assert progress["partitions"] == {"0a": {"status": "completed"}, "0b": {"status": "completed"}}
-    assert progress["completed"] is True
+    assert after[progress.PARTITION_PROGRESS_KEY_PREFIX + "0b"] == before[progress.PARTITION_PROGRESS_KEY_PREFIX + "0b"]
+    assert "partitions" not in after[progress.PROGRESS_CONFIG_KEY]
+    state = progress.read_progress(conn)
+    assert state["total-processed"] == 10 and state["total-missing"] == 1
+    assert {key: (s["status"], s["processed"]) for key, s in state["partitions"].items()} == {
+        "0a": ("completed", 8), "0b": ("completed", 2)
+    }
+    assert state["completed"] is True
 
-    db.reset_progress(conn)
-    assert config_rows() == {} and db.read_progress(conn) == {}
+    progress.reset_progress(conn)
+    assert config_rows() == {} and progress.read_progress(conn) == {}
 
 
 def test_a_batch_meeting_triples_written_meanwhile_is_written_again_without_conflict(conn, seeded_files):
     lone_last_modified, populated_meanwhile, fresh = [f for f in seeded_files if not f.prepopulated][:3]
     every_app = AppIdRange("all", uuid.UUID(int=0), uuid.UUID(int=2**128 - 1))
-    pending = {file.entity_id: file for page in db.iter_pending_batches(conn, every_app, 10_000) for file in page}
+    pending = {file.entity_id: file for page in reads.iter_pending_batches(conn, every_app, 10_000) for file in page}
     planted = {
         (lone_last_modified, LAST_MODIFIED): 1_600_000_000_000,
         (populated_meanwhile, HASH): "written-by-someone-else",
@@ -148,10 +153,17 @@ def test_a_batch_meeting_triples_written_meanwhile_is_written_again_without_conf
             (file.app_id, file.entity_id, spec.attr_id, json_text(value), value_md5(value), spec.checked_data_type),
         )
     batch = [
-        db.FileObjectAttrs(pending[f.entity_id], "abc", 1_700_000_000_000)
+        writes.FileObjectAttrs(pending[f.entity_id], "abc", 1_700_000_000_000)
         for f in (lone_last_modified, populated_meanwhile, fresh)
     ]
-    outcome = db.write_file_attrs(conn, batch, lambda outcome: db.ProgressUpdate("xx", {"status": "running"}))
+
+    def attempt(on_conflict: bool) -> writes.WriteOutcome:
+        with conn.transaction():
+            return writes.write_file_attrs(conn, batch, on_conflict=on_conflict)
+
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        attempt(False)
+    outcome = writes.retried_on_conflict(attempt)
 
     assert (outcome.written, outcome.already_populated, outcome.vanished) == (2, 1, 0)
     values = dict(
@@ -186,20 +198,24 @@ def test_a_listed_page_writes_the_files_at_its_locations_that_lack_hash(conn, se
             (file.app_id, file.entity_id, spec.attr_id, json_text(value), value_md5(value), spec.checked_data_type),
         )
     before = _new_attr_values(conn)
-    listed = db.ListedAttrs.of(app_id, [
+    listed = writes.ListedAttrs.of(app_id, [
         (f.location_id, "abc", 1_700_000_000_000)
         for f in (lone_last_modified, populated_meanwhile, fresh, already)
     ] + [("no-file-has-this-location", "abc", 1_700_000_000_000)])
     updates = []
 
-    def progress_after(outcome):
-        updates.append(outcome)
-        return db.ProgressUpdate("xx", {"status": "running"}, processed=outcome.written, successful=outcome.written)
+    def attempt(on_conflict: bool) -> writes.WriteOutcome:
+        with conn.transaction():
+            outcome = writes.write_listed_attrs(conn, listed, on_conflict=on_conflict)
+            written = FileCounts(processed=outcome.written, successful=outcome.written)
+            progress.record_progress(conn, "xx", "running", written, added=written)
+            updates.append(outcome)
+        return outcome
 
-    outcome = db.write_listed_attrs(conn, listed, progress_after)
+    outcome = writes.retried_on_conflict(attempt)
 
     assert outcome.written == 2 and outcome.last_written in {lone_last_modified.entity_id, fresh.entity_id}
-    assert updates == [outcome] and db.read_progress(conn)["total-successful"] == 2
+    assert updates == [outcome] and progress.read_progress(conn)["total-successful"] == 2
     values = _new_attr_values(conn)
     assert values[(lone_last_modified.entity_id, HASH.attr_id)] == "abc"
     assert values[(lone_last_modified.entity_id, LAST_MODIFIED.attr_id)] == 1_600_000_000_000  # left as it was
@@ -223,6 +239,6 @@ def _new_attr_values(conn) -> dict:
 
 def test_pages_of_one_file_skip_populated_files_and_find_every_pending_one(conn, seeded_files):
     every_app = AppIdRange("all", uuid.UUID(int=0), uuid.UUID(int=2**128 - 1))
-    found = [file.entity_id for page in db.iter_pending_batches(conn, every_app, 1) for file in page]
+    found = [file.entity_id for page in reads.iter_pending_batches(conn, every_app, 1) for file in page]
     assert sorted(found) == sorted(f.entity_id for f in seeded_files if not f.prepopulated)
     assert any(f.prepopulated for f in seeded_files)  # so some pages of one scanned file had nothing to do

@@ -21,9 +21,12 @@ import botocore.credentials
 import pytest
 
 from s3_attrs_pipeline.local import s3_server
-from s3_attrs_pipeline.s3 import object_metadata, signed_head
-from s3_attrs_pipeline.s3.object_metadata import ObjectStore, S3AccessError, S3Settings, object_metadata_from_headers
-from s3_attrs_pipeline.s3.signed_head import SigV4Signer, encode_key, host_header, prepare_head_object
+from s3_attrs_pipeline.s3 import endpoint, head
+from s3_attrs_pipeline.s3 import store as object_store
+from s3_attrs_pipeline.s3.endpoint import prepare_head_object
+from s3_attrs_pipeline.s3.metadata import object_metadata_from_headers
+from s3_attrs_pipeline.s3.sigv4 import SigV4Signer, encode_key, host_header
+from s3_attrs_pipeline.s3.store import ObjectStore, S3AccessError, S3Settings
 from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
 
 SPECIAL_KEYS = [
@@ -45,11 +48,11 @@ SPECIAL_KEYS = [
 @pytest.fixture
 def fresh_aws_session():
     """The store's boto3 session caches the credentials it resolved: start and end with a new one."""
-    object_metadata._shared_session.cache_clear()
-    object_metadata._shared_botocore_session.cache_clear()
+    object_store._shared_session.cache_clear()
+    object_store._shared_botocore_session.cache_clear()
     yield
-    object_metadata._shared_session.cache_clear()
-    object_metadata._shared_botocore_session.cache_clear()
+    object_store._shared_session.cache_clear()
+    object_store._shared_botocore_session.cache_clear()
 
 
 def _expected_metadata(s3_client, bucket, key):
@@ -121,7 +124,7 @@ def test_signing_key_follows_new_secrets_and_days():
 )
 def test_target_is_what_the_client_would_use(endpoint_url, region, bucket, config, expected_base):
     client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
-    target = signed_head.resolve_head_target(client, bucket)
+    target = endpoint.resolve_head_target(client, bucket)
     assert (target.base_url, target.region, target.signable) == (expected_base, region, True)
     for key in SPECIAL_KEYS:
         url, _, _ = prepare_head_object(client, bucket, key)
@@ -133,12 +136,12 @@ def test_boto3_takes_over_where_the_signed_head_cannot_follow(monkeypatch):
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
     aws = boto3.client("s3", region_name="eu-west-1")
-    assert "proxy" in object_metadata._why_not_signed_here(aws, signed_head.resolve_head_target(aws, "files"))
+    assert "proxy" in object_store._why_not_signed_here(aws, endpoint.resolve_head_target(aws, "files"))
     monkeypatch.setenv("NO_PROXY", ".amazonaws.com")
-    assert object_metadata._why_not_signed_here(aws, signed_head.resolve_head_target(aws, "files")) is None
+    assert object_store._why_not_signed_here(aws, endpoint.resolve_head_target(aws, "files")) is None
 
     unsigned = boto3.client("s3", region_name="eu-west-1", config=botocore.config.Config(signature_version=botocore.UNSIGNED))
-    assert "SigV4" in object_metadata._why_not_signed_here(unsigned, signed_head.resolve_head_target(unsigned, "files"))
+    assert "SigV4" in object_store._why_not_signed_here(unsigned, endpoint.resolve_head_target(unsigned, "files"))
 
 
 # --- against moto --------------------------------------------------------------------------------
@@ -228,8 +231,8 @@ def test_signatures_pass_a_checking_server_and_a_wrong_secret_is_an_access_error
             assert store.head(key).metadata == _expected_metadata(client, "checked-files", key), key
         assert store.head("not/there").missing
 
-    object_metadata._shared_session.cache_clear()
-    object_metadata._shared_botocore_session.cache_clear()
+    object_store._shared_session.cache_clear()
+    object_store._shared_botocore_session.cache_clear()
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with ObjectStore(S3Settings("checked-files", endpoint_url=endpoint)) as store:
         with pytest.raises(S3AccessError, match=r"S3 answered 403 for s3://checked-files/plain/key.txt"):
@@ -243,7 +246,7 @@ def test_signatures_pass_a_checking_server_and_a_wrong_secret_is_an_access_error
 def _outcome(proxy_url: str, bucket: str, key: str, *, through_boto3: bool, monkeypatch, **settings):
     with monkeypatch.context() as patch:
         if through_boto3:
-            patch.setattr(object_metadata, "_why_not_signed_here", lambda client, target: "the test compares")
+            patch.setattr(object_store, "_why_not_signed_here", lambda client, target: "the test compares")
         with ObjectStore(S3Settings(bucket, endpoint_url=proxy_url, **settings)) as store:
             try:
                 outcome = store.head(key)
@@ -349,12 +352,12 @@ def test_refreshed_credentials_are_used():
 
     credentials = botocore.credentials.RefreshableCredentials.create_from_metadata(refresh(), refresh, "test")
     with _RecordingServer() as server:
-        target = signed_head.HeadTarget(server.url + "/files", "us-east-1", "s3v4")
-        head = signed_head.SignedHead(target, credentials, max_connections=2, connect_timeout_s=1, read_timeout_s=1)
-        with mock.patch.object(signed_head, "_CREDENTIALS_REUSE_S", 0.0):
-            head.head_object(Key="a")
-            head.head_object(Key="b")
-        head.close()
+        target = endpoint.HeadTarget(server.url + "/files", "us-east-1", "s3v4")
+        signed = head.SignedHead(target, credentials, max_connections=2, connect_timeout_s=1, read_timeout_s=1)
+        with mock.patch.object(head, "_CREDENTIALS_REUSE_S", 0.0):
+            signed.head_object(Key="a")
+            signed.head_object(Key="b")
+        signed.close()
     first, second = server.requests
     assert first.headers["x-amz-security-token"] != second.headers["x-amz-security-token"]
     assert "Credential=AKID" in second.headers["authorization"]
@@ -395,8 +398,8 @@ def test_https_is_verified_with_the_ca_bundle_boto3_uses(tmp_path, monkeypatch, 
             assert store.head("a b/c").metadata is not None
             assert store._signed_head is not None and server.url.startswith("https://")
 
-        object_metadata._shared_session.cache_clear()
-        object_metadata._shared_botocore_session.cache_clear()
+        object_store._shared_session.cache_clear()
+        object_store._shared_botocore_session.cache_clear()
         monkeypatch.setenv("AWS_CA_BUNDLE", stranger)
         results = [_outcome(server.url, "files", "a b/c", through_boto3=through_boto3, monkeypatch=monkeypatch,
                             max_retries=0) for through_boto3 in (False, True)]

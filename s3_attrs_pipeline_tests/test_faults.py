@@ -16,10 +16,10 @@ import psycopg
 import pytest
 
 from s3_attrs_pipeline import backfill
-from s3_attrs_pipeline.instant import database as db
+from s3_attrs_pipeline.instant import connection, progress, writes
 from s3_attrs_pipeline.instant.file_attrs import LOCATION_ID, value_md5
 from s3_attrs_pipeline.local import seed
-from s3_attrs_pipeline.s3.object_metadata import ObjectStore, S3AccessError, S3Settings
+from s3_attrs_pipeline.s3.store import ObjectStore, S3AccessError, S3Settings
 from s3_attrs_pipeline_tests.conftest import REPO_ROOT
 from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
 from s3_attrs_pipeline_tests.helpers import head_values, location_triples, new_attr_triples, swept_locations, wait_for
@@ -53,7 +53,7 @@ def _assert_partition_right(conn, s3_client, bucket, files):
 def _assert_totals_match_triples(conn, files):
     """The config row's total-successful is exactly the triples the pipeline wrote."""
     written = len(new_attr_triples(conn)) - sum(f.prepopulated for f in files)
-    assert db.read_progress(conn)["total-successful"] == written
+    assert progress.read_progress(conn)["total-successful"] == written
 
 
 def test_a_503_storm_slows_the_requests_and_the_run_completes(conn, s3_endpoint, s3_client, bucket, seeded_files):
@@ -63,7 +63,7 @@ def test_a_503_storm_slows_the_requests_and_the_run_completes(conn, s3_endpoint,
         started = time.monotonic()
         report, store = _run(conn, proxy.url, bucket, key, max_retries=8)
         storm_requests = [t for t in proxy.request_times() if t - started < 4]
-    assert report.failed == 0 and report.s3_throttled > 0
+    assert report.counts.failed == 0 and report.counts.s3_throttled > 0
     assert store.rate_limiter.lowest_rate is not None
     # Unthrottled, moto answers hundreds of HEADs a second; while throttled the store paced itself.
     assert len(storm_requests) / 4 < 100, f"{len(storm_requests)} requests in the 4 s storm"
@@ -81,7 +81,7 @@ def test_5xx_resets_and_stalls_are_retried_and_never_hang(conn, s3_endpoint, s3_
         report, _ = _run(conn, proxy.url, bucket, key, max_retries=6, read_timeout_s=1)
         stats = proxy.stats()
     assert min(stats["internal_error"], stats["reset"], stats["stall"]) > 0, stats
-    assert report.failed == 0 and report.s3_retries >= stats["internal_error"] + stats["reset"]
+    assert report.counts.failed == 0 and report.counts.s3_retries >= stats["internal_error"] + stats["reset"]
     assert time.monotonic() - started < 60
     _assert_partition_right(conn, s3_client, bucket, files)
 
@@ -109,12 +109,12 @@ def test_malformed_object_metadata_is_counted_not_written(conn, s3_endpoint, s3_
         for file in bad:
             proxy.add_rule(FaultRule("malformed_headers", key_pattern=re.escape(file.key)))
         report, _ = _run(conn, proxy.url, bucket, key)
-    assert report.malformed == 2 and report.failed == 0
+    assert report.counts.malformed_object_metadata == 2 and report.counts.failed == 0
     assert {p.entity_id for p in report.problems if p.reason.startswith("malformed")} == {str(f.entity_id) for f in bad}
     written = new_attr_triples(conn)
     assert all((f.app_id, f.entity_id) not in written for f in bad)
     _assert_partition_right(conn, s3_client, bucket, [f for f in files if f not in bad])
-    assert db.read_progress(conn)["partitions"][key]["malformed"] == 2
+    assert progress.read_progress(conn)["partitions"][key]["malformed-object-metadata"] == 2
 
 
 BAD_LOCATION_VALUES = {
@@ -148,7 +148,7 @@ def test_bad_location_ids_are_logged_counted_and_skipped(conn, s3_endpoint, s3_c
     seed.insert_files(conn, s3_client, bucket, [unicode_file])
 
     report, _ = _run(conn, s3_endpoint, bucket, key)
-    assert report.invalid == len(BAD_LOCATION_VALUES) and report.failed == 0
+    assert report.counts.invalid_location_id == len(BAD_LOCATION_VALUES) and report.counts.failed == 0
     reasons = " | ".join(p.reason for p in report.problems)
     for expected in (
         "JSON int", "JSON NoneType", "empty string", "single key segment", "control characters", "S3 allows 1024"
@@ -169,7 +169,7 @@ def test_a_file_deleted_with_its_app_mid_run_gets_nothing(conn, instant_db_url, 
         deleter.start()
         report, _ = _run(conn, proxy.url, bucket, key)
         deleter.join()
-    assert report.failed == 0
+    assert report.counts.failed == 0
     leftovers = conn.execute("SELECT count(*) FROM triples WHERE app_id = %s", (doomed_app,)).fetchone()[0]
     assert leftovers == 0, "triples written for an app that no longer exists"
 
@@ -177,7 +177,7 @@ def test_a_file_deleted_with_its_app_mid_run_gets_nothing(conn, instant_db_url, 
 def _backend_pids(conn) -> list[int]:
     rows = conn.execute(
         "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND pid <> pg_backend_pid()",
-        (db.APPLICATION_NAME,),
+        (connection.APPLICATION_NAME,),
     ).fetchall()
     return [pid for (pid,) in rows]
 
@@ -192,7 +192,7 @@ def test_a_dropped_database_connection_fails_cleanly_and_a_rerun_finishes(
 
         def run():
             try:
-                with db.connect(instant_db_url) as pipeline_conn:
+                with connection.connect(instant_db_url) as pipeline_conn:
                     # Two HEADs of 50 ms at a time: the partition takes seconds, not a fraction of one.
                     with ObjectStore(S3Settings(bucket, endpoint_url=proxy.url, max_in_flight=2)) as store:
                         backfill.backfill_partition(
@@ -257,7 +257,7 @@ def test_the_same_partition_twice_at_once(conn, instant_db_url, s3_endpoint, s3_
 
         def run():
             try:
-                with db.connect(instant_db_url) as pipeline_conn, ObjectStore(
+                with connection.connect(instant_db_url) as pipeline_conn, ObjectStore(
                     S3Settings(bucket, endpoint_url=proxy.url)
                 ) as store:
                     barrier.wait()
@@ -274,14 +274,14 @@ def test_the_same_partition_twice_at_once(conn, instant_db_url, s3_endpoint, s3_
     assert sorted(r.concurrent_run for r in reports) == [False, True]
     _assert_partition_right(conn, s3_client, bucket, files)
     _assert_totals_match_triples(conn, seeded_files)
-    progress = db.read_progress(conn)
-    assert progress["total-processed"] == sum(not f.prepopulated for f in files)
+    state = progress.read_progress(conn)
+    assert state["total-processed"] == sum(not f.prepopulated for f in files)
 
 
 def test_the_pipeline_never_touches_location_id_triples(conn, s3_endpoint, bucket, seeded_files):
     before = location_triples(conn)
     for key in sorted({f.app_id.hex[:2] for f in seeded_files}):
         _run(conn, s3_endpoint, bucket, key)
-    db.delete_new_attr_triples(conn)
+    writes.delete_new_attr_triples(conn)
     assert location_triples(conn) == before
     assert swept_locations(conn) == 0

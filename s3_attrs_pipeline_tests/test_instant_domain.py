@@ -4,6 +4,7 @@ import uuid
 
 import pytest
 
+from s3_attrs_pipeline.instant.app_id_ranges import AppIdRange, partition_keys, partition_of_app
 from s3_attrs_pipeline.instant.file_attrs import FILE_ID, HASH, LAST_MODIFIED, LOCATION_ID, json_text, value_md5
 from s3_attrs_pipeline.instant.object_keys import (
     InvalidLocationId,
@@ -12,7 +13,6 @@ from s3_attrs_pipeline.instant.object_keys import (
     object_key,
     validated_location_id,
 )
-from s3_attrs_pipeline.instant.partitions import AppIdRange, partition_keys, partition_of_app
 from s3_attrs_pipeline.instant.system_ids import encode_short_string, system_attr_id, system_ident_id
 from s3_attrs_pipeline.local.postgres import EXISTING_FILE_ATTRS
 

@@ -11,14 +11,15 @@ import pytest
 from s3_attrs_pipeline import backfill
 from s3_attrs_pipeline.defs.assets import BackfillConfig, files_s3_attrs
 from s3_attrs_pipeline.defs.resources import resources_from_env
-from s3_attrs_pipeline.instant import database as db
-from s3_attrs_pipeline.instant.object_keys import location_bin, location_id_of_key, object_key
+from s3_attrs_pipeline.instant import reads, writes
+from s3_attrs_pipeline.instant.app_id_ranges import AppIdRange
 from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED
-from s3_attrs_pipeline.instant.partitions import AppIdRange
+from s3_attrs_pipeline.instant.object_keys import location_bin, location_id_of_key, object_key
 from s3_attrs_pipeline.local import postgres, seed
 from s3_attrs_pipeline.s3 import listing
-from s3_attrs_pipeline.s3.object_metadata import MalformedObjectMetadata, ObjectStore, S3AccessError, S3Settings
-from s3_attrs_pipeline.s3.signed_listing import ListedObject, parse_list_objects_v2
+from s3_attrs_pipeline.s3.listing import ListedObject, parse_list_objects_v2
+from s3_attrs_pipeline.s3.metadata import MalformedObjectMetadata
+from s3_attrs_pipeline.s3.store import ObjectStore, S3AccessError, S3Settings
 from s3_attrs_pipeline_tests import conftest
 from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
 from s3_attrs_pipeline_tests.helpers import head_values, new_attr_triples
@@ -38,8 +39,11 @@ def _backfill_all(conn, store, files, settings) -> dict[str, backfill.PartitionR
 
 
 def _totals(reports) -> dict[str, int]:
-    names = ("processed", "successful", "missing", "failed", "invalid", "malformed", "already_populated")
-    return {name: sum(getattr(r, name) for r in reports.values()) for name in names}
+    names = (
+        "processed", "successful", "missing", "failed", "invalid_location_id", "malformed_object_metadata",
+        "already_populated",
+    )
+    return {name: sum(getattr(r.counts, name) for r in reports.values()) for name in names}
 
 
 @pytest.fixture
@@ -91,7 +95,7 @@ def test_an_object_under_another_bin_is_not_the_files_object(conn, s3_endpoint, 
     s3_client.put_object(Bucket=bucket, Key=f"{missing.app_id}/{missing.key.split('/')[1]}/nested/x", Body=b"x")
     with ObjectStore(S3Settings(bucket, endpoint_url=s3_endpoint)) as store:
         report = backfill.backfill_partition(conn, store, missing.app_id.hex[:2], LIST_EVERY_APP, LOG)
-    assert report.apps_listed >= 1
+    assert report.counts.apps_listed >= 1
     assert (missing.app_id, missing.entity_id) not in new_attr_triples(conn)
     assert any(p.entity_id == str(missing.entity_id) and "not in the listing" in p.reason for p in report.problems)
 
@@ -123,9 +127,9 @@ def test_a_listed_object_with_malformed_metadata_is_its_files_problem_only(conn,
     assert len(spoiled) == 2
     by_key = {f.key: f for f in files}
     spoiled_files = [by_key[object_key] for object_key in spoiled]
-    assert report.malformed == 2 and report.failed == 0
-    assert report.missing == sum(not f.in_s3 for f in files)
-    assert report.successful == sum(f.in_s3 and not f.prepopulated for f in files) - 2
+    assert report.counts.malformed_object_metadata == 2 and report.counts.failed == 0
+    assert report.counts.missing == sum(not f.in_s3 for f in files)
+    assert report.counts.successful == sum(f.in_s3 and not f.prepopulated for f in files) - 2
     written = new_attr_triples(conn)
     for file in spoiled_files:
         assert (file.app_id, file.entity_id) not in written
@@ -141,8 +145,8 @@ def test_a_failing_listing_falls_back_to_heads(conn, s3_endpoint, s3_client, buc
         with ObjectStore(S3Settings(bucket, endpoint_url=proxy.url, max_retries=1)) as store:
             report = backfill.backfill_partition(conn, store, key, LIST_EVERY_APP, LOG)
         assert proxy.stats()["internal_error"] == 2 * len({f.app_id for f in files})  # a try and a retry each
-    assert report.apps_listed == 0
-    assert report.failed == 0 and report.missing == sum(not f.in_s3 for f in files)
+    assert report.counts.apps_listed == 0
+    assert report.counts.failed == 0 and report.counts.missing == sum(not f.in_s3 for f in files)
     written = new_attr_triples(conn)
     assert {(f.app_id, f.entity_id) for f in files if f.in_s3} <= set(written)
 
@@ -171,7 +175,7 @@ def test_the_launchpad_setting_chooses_the_listing(conn, seeded_files):
         return {name: value.value for name, value in event.metadata.items()}
 
     assert materialize(list_threshold=1000)["apps_listed"] == 0  # the default: these apps are too small
-    db.delete_new_attr_triples(conn)
+    writes.delete_new_attr_triples(conn)
     listed = materialize(list_threshold=1)
     assert listed["apps_listed"] == len({f.app_id for f in seeded_files if f.app_id.hex[:2] == key})
     assert listed["successful"] == sum(f.in_s3 for f in seeded_files if f.app_id.hex[:2] == key)
@@ -248,7 +252,7 @@ def test_an_answer_that_is_no_listing_page_is_a_value_error(body, reason):
 
 def test_an_app_is_listed_when_enough_of_it_is_to_do():
     def app(files, populated):
-        return db.AppFileCount(uuid.uuid4(), files, populated)
+        return reads.AppFileCount(uuid.uuid4(), files, populated)
 
     big_fresh, big_done, small, half = app(50_000, 0), app(50_000, 45_500), app(999, 0), app(2_000, 1_000)
     assert backfill.apps_to_list([big_fresh, big_done, small, half], 1000) == [big_fresh, half]

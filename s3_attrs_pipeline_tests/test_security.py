@@ -6,11 +6,13 @@ import dagster as dg
 import psycopg
 import pytest
 from dagster._serdes import serialize_value
+from psycopg import sql
 
 from s3_attrs_pipeline import cli
 from s3_attrs_pipeline.defs.assets import files_s3_attrs
+from s3_attrs_pipeline.defs.automation import CHECK_KEYS
+from s3_attrs_pipeline.defs.checks import verify_files_s3_attrs
 from s3_attrs_pipeline.defs.resources import resources_from_env
-from s3_attrs_pipeline.defs.verification import s3_attrs_verification
 from s3_attrs_pipeline_tests.conftest import REPO_ROOT
 from s3_attrs_pipeline_tests.helpers import new_attr_triples
 
@@ -19,8 +21,8 @@ AWS_SECRET = "aws-5ecret-key-9924"
 
 
 def _grant_least_privilege(conn, role: str) -> None:
-    conn.execute(f"DROP ROLE IF EXISTS {role}")
-    conn.execute(f"CREATE ROLE {role} LOGIN")
+    conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+    conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
     grants = (REPO_ROOT / "docs" / "postgres-grants.sql").read_text().replace(":role", role)
     conn.execute(grants)
 
@@ -41,7 +43,7 @@ def _materialize_all(files) -> list[dg.ExecuteInProcessResult]:
             )
         results.append(
             dg.materialize(
-                [files_s3_attrs, s3_attrs_verification], selection=[s3_attrs_verification], instance=instance,
+                [files_s3_attrs, verify_files_s3_attrs], selection=dg.AssetSelection.checks(*CHECK_KEYS), instance=instance,
                 resources=resources_from_env(), raise_on_error=False,
             )
         )

@@ -8,9 +8,10 @@ import urllib.parse
 import botocore.credentials
 import pytest
 
-from s3_attrs_pipeline.s3 import listing, object_metadata
-from s3_attrs_pipeline.s3.object_metadata import ListingFailed, ObjectStore, S3AccessError, S3Settings
-from s3_attrs_pipeline.s3.signed_head import SigV4Signer, canonical_query, host_header
+from s3_attrs_pipeline.s3 import listing
+from s3_attrs_pipeline.s3 import store as object_store
+from s3_attrs_pipeline.s3.sigv4 import SigV4Signer, canonical_query, host_header
+from s3_attrs_pipeline.s3.store import ListingFailed, ObjectStore, S3AccessError, S3Settings
 from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
 from s3_attrs_pipeline_tests.test_fast_head import SPECIAL_KEYS, _botocore_authorization
 
@@ -56,7 +57,7 @@ def test_special_keys_list_like_boto3(s3_endpoint, s3_client, bucket, monkeypatc
         for entry in s3_client.list_objects_v2(Bucket=bucket)["Contents"]
     }
     if through_boto3:
-        monkeypatch.setattr(object_metadata, "_why_not_signed_here", lambda client, target: "the test compares")
+        monkeypatch.setattr(object_store, "_why_not_signed_here", lambda client, target: "the test compares")
     with ObjectStore(S3Settings(bucket, endpoint_url=s3_endpoint)) as store:
         pages = _all_pages(store, "", page_size=3)
         assert (store._signed_listing is None) == through_boto3
@@ -73,7 +74,7 @@ def test_special_keys_list_like_boto3(s3_endpoint, s3_client, bucket, monkeypatc
 def _listing_outcome(proxy_url: str, bucket: str, *, through_boto3: bool, monkeypatch, **settings):
     with monkeypatch.context() as patch:
         if through_boto3:
-            patch.setattr(object_metadata, "_why_not_signed_here", lambda client, target: "the test compares")
+            patch.setattr(object_store, "_why_not_signed_here", lambda client, target: "the test compares")
         with ObjectStore(S3Settings(bucket, endpoint_url=proxy_url, **settings)) as store:
             try:
                 pages = list(listing.list_prefix(store, "app/"))

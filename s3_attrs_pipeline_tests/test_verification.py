@@ -1,28 +1,30 @@
-"""Verification, its asset checks, the backfill sensor and the daily healing schedule, on the real parts."""
+"""Verification, the checks of files_s3_attrs, the condition that runs them after a backfill and the daily
+healing schedule, on the real parts."""
 
 import datetime
-import time
+import threading
 import uuid
 
 import dagster as dg
-from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
-from dagster._core.storage.tags import BACKFILL_ID_TAG
-from dagster._core.test_utils import create_run_for_test
 
 from s3_attrs_pipeline import backfill
 from s3_attrs_pipeline.definitions import defs
 from s3_attrs_pipeline.defs.assets import files_s3_attrs
-from s3_attrs_pipeline.defs.automation import HEAL_TAG, daily_reverification, verify_after_backfill
+from s3_attrs_pipeline.defs.automation import CHECK_KEYS, HEAL_TAG, daily_reverification, verify_after_backfill
+from s3_attrs_pipeline.defs.checks import CHECK_SPECS, VERIFY_AFTER_BACKFILL, verify_files_s3_attrs
 from s3_attrs_pipeline.defs.resources import InstantDatabaseResource, resources_from_env
-from s3_attrs_pipeline.defs.verification import s3_attrs_verification
 from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED, json_text, value_md5
 from s3_attrs_pipeline.local import seed
-from s3_attrs_pipeline.s3.object_metadata import ObjectStore, S3Settings
+from s3_attrs_pipeline.s3.store import ObjectStore, S3Settings
 from s3_attrs_pipeline.verification import verify
 
 
-def test_definitions_load():
-    dg.Definitions.validate_loadable(defs)
+def test_definitions_load_with_the_checks_on_the_asset_they_judge():
+    loaded = defs()
+    dg.Definitions.validate_loadable(loaded)
+    graph = loaded.resolve_asset_graph()
+    assert graph.get_check_keys_for_assets({files_s3_attrs.key}) == set(CHECK_KEYS)
+    assert {key.name for key in CHECK_KEYS} == {"completeness", "consistency", "well_formed"}
 
 
 def _backfill_all(conn, endpoint, bucket, files):
@@ -40,15 +42,19 @@ def _checks(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
     return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
 
 
-def _materialize_verification(sample_size=1000) -> dg.ExecuteInProcessResult:
+def _run_checks(sample_size=1000) -> dg.ExecuteInProcessResult:
     with dg.instance_for_test() as instance:
         return dg.materialize(
-            [s3_attrs_verification, files_s3_attrs],
-            selection=[s3_attrs_verification],
+            [files_s3_attrs, verify_files_s3_attrs],
+            selection=dg.AssetSelection.checks(*CHECK_KEYS),
             instance=instance,
             resources=resources_from_env(),
-            run_config=dg.RunConfig(ops={"s3_attrs_verification": {"config": {"sample_size": sample_size}}}),
+            run_config=dg.RunConfig(ops={"verify_files_s3_attrs": {"config": {"sample_size": sample_size}}}),
         )
+
+
+def _check_metadata(result: dg.ExecuteInProcessResult) -> dict:
+    return {name: value for e in result.get_asset_check_evaluations() for name, value in e.metadata.items()}
 
 
 def test_a_clean_backfill_verifies_and_passes_every_check(conn, s3_endpoint, bucket, seeded_files):
@@ -62,11 +68,12 @@ def test_a_clean_backfill_verifies_and_passes_every_check(conn, s3_endpoint, buc
     assert report.remaining == 0 and report.partitions_with_gaps == []
     assert report.sample_size == in_s3 and report.consistent and report.well_formed
 
-    result = _materialize_verification()
+    result = _run_checks()
     assert _checks(result) == {"completeness": True, "consistency": True, "well_formed": True}
-    metadata = result.asset_materializations_for_node("s3_attrs_verification")[0].metadata
+    assert not result.get_asset_materialization_events(), "running the checks materializes nothing"
+    metadata = _check_metadata(result)
     assert metadata["total_files"].value == len(seeded_files)
-    assert metadata["known_missing_in_s3"].value == len(seeded_files) - in_s3
+    assert metadata["known_missing"].value == len(seeded_files) - in_s3
     assert isinstance(metadata["gaps_by_partition"], dg.TableMetadataValue)
 
 
@@ -97,7 +104,7 @@ def test_checks_fail_on_planted_inconsistencies(conn, s3_endpoint, bucket, seede
     assert [m.entity_id for m in report.mismatches] == [str(wrong_etag.entity_id)]
     assert report.complete  # every file still has its hash
 
-    assert _checks(_materialize_verification()) == {"completeness": True, "consistency": False, "well_formed": False}
+    assert _checks(_run_checks()) == {"completeness": True, "consistency": False, "well_formed": False}
 
 
 def test_a_non_positive_last_modified_is_malformed(conn, s3_endpoint, bucket, seeded_files):
@@ -135,71 +142,104 @@ def test_new_files_make_the_schedule_heal_exactly_their_partitions(
     conn, instant_db_url, s3_endpoint, s3_client, bucket, seeded_files
 ):
     _backfill_all(conn, s3_endpoint, bucket, seeded_files)
-    assert [r.asset_selection for r in _schedule_requests(instant_db_url)] == [[s3_attrs_verification.key]]
+    assert [(r.asset_selection, r.asset_check_keys) for r in _schedule_requests(instant_db_url)] == [([], CHECK_KEYS)]
 
     existing_app = seeded_files[0].app_id
     new_app = uuid.UUID("c0ffee00-0000-4000-8000-000000000001")
     _add_files(conn, s3_client, bucket, [existing_app, new_app])
     requests = _schedule_requests(instant_db_url)
     assert sorted(r.partition_key for r in requests) == sorted({existing_app.hex[:2], "c0"})
-    assert all(r.asset_selection == [files_s3_attrs.key] for r in requests)
+    assert all(r.asset_selection == [files_s3_attrs.key] and r.asset_check_keys == [] for r in requests)
     assert len({r.tags[HEAL_TAG] for r in requests}) == 1
     assert _verify(conn, s3_endpoint, bucket, sample_size=0).remaining == 6
 
     _backfill_all(conn, s3_endpoint, bucket, [f for f in seeded_files if f.app_id == existing_app] + [
         seed.SeededFile(new_app, uuid.uuid4(), "x", "x", True, False, False)
     ])
-    assert [r.asset_selection for r in _schedule_requests(instant_db_url)] == [[s3_attrs_verification.key]]
+    assert [(r.asset_selection, r.asset_check_keys) for r in _schedule_requests(instant_db_url)] == [([], CHECK_KEYS)]
 
 
-def _add_backfill(instance, status) -> str:
-    backfill_id = uuid.uuid4().hex[:8]
-    instance.add_backfill(
-        PartitionBackfill(
-            backfill_id, status=status, from_failure=False, tags={}, backfill_timestamp=time.time(),
-            asset_selection=[files_s3_attrs.key],
-        )
-    )
-    return backfill_id
+def _stub_definitions(run_partition) -> dg.Definitions:
+    """files_s3_attrs and its checks, with the checks' own automation condition, over a stub body: the
+    condition is judged on what Dagster records of real runs, not on what the asset does."""
+
+    @dg.asset(name=files_s3_attrs.key.path[-1], partitions_def=dg.StaticPartitionsDefinition(["00", "01", "02"]))
+    def stub(context: dg.AssetExecutionContext) -> None:
+        run_partition(context.partition_key)
+
+    specs = [
+        dg.AssetCheckSpec(spec.name, asset=stub, automation_condition=spec.automation_condition) for spec in CHECK_SPECS
+    ]
+
+    @dg.multi_asset_check(specs=specs)
+    def stub_checks():
+        for spec in specs:
+            yield dg.AssetCheckResult(asset_key=stub.key, check_name=spec.name, passed=True)
+
+    return dg.Definitions(assets=[stub], asset_checks=[stub_checks])
 
 
-def _sensor_run_keys(instance) -> list[str]:
-    result = verify_after_backfill.evaluate_tick(dg.build_sensor_context(instance=instance))
-    return [request.run_key for request in result.run_requests]
+def _run_stub_checks(stub_defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
+    (stub_checks,) = stub_defs.asset_checks
+    stub = stub_defs.resolve_assets_def(files_s3_attrs.key)
+    result = dg.materialize([stub, stub_checks], selection=dg.AssetSelection.checks_for_assets(stub), instance=instance)
+    assert len(result.get_asset_check_evaluations()) == len(CHECK_SPECS)
 
 
-def test_the_sensor_fires_once_a_backfill_has_ended_and_not_before():
+def test_the_checks_and_their_sensor_use_the_after_a_backfill_condition():
+    assert all(spec.automation_condition == VERIFY_AFTER_BACKFILL for spec in CHECK_SPECS)
+    loaded = defs()
+    assert verify_after_backfill.asset_selection.resolve_checks(loaded.resolve_asset_graph()) == set(CHECK_KEYS)
+
+
+def test_the_checks_run_once_after_runs_that_partly_failed_and_not_while_one_is_in_progress():
+    every_check = {"completeness", "consistency", "well_formed"}
+    started, release = threading.Event(), threading.Event()
+
+    def run_partition(key: str) -> None:
+        if key == "01":
+            started.set()
+            assert release.wait(60), "the test never released the running partition"
+        if key == "02":
+            raise RuntimeError("S3 failed after its retries")
+
+    stub_defs = _stub_definitions(run_partition)
+    stub = stub_defs.resolve_assets_def(files_s3_attrs.key)
+
+    def materialize(key: str) -> bool:
+        return dg.materialize([stub], partition_key=key, instance=instance, raise_on_error=False).success
+
+    def requested() -> set[str]:
+        nonlocal cursor
+        result = dg.evaluate_automation_conditions(defs=stub_defs, instance=instance, cursor=cursor)
+        cursor = result.cursor
+        names = {r.key.name for r in result.results if r.key in CHECK_KEYS and r.true_subset.size}
+        assert result.total_requested == len(names), "something else than the checks was requested"
+        return names
+
+    cursor = None
     with dg.instance_for_test() as instance:
-        backfill_id = _add_backfill(instance, BulkActionStatus.REQUESTED)
-        run = create_run_for_test(instance, status=dg.DagsterRunStatus.STARTED, tags={BACKFILL_ID_TAG: backfill_id})
-        assert _sensor_run_keys(instance) == []
+        assert requested() == set()
+        assert materialize("00")
+        running = threading.Thread(target=materialize, args=("01",))
+        running.start()
+        try:
+            assert started.wait(60)
+            assert requested() == set(), "the checks ran while a partition was still in progress"
+        finally:
+            release.set()
+            running.join()
+        assert not materialize("02")
+        assert requested() == every_check
 
-        # The daemon has launched every run, but one is still going.
-        instance.update_backfill(instance.get_backfill(backfill_id).with_status(BulkActionStatus.COMPLETED_FAILED))
-        assert _sensor_run_keys(instance) == []
+        # A run that ends before the next evaluation, while the requested checks are under way, is not
+        # judged by them: the checks are requested again.
+        assert materialize("00")
+        _run_stub_checks(stub_defs, instance)
+        assert requested() == every_check, "a partition materialized during the checks' run was never judged"
+        _run_stub_checks(stub_defs, instance)
+        assert requested() == set(), "the checks were requested twice for one batch of runs"
+        assert requested() == set()
 
-        instance.report_run_failed(run)
-        assert _sensor_run_keys(instance) == [f"backfill:{backfill_id}"]
-        # Seen again on later ticks with the same run key, which Dagster requests only once.
-        assert _sensor_run_keys(instance) == [f"backfill:{backfill_id}"]
-
-
-def test_the_sensor_ignores_backfills_of_other_assets_and_waits_for_heal_batches():
-    with dg.instance_for_test() as instance:
-        other = uuid.uuid4().hex[:8]
-        instance.add_backfill(
-            PartitionBackfill(
-                other, status=BulkActionStatus.COMPLETED_SUCCESS, from_failure=False, tags={},
-                backfill_timestamp=time.time(), asset_selection=[dg.AssetKey("something_else")],
-            )
-        )
-        create_run_for_test(instance, status=dg.DagsterRunStatus.SUCCESS, tags={BACKFILL_ID_TAG: other})
-        heal_runs = [
-            create_run_for_test(instance, status=dg.DagsterRunStatus.STARTED, tags={HEAL_TAG: "2026-11-24T04:00:00"})
-            for _ in range(2)
-        ]
-        assert _sensor_run_keys(instance) == []
-        instance.report_run_failed(heal_runs[0])
-        assert _sensor_run_keys(instance) == []
-        instance.report_run_failed(heal_runs[1])
-        assert _sensor_run_keys(instance) == ["heal:2026-11-24T04:00:00"]
+        assert materialize("01")
+        assert requested() == every_check

@@ -106,9 +106,9 @@ _SESSION_SETTINGS = "SELECT current_setting('statement_timeout'), current_settin
 
 def session_settings_differ(url: str) -> str | None:
     """None if a counting connection's session has the settings of one from database.connect; else what differs."""
-    from s3_attrs_pipeline.instant import database as db
+    from s3_attrs_pipeline.instant import connection
 
-    with db.connect(url) as pipeline_conn, counting_connect(url) as counting_conn:
+    with connection.connect(url) as pipeline_conn, counting_connect(url) as counting_conn:
         want = pipeline_conn.execute(_SESSION_SETTINGS).fetchone()
         have = counting_conn.execute(_SESSION_SETTINGS).fetchone()
     return None if want == have else f"database.connect gives {want}, the benchmark's connection {have}"

@@ -23,8 +23,8 @@ import uuid
 
 import psycopg
 
-from s3_attrs_pipeline.instant import database as db
-from s3_attrs_pipeline.instant.database import ensure_file_attrs
+from s3_attrs_pipeline.instant import file_attrs, reads
+from s3_attrs_pipeline.instant.catalog import ensure_file_attrs
 from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED, AttrSpec, json_text, value_md5
 from s3_attrs_pipeline.instant.object_keys import object_key
 from s3_attrs_pipeline.local.postgres import EXISTING_FILE_ATTRS
@@ -297,7 +297,7 @@ def generate(database_url: str, s3_root: pathlib.Path, work_dir: pathlib.Path, s
         dataset.median_partition, dataset.median_partition_pending = ranked[len(ranked) // 2]
     from s3_attrs_pipeline.backfill import apps_to_list
 
-    counts = [db.AppFileCount(app_id, files_per_app[app_id], prepopulated_per_app[app_id])
+    counts = [reads.AppFileCount(app_id, files_per_app[app_id], prepopulated_per_app[app_id])
               for app_id in sorted(files_per_app)]
     listed = apps_to_list(counts, spec.list_threshold)
     dataset.listed_apps = [str(app.app_id) for app in listed]
@@ -314,7 +314,7 @@ def keep_only_apps(database_url: str, app_ids: list[str]) -> None:
     measure the listed apps alone), and their expected values."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("DELETE FROM triples WHERE app_id <> ALL(%s::uuid[]) AND app_id <> %s",
-                     (app_ids, db.SYSTEM_CATALOG_APP_ID))
+                     (app_ids, file_attrs.SYSTEM_CATALOG_APP_ID))
         conn.execute("DELETE FROM bench_expected WHERE app_id <> ALL(%s::uuid[])", (app_ids,))
         conn.execute("VACUUM (ANALYZE) triples")
         conn.execute("ANALYZE bench_expected")

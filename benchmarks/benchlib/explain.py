@@ -26,10 +26,10 @@ import re
 import psycopg
 from psycopg import sql
 
-from s3_attrs_pipeline.instant import database as db
+from s3_attrs_pipeline.instant import connection, reads, writes
+from s3_attrs_pipeline.instant.app_id_ranges import AppIdRange
 from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED, LOCATION_ID
 from s3_attrs_pipeline.instant.object_keys import object_key
-from s3_attrs_pipeline.instant.partitions import AppIdRange
 
 SEQ_SCAN = "Seq Scan on triples"
 BUFFERS_PER_FILE = 12  # index leaf + heap page of the location triple, the hash probe's index descent...
@@ -117,7 +117,7 @@ def listing_page_params(conn: psycopg.Connection, app_id: str, page: int = 0, si
     app = uuid.UUID(app_id)
     keyed = sorted(((object_key(app, location).encode(), location) for (location,) in rows))
     locations = [location for _, location in keyed[page * size:(page + 1) * size]]
-    return db.ListedAttrs.of(app, [(location, "0" * 32, 1_600_000_000_000) for location in locations]).params
+    return writes.ListedAttrs.of(app, [(location, "0" * 32, 1_600_000_000_000) for location in locations]).params
 
 
 def _explain(conn: psycopg.Connection, query, params: dict) -> str:
@@ -129,11 +129,11 @@ def _explain(conn: psycopg.Connection, query, params: dict) -> str:
 def custom_plans_forced(database_url: str, partition_key: str, batch_size: int) -> str:
     """Run _NEXT_PAGE seven times on a session from database.connect, letting psycopg prepare it as it
     does in the pipeline, and report how PostgreSQL planned the prepared statement's executions."""
-    with db.connect(database_url) as conn:
+    with connection.connect(database_url) as conn:
         mode = conn.execute("SHOW plan_cache_mode").fetchone()[0]
         params = middle_page_params(conn, partition_key, batch_size)
         for _ in range(7):
-            conn.execute(db._NEXT_PAGE, params).fetchall()
+            conn.execute(reads._NEXT_PAGE, params).fetchall()
         row = conn.execute(
             "SELECT coalesce(sum(generic_plans), 0), coalesce(sum(custom_plans), 0) FROM pg_prepared_statements "
             "WHERE statement LIKE %s",
@@ -149,29 +149,29 @@ def custom_plans_forced(database_url: str, partition_key: str, batch_size: int) 
 def explain_fresh(database_url: str, largest: str, median: str, smallest: str, listed_app: str | None,
                   batch_size: int, *, label: str) -> list[Plan]:
     """The queries of a run's start, on data no run has touched yet."""
-    with db.connect(database_url) as conn:
+    with connection.connect(database_url) as conn:
         table = _table_triples(conn)
         largest_files = partition_files(conn, largest)
         median_files = partition_files(conn, median)
         smallest_files = partition_files(conn, smallest)
         plans = [
             Plan(f"{label}: _APP_FILE_COUNTS, largest partition {largest} ({largest_files} files)",
-                 _explain(conn, db._APP_FILE_COUNTS, _params(AppIdRange.for_partition(largest))),
+                 _explain(conn, reads._APP_FILE_COUNTS, _params(AppIdRange.for_partition(largest))),
                  largest_files, table),
             Plan(f"{label}: _APP_FILE_COUNTS, smallest partition with work {smallest} ({smallest_files} files)",
-                 _explain(conn, db._APP_FILE_COUNTS, _params(AppIdRange.for_partition(smallest))),
+                 _explain(conn, reads._APP_FILE_COUNTS, _params(AppIdRange.for_partition(smallest))),
                  smallest_files, table),
             Plan(f"{label}: _FIRST_PAGE, partition {largest}, limit {batch_size}",
-                 _explain(conn, db._FIRST_PAGE, _params(AppIdRange.for_partition(largest), batch_size)),
+                 _explain(conn, reads._FIRST_PAGE, _params(AppIdRange.for_partition(largest), batch_size)),
                  largest_files, table, batch_size),
             Plan(f"{label}: _FIRST_PAGE, median partition with work {median} ({median_files} files), limit {batch_size}",
-                 _explain(conn, db._FIRST_PAGE, _params(AppIdRange.for_partition(median), batch_size)),
+                 _explain(conn, reads._FIRST_PAGE, _params(AppIdRange.for_partition(median), batch_size)),
                  median_files, table, batch_size),
             Plan(f"{label}: _FIRST_PAGE, smallest partition with work {smallest}, limit {batch_size}",
-                 _explain(conn, db._FIRST_PAGE, _params(AppIdRange.for_partition(smallest), batch_size)),
+                 _explain(conn, reads._FIRST_PAGE, _params(AppIdRange.for_partition(smallest), batch_size)),
                  smallest_files, table, batch_size),
             Plan(f"{label}: _NEXT_PAGE from the middle of partition {largest}",
-                 _explain(conn, db._NEXT_PAGE, middle_page_params(conn, largest, batch_size)),
+                 _explain(conn, reads._NEXT_PAGE, middle_page_params(conn, largest, batch_size)),
                  largest_files, table, batch_size),
         ]
         if listed_app:
@@ -179,7 +179,7 @@ def explain_fresh(database_url: str, largest: str, median: str, smallest: str, l
             plans.append(Plan(
                 f"{label}: _LISTED_LOCATED (the join inside a listed page's INSERT), app {listed_app} (the largest "
                 f"listed), its first listing page ({len(params['location_values'])} location ids)",
-                _explain(conn, db._LISTED_LOCATED, params), len(params["location_values"]), table))
+                _explain(conn, writes.LISTED_LOCATED, params), len(params["location_values"]), table))
     return plans
 
 
@@ -188,19 +188,19 @@ def explain_after_run(database_url: str, largest: str, listed_app: str | None, b
     state halfway through the partition's run, rebuilt by removing the new triples of its second half
     again (statistics as the run left them). Changes the database."""
     plans = []
-    with db.connect(database_url) as conn:
+    with connection.connect(database_url) as conn:
         table = _table_triples(conn)
         files = partition_files(conn, largest)
         label = "after a complete run"
         plans.append(Plan(f"{label}: _APP_FILE_COUNTS, partition {largest} (a rerun's count)",
-                          _explain(conn, db._APP_FILE_COUNTS, _params(AppIdRange.for_partition(largest))), files, table))
+                          _explain(conn, reads._APP_FILE_COUNTS, _params(AppIdRange.for_partition(largest))), files, table))
         plans.append(Plan(f"{label}: _FIRST_PAGE, partition {largest} (a rerun's first page walks the populated files)",
-                          _explain(conn, db._FIRST_PAGE, _params(AppIdRange.for_partition(largest), batch_size)),
+                          _explain(conn, reads._FIRST_PAGE, _params(AppIdRange.for_partition(largest), batch_size)),
                           files, table, batch_size))
         if listed_app:
             params = listing_page_params(conn, listed_app)
             plans.append(Plan(f"{label}: _LISTED_LOCATED, app {listed_app}, first listing page (all populated)",
-                              _explain(conn, db._LISTED_LOCATED, params), len(params["location_values"]), table))
+                              _explain(conn, writes.LISTED_LOCATED, params), len(params["location_values"]), table))
         following = middle_page_params(conn, largest, batch_size)
         with conn.transaction():
             deleted = conn.execute(
@@ -213,7 +213,7 @@ def explain_after_run(database_url: str, largest: str, listed_app: str | None, b
             ).rowcount
         label = f"mid-run ({deleted} new triples of the partition's second half removed again, statistics as the run left them)"
         plans.append(Plan(f"{label}: _NEXT_PAGE after the middle of partition {largest}",
-                          _explain(conn, db._NEXT_PAGE, following), files, table, batch_size))
+                          _explain(conn, reads._NEXT_PAGE, following), files, table, batch_size))
         plans.append(Plan(f"mid-run: _APP_FILE_COUNTS, partition {largest}",
-                          _explain(conn, db._APP_FILE_COUNTS, _params(AppIdRange.for_partition(largest))), files, table))
+                          _explain(conn, reads._APP_FILE_COUNTS, _params(AppIdRange.for_partition(largest))), files, table))
     return plans

@@ -65,7 +65,7 @@ class TimeUp(Exception):
 
 
 # backfill._ProgressLog's message, at most every 10 s and after a batch was written
-_PROGRESS = re.compile(r"Processed batch (\d+) of partition \S+: total-processed=(\d+) successful=(\d+) "
+_PROGRESS = re.compile(r"Processed batch (\d+) of partition \S+: processed=(\d+) successful=(\d+) "
                        r"missing=(\d+) failed=(\d+)")
 
 
@@ -148,7 +148,7 @@ def _install_timers() -> None:
 
 
 def _make_store(cfg: dict, *, without_s3: bool = False):
-    from s3_attrs_pipeline.s3.object_metadata import ObjectStore, S3Settings
+    from s3_attrs_pipeline.s3.store import ObjectStore, S3Settings
 
     settings = S3Settings(cfg["bucket"], endpoint_url=cfg["endpoint_url"], max_in_flight=cfg["max_in_flight"])
 
@@ -170,7 +170,8 @@ def _make_store(cfg: dict, *, without_s3: bool = False):
     if not without_s3:
         return TimedStore(settings)
 
-    from s3_attrs_pipeline.s3.object_metadata import HeadOutcome, ObjectMetadata
+    from s3_attrs_pipeline.s3.metadata import ObjectMetadata
+    from s3_attrs_pipeline.s3.store import HeadOutcome
 
     metadata = ObjectMetadata(_FAKE_ETAG, _FAKE_LAST_MODIFIED_MS)
 
@@ -191,8 +192,8 @@ def _client_requests(store) -> int | None:
 
 
 _REPORT_FIELDS = (
-    "processed", "successful", "missing", "failed", "invalid", "malformed", "already_populated", "vanished",
-    "s3_retries", "batches", "apps_listed",
+    "processed", "successful", "missing", "failed", "invalid_location_id", "malformed_object_metadata",
+    "already_populated", "vanished_during_run", "s3_retries", "batches", "apps_listed",
 )
 
 
@@ -208,7 +209,7 @@ def _run_partition(conn, store, key: str, settings, log) -> dict:
         report, failed_partition = error.report, 1
     except TimeUp as time_up:
         report, failed_partition, counts_at_cap = None, 0, time_up.counts
-    summary = {field: getattr(report, field, 0) for field in _REPORT_FIELDS}
+    summary = {field: getattr(report.counts, field) if report else 0 for field in _REPORT_FIELDS}
     if counts_at_cap is not None:
         summary |= counts_at_cap
         summary["capped"] = 1
@@ -226,7 +227,7 @@ def _add(total: dict, part: dict) -> None:
 
 def _settings(cfg: dict, without_s3: bool):
     from s3_attrs_pipeline.backfill import BackfillSettings
-    from s3_attrs_pipeline.instant.partitions import partition_keys
+    from s3_attrs_pipeline.instant.app_id_ranges import partition_keys
 
     return BackfillSettings(batch_size=cfg["batch_size"], partition_count=len(partition_keys(cfg["partition_width"])),
                             list_threshold=0 if without_s3 else cfg["list_threshold"])
@@ -374,7 +375,7 @@ def _pipeline_parallel(cfg: dict, keys: list[str], without_s3: bool, processes: 
 
 
 def pipeline(cfg: dict) -> dict:
-    from s3_attrs_pipeline.instant.partitions import partition_keys
+    from s3_attrs_pipeline.instant.app_id_ranges import partition_keys
 
     keys = cfg.get("partitions") or partition_keys(cfg["partition_width"])
     without_s3 = cfg.get("without_s3", False)
@@ -401,17 +402,17 @@ def naive(cfg: dict) -> dict:
     import botocore.exceptions
     from psycopg.types.json import Json
 
-    from s3_attrs_pipeline.instant import database as db
+    from s3_attrs_pipeline.instant import catalog, reads
+    from s3_attrs_pipeline.instant.app_id_ranges import AppIdRange
     from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED, json_text, value_md5
     from s3_attrs_pipeline.instant.object_keys import InvalidLocationId, object_key
-    from s3_attrs_pipeline.instant.partitions import AppIdRange
-    from s3_attrs_pipeline.s3.object_metadata import MalformedObjectMetadata, object_metadata_from_headers
+    from s3_attrs_pipeline.s3.metadata import MalformedObjectMetadata, object_metadata_from_headers
 
     conn = counting.counting_connect(cfg["database_url"])
     client = boto3.client(
         "s3", endpoint_url=cfg["endpoint_url"], config=botocore.config.Config(retries={"mode": "standard"})
     )
-    db.ensure_file_attrs(conn)
+    catalog.ensure_file_attrs(conn)
     client.head_bucket(Bucket=cfg["bucket"])  # connection and service model ready before the clock starts
     every_app = AppIdRange("all", uuid.UUID(int=0), uuid.UUID(int=2**128 - 1))
     totals = {"processed": 0, "successful": 0, "missing": 0, "failed": 0}
@@ -419,7 +420,7 @@ def naive(cfg: dict) -> dict:
     deadline = time.monotonic() + cfg["max_seconds"]
     window = _Window()
     window.start()
-    for batch in db.iter_pending_batches(conn, every_app, cfg["batch_size"]):
+    for batch in reads.iter_pending_batches(conn, every_app, cfg["batch_size"]):
         for file in batch:
             totals["processed"] += 1
             try:

@@ -1,3 +1,6 @@
+"""The asset: one partition of `files_s3_attrs` is the backfill of the apps whose id starts with its key."""
+
+import dataclasses
 import os
 
 import dagster as dg
@@ -13,27 +16,26 @@ from s3_attrs_pipeline.backfill import (
 from s3_attrs_pipeline.defs.metadata import numbers, table
 from s3_attrs_pipeline.defs.partitions import app_id_prefix_partitions
 from s3_attrs_pipeline.defs.resources import FileBucketResource, InstantDatabaseResource
-from s3_attrs_pipeline.instant.database import CatalogMismatch
-from s3_attrs_pipeline.s3.object_metadata import S3AccessError
+from s3_attrs_pipeline.instant.catalog import CatalogMismatch
+from s3_attrs_pipeline.s3.store import S3AccessError
+from s3_attrs_pipeline.settings import setting_help
 
-RUN_RETRIES_ENV = "S3_ATTRS_RUN_RETRIES"
+STEP_RETRIES_ENV = "S3_ATTRS_STEP_RETRIES"
+DEFAULT_STEP_RETRIES = 2
 
 
 class BackfillConfig(dg.Config):
-    batch_size: int = Field(50, description="Files written per transaction (and read per page).")
+    batch_size: int = Field(BackfillSettings.batch_size, description=setting_help(BackfillSettings, "batch_size"))
     list_threshold: int = Field(
-        1000,
-        description=(
-            "An app is read with ListObjectsV2 (1,000 objects a request) instead of one HEAD per file when at "
-            "least this many of its files lack the attrs and they are at least a tenth of its files; 0 never lists."
-        ),
+        BackfillSettings.list_threshold, description=setting_help(BackfillSettings, "list_threshold")
     )
 
 
-def _run_retry_policy() -> dg.RetryPolicy | None:
-    # Whole-run failures (database restarts, a throttling storm outlasting the per-request retries)
-    # deserve a later try; an unreadable bucket or a wrong catalog does not (see allow_retries).
-    max_retries = int(os.environ.get(RUN_RETRIES_ENV, "2"))
+def _step_retry_policy() -> dg.RetryPolicy | None:
+    # A partition's step is retried in the same run after whole-step failures (database restarts, a
+    # throttling storm outlasting the per-request retries); an unreadable bucket or a wrong catalog
+    # is not (see allow_retries).
+    max_retries = int(os.environ.get(STEP_RETRIES_ENV, str(DEFAULT_STEP_RETRIES)))
     if max_retries <= 0:
         return None
     return dg.RetryPolicy(
@@ -46,17 +48,7 @@ def _run_retry_policy() -> dg.RetryPolicy | None:
 
 def report_metadata(report: PartitionReport) -> dict[str, dg.MetadataValue]:
     metadata = numbers(
-        processed=report.processed,
-        successful=report.successful,
-        missing=report.missing,
-        failed=report.failed,
-        invalid_location_id=report.invalid,
-        malformed_object_metadata=report.malformed,
-        already_populated=report.already_populated,
-        apps_listed=report.apps_listed,
-        vanished_during_run=report.vanished,
-        s3_retries=report.s3_retries,
-        s3_throttled=report.s3_throttled,
+        **dataclasses.asdict(report.counts),
         duration_seconds=float(report.duration_s),
         files_per_second=float(report.files_per_second),
     )
@@ -72,7 +64,7 @@ def report_metadata(report: PartitionReport) -> dict[str, dg.MetadataValue]:
     group_name="instant_files",
     kinds={"postgres", "s3"},
     pool="instant_s3_attrs",
-    retry_policy=_run_retry_policy(),
+    retry_policy=_step_retry_policy(),
     description=(
         "`hash` (S3 ETag) and `lastModified` (epoch ms) triples of every InstantDB `$files` entity whose app id "
         "starts with the partition key. Materializing a partition HEADs each object that still lacks them and "

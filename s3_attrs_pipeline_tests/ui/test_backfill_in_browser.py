@@ -16,7 +16,7 @@ from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES, Bulk
 from dagster._core.nux import get_has_seen_nux
 from dagster._core.storage.tags import BACKFILL_ID_TAG
 
-from s3_attrs_pipeline.instant import database as db
+from s3_attrs_pipeline.instant import progress
 from s3_attrs_pipeline.instant.file_attrs import HASH
 from s3_attrs_pipeline_tests.helpers import new_attr_triples, wait_for
 from s3_attrs_pipeline_tests.ui.conftest import SCREENSHOT_DIR
@@ -134,10 +134,10 @@ def test_operator_launches_a_backfill_in_the_ui_and_reads_the_counts(
     shown = _metadata_shown(page)
     screenshot = _screenshot(page, tmp_path, f"03-partition-{shown_key}-metadata.png")
 
-    progress = db.read_progress(conn)["partitions"][shown_key]
-    in_progress_row = {name: progress[name.replace("_", "-")] for name in SHOWN_COUNTS}
+    state = progress.read_progress(conn)["partitions"][shown_key]
+    in_progress_row = {name: state[name.replace("_", "-")] for name in SHOWN_COUNTS}
     triples = new_attr_triples(conn)
     with_hash = sum(HASH.attr_id in attrs for (app_id, _), attrs in triples.items() if app_id.hex.startswith(shown_key))
     assert shown == in_instance == in_progress_row == expected, screenshot
-    assert progress["status"] == "completed"
+    assert state["status"] == "completed"
     assert with_hash == expected["successful"] + expected["already_populated"]

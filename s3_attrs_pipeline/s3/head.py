@@ -5,13 +5,13 @@ endpoint rules, response parsing, its retry handler), which caps one process nea
 The request itself is simple: one URL, four or five headers and an AWS Signature V4. This module
 builds exactly that and sends it over keep-alive connections.
 
-- *Where and how to sign* is not re-implemented: `resolve_head_target` lets the store's boto3
+- *Where and how to sign* is not re-implemented: `endpoint.resolve_head_target` lets the store's boto3
   client prepare one head_object and reads the URL, signing region and signature version it chose
   (custom endpoint or AWS, path or virtual-hosted style, FIPS, dual-stack, a bucket region learned
   from a redirect during check_bucket).
 - *Credentials* are the boto3 session's, so every source boto3 knows (environment, profiles, SSO,
   instance roles, web identity) works, refreshes included.
-- *Signing* (`SigV4Signer`) is a few lines of hmac/hashlib with the derived key cached per day;
+- *Signing* (`sigv4.SigV4Signer`) is a few lines of hmac/hashlib with the derived key cached per day;
   the tests check it against botocore's S3SigV4Auth.
 - *HTTP* (`HeadConnections`) is a minimal HTTP/1.1 client for HEAD only. With urllib3 (over
   http.client and its email-based header parser) a HEAD cost 0.56 ms of CPU with 32 threads;
@@ -27,10 +27,6 @@ the store's retry loop and error mapping are the same code for both paths.
 
 import collections
 import dataclasses
-import functools
-import hashlib
-import hmac
-import os
 import select
 import socket
 import ssl
@@ -38,165 +34,16 @@ import time
 import urllib.parse
 
 import botocore.exceptions
-import botocore.httpsession
 
-# The SHA-256 of an empty body: what botocore sends as x-amz-content-sha256 for a HEAD, over http
-# and https alike, so S3 and every S3 look-alike sees the same headers as from boto3.
-EMPTY_PAYLOAD_SHA256 = hashlib.sha256(b"").hexdigest()
-_ALGORITHM = "AWS4-HMAC-SHA256"
-# The characters S3 leaves unencoded in a key: unreserved ones, and "/" between segments.
-_KEY_SAFE_CHARACTERS = "/~"
+from s3_attrs_pipeline.s3.endpoint import HeadTarget, tls_context
+from s3_attrs_pipeline.s3.sigv4 import SigV4Signer, encode_key, host_header
+
 _USER_AGENT = "s3-attrs-pipeline (signed HEAD)"
 # No S3 answer to a HEAD has headers anywhere near this long; a longer one is not S3.
 _MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 # How long frozen credentials are reused: botocore refreshes temporary ones 15 minutes before
 # they expire, and asking it costs ~20 µs for refreshable credentials, 10% of a whole HEAD.
 _CREDENTIALS_REUSE_S = 1.0
-_PROBE_KEY = "s3-attrs-probe"
-
-
-def canonical_query(params: dict[str, str]) -> str:
-    """A query string in SigV4's canonical form, which is also a valid one to send: names sorted, names
-    and values percent-encoded but for unreserved characters."""
-    quote = functools.partial(urllib.parse.quote, safe="~")
-    return "&".join(f"{quote(name)}={quote(value)}" for name, value in sorted(params.items()))
-
-
-def encode_key(key: str) -> str:
-    """The key as it goes into the path: UTF-8, each byte but unreserved ones and "/" percent-encoded.
-    This is also its canonical form: SigV4 for S3 signs the path as sent, without encoding it again."""
-    return urllib.parse.quote(key.encode("utf-8"), safe=_KEY_SAFE_CHARACTERS)
-
-
-@dataclasses.dataclass(frozen=True)
-class HeadTarget:
-    """Where the store's boto3 client would send a head_object, and how it would sign it."""
-
-    base_url: str  # scheme://host[:port][/path prefix][/bucket], without the trailing "/" before the key
-    region: str
-    signature_version: str  # "s3v4" for every ordinary bucket
-
-    @property
-    def signable(self) -> bool:
-        return self.signature_version in ("s3v4", "v4")
-
-
-class _Prepared(Exception):
-    """Stops a head_object right before it would be signed and sent."""
-
-    def __init__(self, url: str, region: str, signature_version: str):
-        super().__init__(url)
-        self.url, self.region, self.signature_version = url, region, signature_version
-
-
-def prepare_head_object(client, bucket: str, key: str) -> tuple[str, str, str]:
-    """(URL, signing region, signature version) of the head_object `client` would send: it prepares
-    the request and is stopped before signing it, so nothing is sent and no credentials are needed."""
-
-    def stop_before_signing(request, region_name, signature_version, **_):
-        signing_region = request.context.get("signing", {}).get("region") or region_name or "us-east-1"
-        raise _Prepared(request.url, signing_region, str(signature_version))
-
-    event, handler_id = "before-sign.s3.HeadObject", "s3-attrs-prepare-head-object"
-    client.meta.events.register_first(event, stop_before_signing, unique_id=handler_id)
-    try:
-        client.head_object(Bucket=bucket, Key=key)
-    except _Prepared as prepared:
-        return prepared.url, prepared.region, prepared.signature_version
-    finally:
-        client.meta.events.unregister(event, unique_id=handler_id)
-    raise RuntimeError("botocore sent a head_object without signing it")
-
-
-def resolve_head_target(client, bucket: str) -> HeadTarget:
-    """Where and how `client` would HEAD any key of `bucket`: its URL for one key, minus that key."""
-    url, region, signature_version = prepare_head_object(client, bucket, _PROBE_KEY)
-    parts = urllib.parse.urlsplit(url)
-    suffix = "/" + _PROBE_KEY
-    if parts.query or parts.fragment or not parts.path.endswith(suffix):
-        raise RuntimeError(f"unexpected head_object URL {url!r}")
-    base_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path[: -len(suffix)], "", ""))
-    return HeadTarget(base_url, region, signature_version)
-
-
-def host_header(url: str) -> str:
-    """The Host header botocore signs: lower-case host, the port only when not the scheme's default."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname
-    if ":" in host:
-        host = f"[{host}]"
-    if parts.port is not None and parts.port != {"http": 80, "https": 443}.get(parts.scheme):
-        host = f"{host}:{parts.port}"
-    return host
-
-
-class SigV4Signer:
-    """AWS Signature V4 headers for a bodiless request to one S3 host and region.
-
-    The signing key depends only on the secret key and the day, so it is derived once per day
-    (four HMACs) instead of for every request; a refreshed secret derives a new one. Thread-safe:
-    the cache is one tuple, replaced whole.
-    """
-
-    def __init__(self, host: str, region: str, service: str = "s3"):
-        self.host = host
-        self.region = region
-        self.service = service
-        self._scope_suffix = f"/{region}/{service}/aws4_request"
-        self._signing_key: tuple[str, str, bytes] = ("", "", b"")  # (secret key, yyyymmdd, key)
-
-    def _key_for(self, secret_key: str, day: str) -> bytes:
-        cached_secret, cached_day, key = self._signing_key
-        if cached_secret != secret_key or cached_day != day:
-            key = hmac.digest(f"AWS4{secret_key}".encode(), day.encode(), "sha256")
-            for part in (self.region, self.service, "aws4_request"):
-                key = hmac.digest(key, part.encode(), "sha256")
-            self._signing_key = (secret_key, day, key)
-        return key
-
-    def headers(
-        self, method: str, path: str, credentials, amz_date: str | None = None, query: str = ""
-    ) -> dict[str, str]:
-        """The headers of a signed request for `path` (already encoded, see `encode_key`) and `query`
-        (canonical: see `canonical_query`), `credentials` being botocore's frozen ones. `amz_date`
-        (yyyymmddThhmmssZ, UTC) defaults to now."""
-        if amz_date is None:
-            amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        day = amz_date[:8]
-        headers = {"host": self.host, "x-amz-content-sha256": EMPTY_PAYLOAD_SHA256, "x-amz-date": amz_date}
-        if credentials.token:
-            headers["x-amz-security-token"] = credentials.token
-        # Names are lower-case and already in sorted order; values have no spaces to trim.
-        signed_names = ";".join(headers)
-        canonical_request = "\n".join((
-            method, path, query, *(f"{name}:{value}" for name, value in headers.items()), "",
-            signed_names, EMPTY_PAYLOAD_SHA256,
-        ))
-        scope = day + self._scope_suffix
-        string_to_sign = "\n".join(
-            (_ALGORITHM, amz_date, scope, hashlib.sha256(canonical_request.encode()).hexdigest())
-        )
-        signature = hmac.new(self._key_for(credentials.secret_key, day), string_to_sign.encode(), "sha256").hexdigest()
-        headers["authorization"] = (
-            f"{_ALGORITHM} Credential={credentials.access_key}/{scope}, "
-            f"SignedHeaders={signed_names}, Signature={signature}"
-        )
-        return headers
-
-
-def tls_context(verify: bool | str) -> ssl.SSLContext:
-    """How botocore would verify an https endpoint: `verify` as its client takes it."""
-    if not verify:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    # The CA bundle botocore would use: AWS_CA_BUNDLE / ca_bundle, else certifi's (a file or, as
-    # botocore also allows, a directory of certificates).
-    ca_path = botocore.httpsession.get_cert_path(verify)
-    if os.path.isdir(ca_path):
-        return ssl.create_default_context(capath=ca_path)
-    return ssl.create_default_context(cafile=ca_path)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,8 @@
-"""HEAD objects concurrently and turn each answer into metadata, a miss, a failure or a stop."""
+"""One bucket, read with HEAD object and ListObjectsV2: retries, throttling, and every answer turned
+into metadata, a miss, a failure or a stop."""
 
 import dataclasses
 import datetime
-import email.utils
 import functools
 import logging
 import os
@@ -19,14 +19,14 @@ import botocore.exceptions
 import botocore.session
 import botocore.utils
 
+from s3_attrs_pipeline.s3.endpoint import resolve_head_target
+from s3_attrs_pipeline.s3.head import SignedHead
+from s3_attrs_pipeline.s3.listing import ListedObject, ListPage, SignedListing
+from s3_attrs_pipeline.s3.metadata import MalformedObjectMetadata, ObjectMetadata, object_metadata_from_headers
 from s3_attrs_pipeline.s3.rate_limit import AdaptiveRateLimiter, backoff_delay
-from s3_attrs_pipeline.s3.signed_head import SignedHead, resolve_head_target
-from s3_attrs_pipeline.s3.signed_listing import ListedObject, ListPage, SignedListing
 
 logger = logging.getLogger(__name__)
 
-# Printable ASCII without quotes or spaces: what S3 and its look-alikes put inside an ETag.
-_ETAG_PATTERN = re.compile(r'[!#-~]{1,512}')
 # Errors that would answer every request the same way: asking further is futile.
 _ACCESS_ERROR_CODES = {
     "403", "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
@@ -45,6 +45,17 @@ _NETWORK_ERRORS = (
 )
 
 
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
+
+
+def validate_bucket_name(bucket: str | None) -> str:
+    if not bucket:
+        raise ValueError("INSTANT_S3_BUCKET is not set: give the name of the bucket holding InstantDB's files")
+    if not _BUCKET_NAME.fullmatch(bucket):
+        raise ValueError(f"INSTANT_S3_BUCKET={bucket!r} is not a valid S3 bucket name")
+    return bucket
+
+
 class S3AccessError(RuntimeError):
     """The bucket cannot be read at all (access denied, no such bucket, no credentials)."""
 
@@ -53,25 +64,28 @@ class ListingFailed(RuntimeError):
     """A listing request still failed after its retries (or S3 sent a page that cannot be parsed)."""
 
 
-class MalformedObjectMetadata(ValueError):
-    """An object's ETag or Last-Modified header is not what S3 sends."""
-
 
 @dataclasses.dataclass(frozen=True)
 class S3Settings:
-    bucket: str
-    endpoint_url: str | None = None
-    region_name: str | None = None
-    max_in_flight: int = 32
-    max_retries: int = 3
+    """The bucket and how hard to ask it. The Dagster resource takes its defaults and descriptions from here."""
+
+    bucket: str = dataclasses.field(metadata={"help": "Name of the bucket (INSTANT_S3_BUCKET)."})
+    endpoint_url: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "S3 endpoint for S3-compatible stores; unset means AWS (or AWS_ENDPOINT_URL)."},
+    )
+    region_name: str | None = dataclasses.field(
+        default=None, metadata={"help": "AWS region; unset means the AWS chain's default."}
+    )
+    max_in_flight: int = dataclasses.field(
+        default=32, metadata={"help": "S3 requests in flight at once, per partition run."}
+    )
+    max_retries: int = dataclasses.field(
+        default=3, metadata={"help": "Retries of a throttled, 5xx or network-failed request."}
+    )
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 20.0
 
-
-@dataclasses.dataclass(frozen=True)
-class ObjectMetadata:
-    hash: str  # the ETag without its quotes
-    last_modified_ms: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,34 +99,6 @@ class HeadOutcome:
     malformed: bool = False
     retries: int = 0
 
-
-def parse_etag(header: str | None) -> str:
-    if header is None:
-        raise MalformedObjectMetadata("the response has no ETag header")
-    unquoted = header[1:-1] if len(header) >= 2 and header[0] == header[-1] == '"' else header
-    if not _ETAG_PATTERN.fullmatch(unquoted):
-        raise MalformedObjectMetadata(f"ETag {header[:80]!r} is not a quoted printable token")
-    return unquoted
-
-
-def parse_last_modified_ms(header: str | None) -> int:
-    if header is None:
-        raise MalformedObjectMetadata("the response has no Last-Modified header")
-    try:
-        instant = email.utils.parsedate_to_datetime(header)
-    except (TypeError, ValueError):
-        instant = None
-    if instant is None or instant.tzinfo is None:
-        raise MalformedObjectMetadata(f"Last-Modified {header[:80]!r} is not an HTTP date")
-    millis = round(instant.timestamp() * 1000)
-    if millis <= 0:
-        raise MalformedObjectMetadata(f"Last-Modified {header[:80]!r} is not after 1970")
-    return millis
-
-
-def object_metadata_from_headers(headers: dict[str, str]) -> ObjectMetadata:
-    """Metadata from a HEAD's raw headers (lower-case names), as S3 sent them."""
-    return ObjectMetadata(parse_etag(headers.get("etag")), parse_last_modified_ms(headers.get("last-modified")))
 
 
 def _error_code(error: botocore.exceptions.ClientError) -> str:
@@ -178,9 +164,9 @@ class ObjectStore:
     and timeouts are retried `max_retries` times with exponential backoff and full jitter, and
     every throttle slows the whole store down through one AdaptiveRateLimiter.
 
-    HEAD object, the one request per file, goes through SignedHead (signed_head.py): the request
+    HEAD object, the one request per file, goes through SignedHead (head.py): the request
     boto3 would send, built at a tenth of the CPU; ListObjectsV2 through SignedListing
-    (signed_listing.py), parsed at a sixth of boto3's. HEAD bucket, once per store, stays on the
+    (listing.py), parsed at a sixth of boto3's. HEAD bucket, once per store, stays on the
     boto3 client. `requests_sent` counts the attempts of every kind, retries included.
     """
 

@@ -1,0 +1,133 @@
+"""The checks that judge `files_s3_attrs` as a whole: complete, consistent with S3, well formed.
+
+One verification (`verification.verify`) feeds the three, each carrying the figures it judged by
+under the verification report's own field names. They run by themselves once a backfill of the
+asset has ended, whether or not every partition succeeded (see VERIFY_AFTER_BACKFILL), and from the
+daily schedule in automation.py.
+"""
+
+import dataclasses
+from collections.abc import Iterator
+
+import dagster as dg
+from pydantic import Field
+
+from s3_attrs_pipeline.defs.assets import files_s3_attrs
+from s3_attrs_pipeline.defs.metadata import numbers, table
+from s3_attrs_pipeline.defs.partitions import PARTITION_WIDTH
+from s3_attrs_pipeline.defs.resources import FileBucketResource, InstantDatabaseResource
+from s3_attrs_pipeline.verification import PartitionGap, SampleMismatch, VerificationReport, verify
+
+# Once any partition was materialized since the checks were last requested, and no partition is in a
+# run or a backfill in progress: after every backfill, one verification, also when some partitions
+# failed. A request is known one tick late (`newly_requested`), so partitions materialized in that
+# tick may postdate what the requested run reads: then the request does not count as handling them.
+# (`since_last_handled()` would also count the checks' own run ending, and let such partitions go.)
+_REQUESTED_AND_NOTHING_SINCE = (
+    (dg.AutomationCondition.newly_requested() & ~dg.AutomationCondition.any_deps_updated())
+    | dg.AutomationCondition.initial_evaluation()
+).with_label("checks requested, nothing materialized since")
+VERIFY_AFTER_BACKFILL = (
+    dg.AutomationCondition.any_deps_updated().since(_REQUESTED_AND_NOTHING_SINCE)
+    & ~dg.AutomationCondition.any_deps_in_progress()
+).with_label("materialized since the checks were requested, and nothing in progress")
+
+
+class VerificationConfig(dg.Config):
+    sample_size: int = Field(100, description="Populated files re-HEADed in S3 to compare stored and actual values.")
+
+
+def _spec(name: str, description: str) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(
+        name, asset=files_s3_attrs, description=description, automation_condition=VERIFY_AFTER_BACKFILL
+    )
+
+
+CHECK_SPECS = [
+    _spec(
+        "completeness",
+        "Every file has hash and lastModified, except those whose object is known to be missing or whose data is "
+        "known to be invalid.",
+    ),
+    _spec("consistency", "A random sample of populated files has the ETag and Last-Modified S3 reports now."),
+    _spec(
+        "well_formed",
+        "hash is a non-empty string, lastModified a positive integer of ms, both or neither per file, and every "
+        "triple is encoded as InstantDB writes it.",
+    ),
+]
+
+
+def _check_results(report: VerificationReport) -> list[dg.AssetCheckResult]:
+    malformed = dataclasses.asdict(report.malformed)
+    gaps = {"gaps_by_partition": table(PartitionGap, report.partitions_with_gaps)}
+    mismatches = {"mismatches": table(SampleMismatch, report.mismatches)} if report.mismatches else {}
+    return [
+        dg.AssetCheckResult(
+            asset_key=files_s3_attrs.key,
+            check_name="completeness",
+            passed=report.complete,
+            metadata=numbers(
+                total_files=report.total_files,
+                with_hash=report.with_hash,
+                with_last_modified=report.with_last_modified,
+                with_both=report.with_both,
+                with_neither=report.with_neither,
+                known_missing=report.known_missing,
+                known_invalid=report.known_invalid,
+                remaining=report.remaining,
+                partitions_with_gaps=len(report.partitions_with_gaps),
+            )
+            | gaps,
+        ),
+        dg.AssetCheckResult(
+            asset_key=files_s3_attrs.key,
+            check_name="consistency",
+            passed=report.consistent,
+            metadata=numbers(
+                sample_size=report.sample_size,
+                sample_hash_mismatches=report.sample_hash_mismatches,
+                sample_last_modified_mismatches=report.sample_last_modified_mismatches,
+                sample_missing_now=report.sample_missing_now,
+                sample_unreadable=report.sample_unreadable,
+            )
+            | mismatches,
+        ),
+        dg.AssetCheckResult(
+            asset_key=files_s3_attrs.key,
+            check_name="well_formed",
+            passed=report.well_formed,
+            metadata=numbers(only_one=report.only_one, **{f"malformed_{name}": n for name, n in malformed.items()}),
+        ),
+    ]
+
+
+@dg.multi_asset_check(
+    specs=CHECK_SPECS,
+    name="verify_files_s3_attrs",
+    # Dagster plans an asset's checks into every run of it, partition runs of a backfill included
+    # (whatever their automation condition); those runs skip them (see below), which needs optional outputs.
+    can_subset=True,
+    description="Coverage from the database (overall and by partition), malformed triples, and a random sample of "
+    "populated files re-HEADed in S3.",
+)
+def verify_files_s3_attrs(
+    context: dg.AssetCheckExecutionContext,
+    config: VerificationConfig,
+    instant_db: InstantDatabaseResource,
+    file_bucket: FileBucketResource,
+) -> Iterator[dg.AssetCheckResult]:
+    if context.op_execution_context.has_partition_key:
+        # One partition's run cannot judge the whole asset, and a verification per partition would
+        # scan every file's triples 256 times a backfill: the checks run once it has ended.
+        context.log.info("the checks of files_s3_attrs run once the backfill has ended, not in a partition's run")
+        return
+    with instant_db.connect() as conn, file_bucket.open_store() as store:
+        report = verify(conn, store, PARTITION_WIDTH, config.sample_size)
+    context.log.info(
+        f"{report.with_both} of {report.total_files} files populated, {report.known_missing} known missing in S3, "
+        f"{report.remaining} remaining in {len(report.partitions_with_gaps)} partitions; sample of "
+        f"{report.sample_size}: {report.sample_hash_mismatches} hash and {report.sample_last_modified_mismatches} "
+        f"lastModified mismatches, {report.sample_missing_now} missing now"
+    )
+    yield from _check_results(report)

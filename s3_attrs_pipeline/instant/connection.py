@@ -1,0 +1,58 @@
+"""Connecting to the InstantDB database: the URL checked before use, and session guards fit for a
+live database. Reads run outside transactions (autocommit) so that no snapshot is held while S3
+is being asked; each write is one short transaction its caller opens."""
+
+import dataclasses
+
+import psycopg
+
+APPLICATION_NAME = "s3-attrs-pipeline"
+
+
+class DatabaseUrlError(ValueError):
+    """INSTANT_DATABASE_URL is missing or not a libpq connection string."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionLimits:
+    """Guards for a live database: no statement or lock wait may run longer than these."""
+
+    statement_timeout_ms: int = dataclasses.field(
+        default=30_000, metadata={"help": "No pipeline statement may run longer than this."}
+    )
+    lock_timeout_ms: int = dataclasses.field(
+        default=5_000, metadata={"help": "No pipeline statement may wait for a lock longer than this."}
+    )
+    connect_timeout_s: int = dataclasses.field(
+        default=10, metadata={"help": "How long to wait for the database to accept a connection."}
+    )
+
+
+def validate_database_url(url: str | None) -> str:
+    if not url or not url.strip():
+        raise DatabaseUrlError("INSTANT_DATABASE_URL is not set: give the libpq URL of the InstantDB database")
+    try:
+        psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        # libpq's own message quotes the string, password and all: keep it out of logs.
+        raise DatabaseUrlError(
+            "INSTANT_DATABASE_URL is not a valid libpq connection string "
+            "(expected postgresql://user:password@host:port/dbname)"
+        ) from None
+    return url
+
+
+def connect(url: str, limits: SessionLimits = SessionLimits()) -> psycopg.Connection:
+    """An autocommit connection whose session carries `limits`."""
+    return psycopg.connect(
+        validate_database_url(url),
+        autocommit=True,
+        connect_timeout=limits.connect_timeout_s,
+        application_name=APPLICATION_NAME,
+        # A generic plan of the keyset query cannot see where the page starts and may scan the
+        # rest of the partition per page; bound values keep every page an index range.
+        options=(
+            f"-c statement_timeout={limits.statement_timeout_ms} -c lock_timeout={limits.lock_timeout_ms} "
+            "-c plan_cache_mode=force_custom_plan"
+        ),
+    )

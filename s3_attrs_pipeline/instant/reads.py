@@ -1,0 +1,256 @@
+"""What the pipeline reads of `$files`: the files still to do, per-app and per-partition counts,
+malformed triples, and samples of populated files. Every statement is parameterised; the
+streaming ones are index probes whatever the table's size."""
+
+import dataclasses
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+
+import psycopg
+from psycopg import sql
+
+from s3_attrs_pipeline.instant.app_id_ranges import AppIdRange
+from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED, LOCATION_ID, json_text
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingFile:
+    """A `$files` entity with a `location-id` and no `hash` yet."""
+
+    app_id: uuid.UUID
+    entity_id: uuid.UUID
+    location_value_json: str  # the location-id triple's value, exactly as Postgres prints it
+
+    @property
+    def location_value(self) -> object:
+        return json.loads(self.location_value_json)
+
+
+# A page is the next `limit` location-id triples of the range in `ave` index order (app_id,
+# attr_id, value), each with whether it lacks `hash`; the keyset moves past the last row scanned,
+# done or not. Filtering inside the ordered LIMIT would let the planner choose a bitmap scan and a
+# sort of the rest of the partition for every page; this way a page costs `limit` index entries
+# and `limit` probes, whatever the partition's size. `hash` is probed per row through `ea_index`,
+# as a subquery the planner cannot turn into an anti join (one that merges on app_id alone).
+LACKS_HASH = sql.SQL("""
+  (SELECT 1 FROM triples h
+   WHERE h.app_id = l.app_id AND h.entity_id = l.entity_id AND h.attr_id = %(hash_attr)s AND h.ea
+   LIMIT 1) IS NULL
+""")
+_PENDING_FILES = """
+SELECT l.app_id, l.entity_id, l.value::text, {lacks_hash}
+FROM (
+  SELECT t.app_id, t.entity_id, t.attr_id, t.value
+  FROM triples t
+  WHERE t.attr_id = %(location_attr)s AND t.ave AND {after} AND t.app_id <= %(last_app)s
+  ORDER BY t.app_id, t.attr_id, t.value
+  LIMIT %(limit)s
+) l
+ORDER BY l.app_id, l.attr_id, l.value
+"""
+_FIRST_PAGE = sql.SQL(_PENDING_FILES).format(lacks_hash=LACKS_HASH, after=sql.SQL("t.app_id >= %(first_app)s"))
+_NEXT_PAGE = sql.SQL(_PENDING_FILES).format(
+    lacks_hash=LACKS_HASH,
+    after=sql.SQL("(t.app_id, t.attr_id, t.value) > (%(after_app)s, %(location_attr)s, %(after_value)s::jsonb)"),
+)
+
+
+def iter_pending_batches(
+    conn: psycopg.Connection, app_ids: AppIdRange, batch_size: int
+) -> Iterator[list[PendingFile]]:
+    """The range's files that still lack `hash`, in key order, from pages of `batch_size` files
+    scanned (a batch holds those of its page that lack `hash`; empty ones are skipped)."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, not {batch_size}")
+    params = {
+        "location_attr": LOCATION_ID.attr_id,
+        "hash_attr": HASH.attr_id,
+        "first_app": app_ids.first,
+        "last_app": app_ids.last,
+        "limit": batch_size,
+    }
+    query = _FIRST_PAGE
+    while True:
+        scanned = conn.execute(query, params).fetchall()
+        batch = [PendingFile(app_id, entity, value) for app_id, entity, value, lacks_hash in scanned if lacks_hash]
+        if batch:
+            yield batch
+        if len(scanned) < batch_size:
+            return
+        query = _NEXT_PAGE
+        params["after_app"], _, params["after_value"], _ = scanned[-1]
+
+
+_APP_FILE_COUNTS = sql.SQL("""
+SELECT l.app_id, count(*), count(*) FILTER (WHERE NOT {lacks_hash})
+FROM triples l
+WHERE l.attr_id = %(location_attr)s AND l.ave AND l.app_id BETWEEN %(first_app)s AND %(last_app)s
+GROUP BY l.app_id
+ORDER BY l.app_id
+""").format(lacks_hash=LACKS_HASH)
+
+
+@dataclasses.dataclass(frozen=True)
+class AppFileCount:
+    app_id: uuid.UUID
+    files: int  # with a location-id
+    populated: int  # of them, with `hash`
+
+    @property
+    def pending(self) -> int:
+        return self.files - self.populated
+
+
+def app_file_counts(conn: psycopg.Connection, app_ids: AppIdRange) -> list[AppFileCount]:
+    """Every app of the range that has files, in app id order, with how many already carry `hash`."""
+    params = {
+        "location_attr": LOCATION_ID.attr_id,
+        "hash_attr": HASH.attr_id,
+        "first_app": app_ids.first,
+        "last_app": app_ids.last,
+    }
+    return [AppFileCount(*row) for row in conn.execute(_APP_FILE_COUNTS, params).fetchall()]
+
+
+# Which of these location ids of an app are files lacking `hash` (the listing's malformed entries).
+# One `ave` index probe per value.
+_PENDING_AT_LOCATIONS = sql.SQL("""
+SELECT l.app_id, l.entity_id, l.value::text
+FROM triples l
+WHERE l.app_id = %(app_id)s AND l.attr_id = %(location_attr)s AND l.ave AND l.value = ANY(%(values)s::jsonb[])
+  AND {lacks_hash}
+""").format(lacks_hash=LACKS_HASH)
+
+
+def pending_files_at(conn: psycopg.Connection, app_id: uuid.UUID, location_ids: Sequence[str]) -> list[PendingFile]:
+    """The app's files lacking `hash` whose location-id is one of `location_ids`."""
+    if not location_ids:
+        return []
+    params = {
+        "app_id": app_id,
+        "location_attr": LOCATION_ID.attr_id,
+        "hash_attr": HASH.attr_id,
+        "values": [json_text(location_id) for location_id in location_ids],
+    }
+    return [PendingFile(*row) for row in conn.execute(_PENDING_AT_LOCATIONS, params).fetchall()]
+
+
+_COVERAGE_BY_PARTITION = """
+SELECT left(l.app_id::text, %(width)s), count(*), count(h.entity_id), count(m.entity_id),
+       count(*) FILTER (WHERE h.entity_id IS NOT NULL AND m.entity_id IS NOT NULL)
+FROM triples l
+LEFT JOIN triples h ON h.app_id = l.app_id AND h.entity_id = l.entity_id AND h.attr_id = %(hash_attr)s AND h.ea
+LEFT JOIN triples m ON m.app_id = l.app_id AND m.entity_id = l.entity_id AND m.attr_id = %(last_modified_attr)s AND m.ea
+WHERE l.attr_id = %(location_attr)s AND l.ea
+GROUP BY 1
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionCoverage:
+    """How many of a partition's files (those with a location-id) carry the new attrs."""
+
+    partition_key: str
+    files: int
+    with_hash: int
+    with_last_modified: int
+    with_both: int
+
+    @property
+    def lacking_hash(self) -> int:
+        return self.files - self.with_hash
+
+
+def coverage_by_partition(conn: psycopg.Connection, width: int) -> dict[str, PartitionCoverage]:
+    """Coverage of every partition that has files, keyed by partition (the app id's first `width` hex digits)."""
+    params = {
+        "width": width,
+        "location_attr": LOCATION_ID.attr_id,
+        "hash_attr": HASH.attr_id,
+        "last_modified_attr": LAST_MODIFIED.attr_id,
+    }
+    return {row[0]: PartitionCoverage(*row) for row in conn.execute(_COVERAGE_BY_PARTITION, params).fetchall()}
+
+
+# Values a reader of the triples would trip over: wrong JSON type, empty or non-positive values,
+# fractional milliseconds, a value_md5 that is not md5(value::text), flags other than InstantDB's.
+_MALFORMED_NEW_TRIPLES = """
+SELECT
+  count(*) FILTER (WHERE attr_id = %(hash_attr)s AND (jsonb_typeof(value) <> 'string' OR value = '""'::jsonb)),
+  count(*) FILTER (WHERE attr_id = %(last_modified_attr)s AND (jsonb_typeof(value) <> 'number'
+                   OR CASE WHEN jsonb_typeof(value) = 'number'
+                           THEN (value #>> '{}')::numeric <= 0 OR (value #>> '{}')::numeric %% 1 <> 0 END)),
+  count(*) FILTER (WHERE value_md5 <> md5(value::text) OR NOT ea OR eav OR av OR NOT ave OR vae
+                   OR checked_data_type IS DISTINCT FROM
+                      (CASE WHEN attr_id = %(hash_attr)s THEN 'string' ELSE 'number' END)::checked_data_type)
+FROM triples WHERE attr_id IN (%(hash_attr)s, %(last_modified_attr)s)
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class MalformedTriples:
+    hash_values: int
+    last_modified_values: int
+    encodings: int  # value_md5, flags or checked_data_type not as InstantDB writes them
+
+
+def malformed_new_triples(conn: psycopg.Connection) -> MalformedTriples:
+    params = {"hash_attr": HASH.attr_id, "last_modified_attr": LAST_MODIFIED.attr_id}
+    return MalformedTriples(*conn.execute(_MALFORMED_NEW_TRIPLES, params).fetchone())
+
+
+# Block sampling keeps this cheap on a table of any size; `percent` is chosen by the caller so that
+# the sample holds enough populated files.
+_SAMPLE_POPULATED = """
+SELECT h.app_id, h.entity_id, l.value::text, h.value #>> '{}', m.value
+FROM triples h TABLESAMPLE SYSTEM (%(percent)s)
+JOIN triples m ON m.app_id = h.app_id AND m.entity_id = h.entity_id AND m.attr_id = %(last_modified_attr)s AND m.ea
+JOIN triples l ON l.app_id = h.app_id AND l.entity_id = h.entity_id AND l.attr_id = %(location_attr)s AND l.ea
+WHERE h.attr_id = %(hash_attr)s AND h.ea
+ORDER BY random()
+LIMIT %(limit)s
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class PopulatedFile:
+    file: PendingFile
+    hash: object
+    last_modified: object
+
+
+def sample_populated_files(conn: psycopg.Connection, size: int, populated: int) -> list[PopulatedFile]:
+    """About `size` random files that have both attrs, out of `populated` such files."""
+    percent = 100.0 if populated <= 0 else min(100.0, 100.0 * 4 * size / populated)
+    params = {
+        "percent": percent,
+        "limit": size,
+        "hash_attr": HASH.attr_id,
+        "last_modified_attr": LAST_MODIFIED.attr_id,
+        "location_attr": LOCATION_ID.attr_id,
+    }
+    rows = conn.execute(_SAMPLE_POPULATED, params).fetchall()
+    return [PopulatedFile(PendingFile(app_id, entity_id, location), h, m) for app_id, entity_id, location, h, m in rows]
+
+
+
+_FILE_COUNTS = """
+SELECT count(*), count(h.entity_id)
+FROM triples l
+LEFT JOIN triples h ON h.app_id = l.app_id AND h.entity_id = l.entity_id AND h.attr_id = %(hash_attr)s AND h.ea
+WHERE l.attr_id = %(location_attr)s AND l.ea
+"""
+
+
+
+@dataclasses.dataclass(frozen=True)
+class FileCount:
+    files: int  # with a location-id
+    with_hash: int
+
+
+def count_files(conn: psycopg.Connection) -> FileCount:
+    """Every file of every app, and how many carry `hash`."""
+    params = {"hash_attr": HASH.attr_id, "location_attr": LOCATION_ID.attr_id}
+    return FileCount(*conn.execute(_FILE_COUNTS, params).fetchone())

@@ -1,0 +1,235 @@
+"""What the pipeline writes to `triples`: both new triples of a file, as InstantDB encodes them, for
+files that still have the location S3 was asked about; and, for a rollback, their deletion.
+
+Each write runs inside its caller's transaction, so that the caller can record the progress that
+follows from it in the same one: a batch is recorded whole or not at all.
+"""
+
+import dataclasses
+import uuid
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import psycopg
+from psycopg import sql
+
+from s3_attrs_pipeline.instant.file_attrs import (
+    HASH,
+    LAST_MODIFIED,
+    LOCATION_ID,
+    NEW_ATTRS,
+    json_text,
+    md5_of_json_text,
+)
+from s3_attrs_pipeline.instant.reads import LACKS_HASH, PendingFile
+
+
+@dataclasses.dataclass(frozen=True)
+class FileObjectAttrs:
+    """The values to write for one file: its object's ETag (unquoted) and Last-Modified in epoch ms."""
+
+    file: PendingFile
+    hash: str
+    last_modified_ms: int
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteOutcome:
+    written: int  # files that got their triples from this write
+    already_populated: int  # files some other writer populated first
+    vanished: int  # files deleted, or given another location, since they were read
+    last_written: uuid.UUID | None = None  # one of the files written, to show where a run got to
+
+
+_TRIPLE_ROWS = sql.SQL(
+    "SELECT app_id, entity_id, {attr}::uuid, {value}, {md5}, {ea}, {eav}, {av}, {ave}, {vae}, "
+    "{checked_type}::checked_data_type FROM located"
+)
+
+_INSERT = sql.SQL("""WITH located AS ({located})
+INSERT INTO triples (app_id, entity_id, attr_id, value, value_md5, ea, eav, av, ave, vae, checked_data_type)
+{hash_rows}
+UNION ALL
+{last_modified_rows}
+{on_conflict}
+RETURNING entity_id""")
+
+
+def _new_triple_rows(name: str) -> sql.Composed:
+    """One new triple per row of `located`, from its `<name>_value` and `<name>_md5` columns and the
+    attr's id, type and flags (parameters `<name>_attr`, `<name>_type`, `<name>_ea`, ...)."""
+    return _TRIPLE_ROWS.format(
+        attr=sql.Placeholder(f"{name}_attr"),
+        value=sql.Identifier(f"{name}_value"),
+        md5=sql.Identifier(f"{name}_md5"),
+        checked_type=sql.Placeholder(f"{name}_type"),
+        **{flag: sql.Placeholder(f"{name}_{flag}") for flag in ("ea", "eav", "av", "ave", "vae")},
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _TriplesInsert:
+    plain: sql.Composed
+    on_conflict: sql.Composed  # the same with ON CONFLICT DO NOTHING
+
+    def __call__(self, on_conflict: bool) -> sql.Composed:
+        return self.on_conflict if on_conflict else self.plain
+
+
+def _insert_from(located: sql.Composable) -> _TriplesInsert:
+    """The INSERT of both new triples for each row of `located` (one row per file, checked once
+    against its location-id), returning the files written. Built from this module's constant text
+    only; every value is a parameter."""
+
+    def insert(on_conflict: str) -> sql.Composed:
+        return _INSERT.format(
+            located=located,
+            hash_rows=_new_triple_rows("hash"),
+            last_modified_rows=_new_triple_rows("last_modified"),
+            on_conflict=sql.SQL(on_conflict),
+        )
+
+    return _TriplesInsert(insert(""), insert("ON CONFLICT DO NOTHING"))
+
+
+_INSERT_TRIPLES = _insert_from(sql.SQL("""
+  SELECT f.* FROM unnest(%(app_ids)s::uuid[], %(entity_ids)s::uuid[], %(location_values)s::jsonb[],
+                         %(hash_values)s::jsonb[], %(hash_md5s)s::text[],
+                         %(last_modified_values)s::jsonb[], %(last_modified_md5s)s::text[])
+       AS f(app_id, entity_id, location_value, hash_value, hash_md5, last_modified_value, last_modified_md5)
+  -- Write only for files that still have the location we asked S3 about: a file deleted or moved
+  -- since it was read gets nothing.
+  WHERE EXISTS (
+    SELECT 1 FROM triples l
+    WHERE l.app_id = f.app_id AND l.entity_id = f.entity_id AND l.attr_id = %(location_attr)s
+      AND l.ea AND l.value = f.location_value)
+"""))
+
+_STILL_LOCATED = """
+SELECT l.entity_id FROM triples l
+JOIN unnest(%(app_ids)s::uuid[], %(entity_ids)s::uuid[], %(location_values)s::jsonb[]) AS f(app_id, entity_id, location_value)
+  ON l.app_id = f.app_id AND l.entity_id = f.entity_id AND l.value = f.location_value
+WHERE l.attr_id = %(location_attr)s AND l.ea
+"""
+
+# The listing strategy's write: one page of an app's listing, as values by location-id, joined to
+# the app's files at those locations that lack `hash` inside the statement that writes them (one
+# `ave` probe per listed key). The join is the check that each file still has that location.
+LISTED_LOCATED = sql.SQL("""
+SELECT l.app_id, l.entity_id, f.hash_value, f.hash_md5, f.last_modified_value, f.last_modified_md5
+FROM unnest(%(location_values)s::jsonb[], %(hash_values)s::jsonb[], %(hash_md5s)s::text[],
+            %(last_modified_values)s::jsonb[], %(last_modified_md5s)s::text[])
+     AS f(location_value, hash_value, hash_md5, last_modified_value, last_modified_md5)
+JOIN triples l ON l.app_id = %(app_id)s AND l.attr_id = %(location_attr)s AND l.ave AND l.ea
+              AND l.value = f.location_value
+WHERE {lacks_hash}""").format(lacks_hash=LACKS_HASH)
+_INSERT_LISTED_TRIPLES = _insert_from(LISTED_LOCATED)
+
+
+def _new_value_params(hashes: Sequence[str], last_modified_ms: Sequence[int]) -> dict:
+    """The new triples' values, value_md5s, attr ids, types and flags, as `_new_triple_rows` takes them."""
+    params: dict = {}
+    for name, spec, values in (("hash", HASH, hashes), ("last_modified", LAST_MODIFIED, last_modified_ms)):
+        texts = [json_text(value) for value in values]
+        params[f"{name}_values"] = texts
+        params[f"{name}_md5s"] = [md5_of_json_text(text) for text in texts]
+        params[f"{name}_attr"] = spec.attr_id
+        params[f"{name}_type"] = spec.checked_data_type
+        params |= {f"{name}_{flag}": on for flag, on in spec.triple_flags.items()}
+    return params
+
+
+def _file_params(files: Sequence[PendingFile]) -> dict:
+    return {
+        "app_ids": [f.app_id for f in files],
+        "entity_ids": [f.entity_id for f in files],
+        "location_values": [f.location_value_json for f in files],
+        "location_attr": LOCATION_ID.attr_id,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class ListedAttrs:
+    """One listing page's values for an app's files, by location-id, encoded for the statement: built
+    where the page is read, so that the thread writing pages only writes."""
+
+    params: dict
+
+    @property
+    def locations(self) -> int:
+        return len(self.params["location_values"])
+
+    @classmethod
+    def of(cls, app_id: uuid.UUID, listed: Sequence[tuple[str, str, int]]) -> "ListedAttrs":
+        """From (location-id, hash, lastModified ms) of each listed object."""
+        params = {
+            "app_id": app_id,
+            "location_attr": LOCATION_ID.attr_id,
+            "location_values": [json_text(location_id) for location_id, _, _ in listed],
+        }
+        return cls(params | _new_value_params([h for _, h, _ in listed], [m for _, _, m in listed]))
+
+
+def write_file_attrs(
+    conn: psycopg.Connection, files: Sequence[FileObjectAttrs], *, on_conflict: bool = False
+) -> WriteOutcome:
+    """Write both triples of every file that still has the location it was read with, in the
+    caller's transaction. Without `on_conflict`, a file that got `hash` meanwhile raises UniqueViolation
+    (see `retried_on_conflict`)."""
+    if not files:
+        return WriteOutcome(0, 0, 0)
+    params = _file_params([f.file for f in files]) | _new_value_params(
+        [f.hash for f in files], [f.last_modified_ms for f in files]
+    )
+    inserted = {row[0] for row in conn.execute(_INSERT_TRIPLES(on_conflict), params).fetchall()}
+    unwritten = [f.file for f in files if f.file.entity_id not in inserted]
+    vanished = len(unwritten) - len(_still_located(conn, unwritten)) if unwritten else 0
+    return WriteOutcome(len(inserted), len(unwritten) - vanished, vanished)
+
+
+def _still_located(conn: psycopg.Connection, files: Sequence[PendingFile]) -> set[uuid.UUID]:
+    return {row[0] for row in conn.execute(_STILL_LOCATED, _file_params(files)).fetchall()}
+
+
+def write_listed_attrs(conn: psycopg.Connection, listed: ListedAttrs, *, on_conflict: bool = False) -> WriteOutcome:
+    """Write both triples of every file of the app that lacks `hash` and sits at a listed location, in
+    the caller's transaction. A file populated meanwhile by another writer is left as it is and not
+    counted: the listing's files are only known as they are written."""
+    written = {row[0] for row in conn.execute(_INSERT_LISTED_TRIPLES(on_conflict), listed.params).fetchall()}
+    return WriteOutcome(len(written), 0, 0, next(iter(written), None))
+
+
+_Written = TypeVar("_Written")
+
+
+def retried_on_conflict(attempt: Callable[[bool], _Written]) -> _Written:
+    """`attempt(False)`, or `attempt(True)` if that raised UniqueViolation. Each attempt must be a
+    transaction of its own, the failed one rolled back whole.
+
+    A plain insert costs ~20% less than ON CONFLICT's speculative one. The files were read as
+    lacking `hash`, so a conflict means another writer (or a lone `lastModified`) got there first:
+    rare, and then the batch is written again with ON CONFLICT DO NOTHING."""
+    try:
+        return attempt(False)
+    except psycopg.errors.UniqueViolation:
+        return attempt(True)
+
+
+_DELETE_NEW_ATTR_TRIPLES = """
+DELETE FROM triples
+WHERE attr_id = ANY(%(attr_ids)s)
+  AND ctid = ANY(ARRAY(SELECT ctid FROM triples WHERE attr_id = ANY(%(attr_ids)s) LIMIT %(limit)s))
+"""
+
+
+def delete_new_attr_triples(conn: psycopg.Connection, chunk_size: int = 5_000) -> int:
+    """Delete every `hash` and `lastModified` triple, `chunk_size` rows a transaction so that no
+    lock is held for long. Returns how many were deleted."""
+    attr_ids = [spec.attr_id for spec in NEW_ATTRS]
+    deleted = 0
+    while True:
+        with conn.transaction():
+            count = conn.execute(_DELETE_NEW_ATTR_TRIPLES, {"attr_ids": attr_ids, "limit": chunk_size}).rowcount
+        deleted += count
+        if count == 0:
+            return deleted

@@ -1,0 +1,48 @@
+"""The repository is a `dg` project: its definitions load through `dg`, and the product uses only
+Dagster's public API."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+from s3_attrs_pipeline_tests.conftest import REPO_ROOT
+
+PRODUCT = REPO_ROOT / "s3_attrs_pipeline"
+VENV_BIN = pathlib.Path(sys.executable).parent
+
+
+def _dg(args: list[str], dagster_home: pathlib.Path) -> subprocess.CompletedProcess:
+    # A DAGSTER_HOME of its own: the repository's dagster.yaml (PostgreSQL storage) is for deployments.
+    env = os.environ | {"DAGSTER_HOME": str(dagster_home), "VIRTUAL_ENV": str(VENV_BIN.parent)}
+    return subprocess.run(
+        [str(VENV_BIN / "dg"), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_dg_check_defs_passes_and_lists_the_asset_with_its_checks(tmp_path):
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    checked = _dg(["check", "defs"], tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "All definitions loaded successfully" in checked.stdout + checked.stderr
+
+    listed = _dg(["list", "defs", "--json"], tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    definitions = json.loads(listed.stdout)
+    assert [asset["asset_key"] for asset in definitions["assets"]] == ["files_s3_attrs"]
+    assert sorted((check["asset_key"], check["name"]) for check in definitions["asset_checks"]) == [
+        ("files_s3_attrs", "completeness"), ("files_s3_attrs", "consistency"), ("files_s3_attrs", "well_formed"),
+    ]
+    assert [sensor["name"] for sensor in definitions["sensors"]] == ["verify_after_backfill"]
+    assert [schedule["name"] for schedule in definitions["schedules"]] == ["daily_reverification"]
+
+
+def test_the_product_uses_only_public_dagster_apis():
+    private = [
+        f"{path.relative_to(REPO_ROOT)}:{number}: {line.strip()}"
+        for path in sorted(PRODUCT.rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "dagster._" in line or "dagster_graphql" in line
+    ]
+    assert private == []
