@@ -1,5 +1,6 @@
 -- Least privilege for the pipeline's database role. Replace s3attrs with your role's name.
 -- psql -v role=s3attrs -f docs/postgres-grants.sql <instant database>
+-- On InstantDB's schema of today (migration 73 and later), also run postgres-grants-current.sql.
 
 GRANT USAGE ON SCHEMA public TO :role;
 
@@ -7,6 +8,10 @@ GRANT USAGE ON SCHEMA public TO :role;
 -- insert hash/lastModified triples (RETURNING needs SELECT), keep the progress row.
 GRANT SELECT, INSERT ON attrs, idents, triples TO :role;
 GRANT SELECT, INSERT, UPDATE ON config TO :role;
+
+-- live_updates queries/entities (the default): one `transactions` row per write transaction, as
+-- InstantDB's server writes, so that InstantDB tells live queries. Not needed at live_updates off.
+GRANT INSERT ON transactions TO :role;
 
 -- `s3-attrs reset` also needs:      GRANT DELETE ON config TO :role;
 -- `s3-attrs rollback` also needs:   GRANT DELETE ON triples, config TO :role;

@@ -16,8 +16,9 @@ from typing import Protocol
 import psycopg
 
 from s3_attrs_pipeline.counts import FileCounts
-from s3_attrs_pipeline.instant import catalog, partition_locks, progress, reads, writes
+from s3_attrs_pipeline.instant import catalog, live_updates, partition_locks, progress, reads, writes
 from s3_attrs_pipeline.instant.app_id_ranges import AppIdRange
+from s3_attrs_pipeline.instant.live_updates import DEFAULT_LIVE_UPDATES, LiveUpdates
 from s3_attrs_pipeline.instant.object_keys import InvalidLocationId, location_id_of_key, object_key
 from s3_attrs_pipeline.s3 import listing
 from s3_attrs_pipeline.s3.metadata import MalformedObjectMetadata, ObjectMetadata
@@ -83,6 +84,22 @@ class BackfillSettings:
             "at least this many of its files lack the attrs and they are at least a tenth of its files; 0 never lists."
         },
     )
+    live_updates: LiveUpdates = dataclasses.field(
+        default=DEFAULT_LIVE_UPDATES,
+        metadata={
+            "help": "Whether InstantDB hears of the writes. queries: each transaction writes one app's triples "
+            "with a `transactions` row of that app, so live queries see them; entities: also the entity "
+            "messages sync subscriptions and webhooks consume (webhooks on $files fire for every file); off: "
+            "raw inserts that InstantDB never hears of, like the REPL migration."
+        },
+    )
+    wal_msg_log_to_table: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "At live_updates=entities, log the entity messages to the `wal_logs` table instead of the "
+            "WAL (instant.wal_msg_log_to_table), as InstantDB does for apps so configured."
+        },
+    )
     partition_count: int = 256  # of the partitions definition: a partition's end recomputes `completed`
 
     def __post_init__(self):
@@ -146,10 +163,13 @@ class _BatchWriter:
     """Collects what was found for each file, then writes a batch of them, with the progress that
     follows from it, in one transaction."""
 
-    def __init__(self, conn: psycopg.Connection, report: PartitionReport, problem: _ProblemLog):
+    def __init__(
+        self, conn: psycopg.Connection, report: PartitionReport, problem: _ProblemLog, settings: BackfillSettings
+    ):
         self._conn = conn
         self._report = report
         self._problem = problem
+        self._settings = settings
         self._new_batch()
 
     def _new_batch(self) -> None:
@@ -165,6 +185,12 @@ class _BatchWriter:
         self._last_file = file
 
     def found(self, file: reads.PendingFile, metadata: ObjectMetadata) -> None:
+        if (
+            self._settings.live_updates.one_app_per_transaction
+            and self._to_write
+            and self._to_write[0].file.app_id != file.app_id
+        ):
+            self.flush()  # InstantDB reads a transaction as one app's
         self._to_write.append(writes.FileObjectAttrs(file, metadata.hash, metadata.last_modified_ms))
         self._count(file)
 
@@ -206,13 +232,19 @@ class _BatchWriter:
         if listed is not None and self._to_write:
             raise RuntimeError("a listing page is written on its own, not with HEADed files")
         batch, last_file, report = self._counts, self._last_file, self._report
+        level, to_table = self._settings.live_updates, self._settings.wal_msg_log_to_table
+        app_id = listed.app_id if listed is not None else (self._to_write[0].file.app_id if self._to_write else None)
 
         def attempt(on_conflict: bool) -> FileCounts:
             with self._conn.transaction():
+                if app_id is not None:
+                    live_updates.before_writing(self._conn, app_id, level, to_table)
                 if listed is not None:
                     outcome = writes.write_listed_attrs(self._conn, listed, on_conflict=on_conflict)
                 else:
                     outcome = writes.write_file_attrs(self._conn, self._to_write, on_conflict=on_conflict)
+                if app_id is not None:
+                    live_updates.after_writing(self._conn, app_id, level, outcome.written)
                 written = batch + _counts_of(outcome, found_by_listing=listed is not None)
                 last_entity_id = outcome.last_written or (last_file.entity_id if last_file else None)
                 progress.record_progress(
@@ -281,7 +313,7 @@ def _backfill_locked_partition(
         f"{already_populated} already populated; "
         f"{len(listed)} apps listed (ListObjectsV2), the others HEADed per file"
     )
-    writer = _BatchWriter(conn, report, _ProblemLog(log, report))
+    writer = _BatchWriter(conn, report, _ProblemLog(log, report), settings)
     progress_log = _ProgressLog(log, report, started)
     status = "failed"
     try:

@@ -13,6 +13,12 @@ from s3_attrs_pipeline.counts import FileCounts
 from s3_attrs_pipeline.instant import progress, reads, writes
 from s3_attrs_pipeline.instant.catalog import CatalogMismatch
 from s3_attrs_pipeline.instant.connection import DatabaseUrlError, connect, validate_database_url
+from s3_attrs_pipeline.instant.live_updates import (
+    DEFAULT_LIVE_UPDATES,
+    LIVE_UPDATES_ENV,
+    LiveUpdates,
+    live_updates_level,
+)
 from s3_attrs_pipeline.s3.store import validate_bucket_name
 from s3_attrs_pipeline.settings import setting_help
 
@@ -69,6 +75,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     url = _database_url()
     _check_bucket_env()
+    try:
+        live_updates_level(args.live_updates)
+    except ValueError as error:
+        raise SetupError(str(error)) from None
     # Dagster is imported only by the commands that run it: `stats` and `reset` answer at once.
     from s3_attrs_pipeline import runs
     from s3_attrs_pipeline.defs.assets import BackfillConfig
@@ -90,7 +100,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     for run in runs.materialize_partitions(
         keys,
         parallel=args.parallel,
-        config=BackfillConfig(batch_size=args.batch_size, list_threshold=args.list_threshold),
+        config=BackfillConfig(
+            batch_size=args.batch_size, list_threshold=args.list_threshold, live_updates=args.live_updates
+        ),
         log_level="WARNING" if args.quiet else "INFO",
         tags={"s3-attrs/launched-by": "cli"},
     ):
@@ -174,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--" + name.replace("_", "-"), type=int, default=default,
             help=f"{setting_help(BackfillSettings, name)} (default {default})",
         )
+    run.add_argument(
+        "--live-updates", choices=[level.value for level in LiveUpdates], default=None,
+        help=f"{setting_help(BackfillSettings, 'live_updates')} (default: {LIVE_UPDATES_ENV}, else "
+        f"{DEFAULT_LIVE_UPDATES})",
+    )
     run.add_argument("--all", action="store_true", help="run every partition, even those with nothing new to do")
     run.add_argument("--parallel", type=int, default=2, help="partition runs at once, in worker processes (default 2)")
     run.add_argument("--quiet", action="store_true", help="print only failures and the summary")

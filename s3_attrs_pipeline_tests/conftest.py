@@ -1,7 +1,9 @@
 """Real parts for every test: embedded PostgreSQL with InstantDB's tables, and moto's S3 server over HTTP.
 
 The server and the S3 endpoint are started once per session; each test gets its own database
-(cloned from a template that holds the schema) and its own bucket.
+(cloned from a template that holds the schema) and its own bucket. The database has InstantDB's
+schema of today; a test of the write or read path also runs on its schema at migration 72 with
+`@BOTH_SCHEMAS`.
 """
 
 import itertools
@@ -18,7 +20,8 @@ from s3_attrs_pipeline.local import postgres, s3_server, seed
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-_TEMPLATE_DB = "instant_template"
+_TEMPLATE_DBS = {schema: f"instant_template_{schema}" for schema in postgres.SCHEMA_FILES}
+BOTH_SCHEMAS = pytest.mark.parametrize("instant_schema", sorted(postgres.SCHEMA_FILES), indirect=True)
 _counter = itertools.count()
 
 # boto3 in the tests and in the pipeline reads these; no real AWS account is ever involved.
@@ -33,9 +36,19 @@ _AWS_ENV = {
 @pytest.fixture(scope="session")
 def pg_server_url(tmp_path_factory) -> str:
     url = postgres.start_embedded_postgres(tmp_path_factory.mktemp("pg") / "pgdata", keep_running=False)
-    template_url = postgres.create_database(url, _TEMPLATE_DB)
-    postgres.install_instant_schema(template_url)
+    for schema, template in _TEMPLATE_DBS.items():
+        postgres.install_instant_schema(postgres.create_database(url, template), schema)
     return url
+
+
+@pytest.fixture
+def instant_schema(request) -> str:
+    """The InstantDB schema of the test's database: today's, unless parametrized (BOTH_SCHEMAS)."""
+    return getattr(request, "param", "current")
+
+
+def template_of(schema: str) -> str:
+    return _TEMPLATE_DBS[schema]
 
 
 @pytest.fixture(scope="session")
@@ -53,10 +66,10 @@ def aws_env(monkeypatch):
 
 
 @pytest.fixture
-def instant_db_url(pg_server_url, monkeypatch) -> str:
+def instant_db_url(pg_server_url, instant_schema, monkeypatch) -> str:
     """A fresh InstantDB database (schema and system catalog, no files), also in INSTANT_DATABASE_URL."""
     name = f"instant_{os.getpid()}_{next(_counter)}"
-    url = postgres.create_database(pg_server_url, name, template=_TEMPLATE_DB)
+    url = postgres.create_database(pg_server_url, name, template=template_of(instant_schema))
     monkeypatch.setenv("INSTANT_DATABASE_URL", url)
     yield url
     postgres.drop_database(pg_server_url, name)

@@ -12,6 +12,7 @@ from s3_attrs_pipeline.defs.resources import resources_from_env
 from s3_attrs_pipeline.instant import progress
 from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED
 from s3_attrs_pipeline.s3.store import ObjectStore, S3Settings
+from s3_attrs_pipeline_tests.conftest import BOTH_SCHEMAS
 from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
 from s3_attrs_pipeline_tests.helpers import (
     all_triples,
@@ -51,6 +52,7 @@ def _sum(metadata: dict, name: str) -> int:
     return sum(m[name] for m in metadata.values())
 
 
+@BOTH_SCHEMAS
 def test_full_run_writes_what_head_returns(conn, s3_client, bucket, seeded_files):
     locations_before = location_triples(conn)
     with dg.instance_for_test() as instance:
@@ -91,6 +93,7 @@ def test_full_run_writes_what_head_returns(conn, s3_client, bucket, seeded_files
     )
 
 
+@BOTH_SCHEMAS
 def test_second_run_writes_nothing(conn, bucket, seeded_files):
     with dg.instance_for_test() as instance:
         _materialize_all(seeded_files, instance)
@@ -125,6 +128,7 @@ class _CrashAfter:
         return self._store.submit_head(key)
 
 
+@BOTH_SCHEMAS
 def test_a_run_resumed_after_a_crash_finishes_the_rest(conn, s3_endpoint, bucket, seeded_files):
     key = max(_partitions_of(seeded_files), key=lambda k: sum(f.app_id.hex[:2] == k for f in seeded_files))
     files = [f for f in seeded_files if f.app_id.hex[:2] == key]
@@ -147,6 +151,7 @@ def test_a_run_resumed_after_a_crash_finishes_the_rest(conn, s3_endpoint, bucket
     assert progress.read_progress(conn)["total-successful"] == len(done) - sum(f.prepopulated for f in files)
 
 
+@BOTH_SCHEMAS
 def test_failed_files_fail_the_partition_after_the_rest_is_done(conn, s3_endpoint, bucket, seeded_files):
     key = max(_partitions_of(seeded_files), key=lambda k: sum(f.app_id.hex[:2] == k for f in seeded_files))
     files = [f for f in seeded_files if f.app_id.hex[:2] == key and f.in_s3 and not f.prepopulated]
@@ -170,6 +175,7 @@ def test_failed_files_fail_the_partition_after_the_rest_is_done(conn, s3_endpoin
     ) - 2
 
 
+@BOTH_SCHEMAS
 def test_a_missing_bucket_stops_the_partition_at_once(conn, seeded_files, monkeypatch):
     monkeypatch.setenv("INSTANT_S3_BUCKET", "no-such-bucket-here")
     before = all_triples(conn)
@@ -183,6 +189,7 @@ def test_a_missing_bucket_stops_the_partition_at_once(conn, seeded_files, monkey
     assert all_triples(conn) == before
 
 
+@BOTH_SCHEMAS
 def test_one_store_asks_for_the_bucket_once_across_partitions(conn, s3_endpoint, bucket, seeded_files):
     keys = _partitions_of(seeded_files)
     to_do = sum(not f.prepopulated for f in seeded_files)

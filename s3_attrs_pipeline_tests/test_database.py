@@ -5,11 +5,20 @@ import uuid
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from s3_attrs_pipeline.counts import FileCounts
 from s3_attrs_pipeline.instant import catalog, connection, progress, reads, writes
 from s3_attrs_pipeline.instant.app_id_ranges import AppIdRange
-from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED, SYSTEM_CATALOG_APP_ID, json_text, value_md5
+from s3_attrs_pipeline.instant.file_attrs import (
+    HASH,
+    LAST_MODIFIED,
+    LOCATION_ID,
+    SYSTEM_CATALOG_APP_ID,
+    json_text,
+    value_md5,
+)
+from s3_attrs_pipeline_tests.conftest import BOTH_SCHEMAS
 
 
 @pytest.mark.parametrize(
@@ -34,6 +43,7 @@ def _catalog_rows(conn):
     return attrs, idents
 
 
+@BOTH_SCHEMAS
 def test_new_attrs_are_created_once_with_their_system_ids(conn):
     catalog.ensure_file_attrs(conn)
     catalog.ensure_file_attrs(conn)
@@ -48,6 +58,7 @@ def test_new_attrs_are_created_once_with_their_system_ids(conn):
     ]
 
 
+@BOTH_SCHEMAS
 def test_concurrent_attr_creation_is_safe(instant_db_url):
     errors = []
     barrier = threading.Barrier(4)
@@ -71,6 +82,7 @@ def test_concurrent_attr_creation_is_safe(instant_db_url):
     assert len(attrs) == 2 and len(idents) == 2
 
 
+@BOTH_SCHEMAS
 def test_an_attr_with_unexpected_flags_is_a_clear_error(conn):
     catalog.ensure_file_attrs(conn)
     conn.execute("UPDATE attrs SET is_indexed = false WHERE id = %s", (HASH.attr_id,))
@@ -78,6 +90,7 @@ def test_an_attr_with_unexpected_flags_is_a_clear_error(conn):
         catalog.ensure_file_attrs(conn)
 
 
+@BOTH_SCHEMAS
 def test_a_hash_attr_under_another_id_is_a_clear_error(conn):
     other_id = uuid.uuid4()
     conn.execute(
@@ -90,6 +103,7 @@ def test_a_hash_attr_under_another_id_is_a_clear_error(conn):
     assert conn.execute("SELECT count(*) FROM idents WHERE label = 'hash'").fetchone()[0] == 0
 
 
+@BOTH_SCHEMAS
 def test_a_missing_location_id_attr_is_a_clear_error(conn):
     conn.execute("DELETE FROM attrs WHERE label = 'location-id'")
     with pytest.raises(catalog.CatalogMismatch, match=r"\$files.location-id .* does not exist"):
@@ -103,6 +117,7 @@ def test_bad_database_urls_are_clear_errors_without_the_password(url):
     assert "secret" not in str(raised.value)
 
 
+@BOTH_SCHEMAS
 def test_sessions_carry_timeouts(instant_db_url):
     limits = connection.SessionLimits(statement_timeout_ms=1234, lock_timeout_ms=567)
     with connection.connect(instant_db_url, limits) as session:
@@ -111,6 +126,7 @@ def test_sessions_carry_timeouts(instant_db_url):
         assert session.execute("SHOW plan_cache_mode").fetchone()[0] == "force_custom_plan"
 
 
+@BOTH_SCHEMAS
 def test_progress_keeps_totals_in_one_row_and_each_partition_in_its_own(conn):
     def config_rows() -> dict:
         return dict(conn.execute("SELECT k, v::text FROM config WHERE k LIKE 's3-attrs-%'").fetchall())
@@ -136,6 +152,7 @@ def test_progress_keeps_totals_in_one_row_and_each_partition_in_its_own(conn):
     assert config_rows() == {} and progress.read_progress(conn) == {}
 
 
+@BOTH_SCHEMAS
 def test_a_batch_meeting_triples_written_meanwhile_is_written_again_without_conflict(conn, seeded_files):
     lone_last_modified, populated_meanwhile, fresh = [f for f in seeded_files if not f.prepopulated][:3]
     every_app = AppIdRange("all", uuid.UUID(int=0), uuid.UUID(int=2**128 - 1))
@@ -180,6 +197,7 @@ def test_a_batch_meeting_triples_written_meanwhile_is_written_again_without_conf
     assert values[(fresh.entity_id, LAST_MODIFIED.attr_id)] == 1_700_000_000_000
 
 
+@BOTH_SCHEMAS
 def test_a_listed_page_writes_the_files_at_its_locations_that_lack_hash(conn, seeded_files):
     by_app = {}
     for file in seeded_files:
@@ -237,8 +255,65 @@ def _new_attr_values(conn) -> dict:
     )
 
 
+@BOTH_SCHEMAS
 def test_pages_of_one_file_skip_populated_files_and_find_every_pending_one(conn, seeded_files):
     every_app = AppIdRange("all", uuid.UUID(int=0), uuid.UUID(int=2**128 - 1))
     found = [file.entity_id for page in reads.iter_pending_batches(conn, every_app, 1) for file in page]
     assert sorted(found) == sorted(f.entity_id for f in seeded_files if not f.prepopulated)
     assert any(f.prepopulated for f in seeded_files)  # so some pages of one scanned file had nothing to do
+
+
+def _plan(conn, query, params) -> str:
+    # Small test tables make any plan cheap: with sequential and bitmap scans priced out, the planner
+    # shows which index serves the query's shape, which is what differs between the schemas.
+    with conn.transaction():
+        conn.execute("SET LOCAL enable_seqscan = off")
+        conn.execute("SET LOCAL enable_bitmapscan = off")
+        statement = sql.SQL("EXPLAIN ") + (query if isinstance(query, sql.Composable) else sql.SQL(query))
+        return "\n".join(row[0] for row in conn.execute(statement, params, prepare=False).fetchall())
+
+
+def _add_a_big_app(conn, partition_key: str, files: int) -> None:
+    """An app of `files` location-ids in the partition: it is then big enough for the planner to
+    weigh an index range against a scan and a sort, as it does in production."""
+    big_app = uuid.UUID(partition_key + "ffffff-0000-4000-8000-000000000001"[len(partition_key) - 2 :])
+    conn.execute(
+        "INSERT INTO apps (id, creator_id, title) SELECT %s, creator_id, 'big' FROM apps LIMIT 1", (big_app,)
+    )
+    conn.execute(
+        """INSERT INTO triples (app_id, entity_id, attr_id, value, value_md5, ea, eav, av, ave, vae, checked_data_type)
+           SELECT %(app)s, e, %(attr)s, to_jsonb(e::text), md5(to_jsonb(e::text)::text), true, false, true, true, false,
+                  'string'
+           FROM (SELECT gen_random_uuid() AS e FROM generate_series(1, %(files)s)) files""",
+        {"app": big_app, "attr": LOCATION_ID.attr_id, "files": files},
+    )
+    conn.execute("ANALYZE triples")
+
+
+@BOTH_SCHEMAS
+def test_the_streaming_queries_are_index_probes(conn, seeded_files, instant_schema):
+    partition = AppIdRange.for_partition(seeded_files[0].app_id.hex[:2])
+    _add_a_big_app(conn, partition.key, 20_000)
+    ave_index = {"72": "ave_index", "current": "ave_with_e_index"}[instant_schema]
+    page = {
+        "location_attr": LOCATION_ID.attr_id, "hash_attr": HASH.attr_id,
+        "first_app": partition.first, "last_app": partition.last, "limit": 50,
+    }
+    first = seeded_files[0]
+    listed = writes.ListedAttrs.of(first.app_id, [(f.location_id, "abc", 1) for f in seeded_files[:20]])
+    plans = {
+        "first page": _plan(conn, reads._FIRST_PAGE, page),
+        "next page": _plan(conn, reads._NEXT_PAGE, page | {
+            "after_app": first.app_id, "after_value": json_text(first.location_id),
+        }),
+        "file counts per app": _plan(conn, reads._APP_FILE_COUNTS, page),
+        "a listed page's join": _plan(conn, writes.LISTED_LOCATED, listed.params),
+    }
+    for name, plan in plans.items():
+        assert "Seq Scan on triples" not in plan, f"{name} scans triples:\n{plan}"
+    # The count reads the partition's range of an index (which one depends on the data's shape).
+    assert "(app_id >= " in plans["file counts per app"] and "app_id <= " in plans["file counts per app"]
+    for name in ("first page", "next page", "a listed page's join"):
+        assert ave_index in plans[name], f"{name} does not read location-ids through {ave_index}:\n{plans[name]}"
+    for name in ("first page", "next page"):
+        assert "Sort" not in plans[name].split("Limit")[1], f"{name} sorts instead of reading in index order"

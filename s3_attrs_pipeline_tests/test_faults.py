@@ -121,7 +121,7 @@ BAD_LOCATION_VALUES = {
     "number": 42,
     "null": None,
     "empty": "",
-    "slash": "a/b",
+    "dot segment": "a/./b",
     "dotdot": "..",
     "control": "bad\nname",
     "too long": "x" * 1000,  # fits the triple's 1 KB check, but not S3's 1024-byte key
@@ -151,7 +151,7 @@ def test_bad_location_ids_are_logged_counted_and_skipped(conn, s3_endpoint, s3_c
     assert report.counts.invalid_location_id == len(BAD_LOCATION_VALUES) and report.counts.failed == 0
     reasons = " | ".join(p.reason for p in report.problems)
     for expected in (
-        "JSON int", "JSON NoneType", "empty string", "single key segment", "control characters", "S3 allows 1024"
+        "JSON int", "JSON NoneType", "empty string", "'.' or '..' segment", "control characters", "S3 allows 1024"
     ):
         assert expected in reasons
     written = new_attr_triples(conn)

@@ -86,15 +86,27 @@ def test_object_key_is_app_bin_location():
         (42, "JSON int"),
         (None, "JSON NoneType"),
         ("", "empty"),
-        ("a/b", "single key segment"),
-        ("..", "single key segment"),
-        ("x" * 1025, "1025 characters"),
+        ("..", "'.' or '..' segment"),
+        (".", "'.' or '..' segment"),
+        ("a/../b", "'.' or '..' segment"),
+        ("photos/./cat.jpg", "'.' or '..' segment"),
         ("bad\nname", "control characters"),
+        ("a/b\x7f", "control characters"),
+        ("\ud800", "not valid Unicode"),
     ],
 )
 def test_unsafe_location_ids_are_rejected_with_the_reason(value, reason):
     with pytest.raises(InvalidLocationId, match=reason):
         validated_location_id(value)
+
+
+@pytest.mark.parametrize(
+    "value", ["a/b", "photos/2024/猫 cat.jpg", "a//b", "/leading", "trailing/", "..hidden/.x", "x" * 900]
+)
+def test_every_location_id_the_server_would_key_is_accepted(value):
+    assert validated_location_id(value) == value
+    app = uuid.UUID("6513270e-269e-4d37-b2a7-4de452e6b438")
+    assert object_key(app, value) == f"{app}/{location_bin(value)}/{value}"
 
 
 def test_value_md5_is_md5_of_the_jsonb_text():

@@ -21,6 +21,7 @@ from s3_attrs_pipeline.s3.listing import ListedObject, parse_list_objects_v2
 from s3_attrs_pipeline.s3.metadata import MalformedObjectMetadata
 from s3_attrs_pipeline.s3.store import ObjectStore, S3AccessError, S3Settings
 from s3_attrs_pipeline_tests import conftest
+from s3_attrs_pipeline_tests.conftest import BOTH_SCHEMAS
 from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
 from s3_attrs_pipeline_tests.helpers import head_values, new_attr_triples
 
@@ -47,16 +48,17 @@ def _totals(reports) -> dict[str, int]:
 
 
 @pytest.fixture
-def twin_conn(pg_server_url, s3_client, bucket, seeded_files):
+def twin_conn(pg_server_url, instant_schema, s3_client, bucket, seeded_files):
     """A second database seeded with the same files as `conn`, over the same bucket."""
     name = f"instant_twin_{os.getpid()}_{next(_twins)}"
-    url = postgres.create_database(pg_server_url, name, template=conftest._TEMPLATE_DB)
+    url = postgres.create_database(pg_server_url, name, template=conftest.template_of(instant_schema))
     with psycopg.connect(url, autocommit=True) as connection:
         seed.insert_files(connection, s3_client, bucket, seeded_files)
         yield connection
     postgres.drop_database(pg_server_url, name)
 
 
+@BOTH_SCHEMAS
 def test_listing_writes_exactly_what_heads_write(conn, twin_conn, s3_endpoint, s3_client, bucket, seeded_files,
                                                   monkeypatch):
     # Pages of 7 keys: every app's listing takes several requests and the prefetching thread runs ahead.
@@ -69,6 +71,8 @@ def test_listing_writes_exactly_what_heads_write(conn, twin_conn, s3_endpoint, s
 
     listed, headed = new_attr_triples(conn), new_attr_triples(twin_conn)
     assert listed == headed
+    nested = [f for f in seeded_files if "/" in f.location_id and f.in_s3 and not f.prepopulated]
+    assert nested and all((f.app_id, f.entity_id) in listed for f in nested), "nested location-ids were not filled"
     assert _totals(listed_reports) == _totals(headed_reports)
     assert _totals(listed_reports)["missing"] == sum(not f.in_s3 for f in seeded_files)
     for file in seeded_files:
@@ -190,7 +194,10 @@ def test_a_key_names_a_location_id_only_under_its_app_and_bin():
     assert location_id_of_key(app, f"{app}/3/日本語.txt") == "日本語.txt"
     assert location_id_of_key(app, f"{app}/4/circle_red.jpg") is None  # wrong bin
     assert location_id_of_key(uuid.uuid4(), f"{app}/5/circle_red.jpg") is None  # another app
-    assert location_id_of_key(app, f"{app}/5/x/circle_red.jpg") is None  # nested
+    nested = "imports/2024/circle_red.jpg"
+    assert location_id_of_key(app, f"{app}/{location_bin(nested)}/{nested}") == nested
+    assert location_id_of_key(app, f"{app}/{(location_bin(nested) + 1) % 10}/{nested}") is None  # wrong bin
+    assert location_id_of_key(app, f"{app}/5/x/../circle_red.jpg") is None  # a '..' segment
     assert location_id_of_key(app, f"{app}/5/") is None
     assert object_key(app, "photo.png") == f"{app}/1/photo.png"
 

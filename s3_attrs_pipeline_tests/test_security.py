@@ -13,18 +13,21 @@ from s3_attrs_pipeline.defs.assets import files_s3_attrs
 from s3_attrs_pipeline.defs.automation import CHECK_KEYS
 from s3_attrs_pipeline.defs.checks import verify_files_s3_attrs
 from s3_attrs_pipeline.defs.resources import resources_from_env
-from s3_attrs_pipeline_tests.conftest import REPO_ROOT
+from s3_attrs_pipeline_tests.conftest import BOTH_SCHEMAS, REPO_ROOT
 from s3_attrs_pipeline_tests.helpers import new_attr_triples
 
 DB_PASSWORD = "db-pw-5ecret-7731"
 AWS_SECRET = "aws-5ecret-key-9924"
 
 
-def _grant_least_privilege(conn, role: str) -> None:
+GRANTS = {"72": ["postgres-grants.sql"], "current": ["postgres-grants.sql", "postgres-grants-current.sql"]}
+
+
+def _grant_least_privilege(conn, role: str, schema: str) -> None:
     conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
     conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
-    grants = (REPO_ROOT / "docs" / "postgres-grants.sql").read_text().replace(":role", role)
-    conn.execute(grants)
+    for name in GRANTS[schema]:
+        conn.execute((REPO_ROOT / "docs" / name).read_text().replace(":role", role))
 
 
 def _restricted_url(instant_db_url: str, role: str) -> str:
@@ -50,11 +53,12 @@ def _materialize_all(files) -> list[dg.ExecuteInProcessResult]:
     return results
 
 
+@BOTH_SCHEMAS
 def test_the_whole_pipeline_runs_with_only_the_documented_grants(
-    conn, instant_db_url, bucket, seeded_files, monkeypatch, capsys
+    conn, instant_db_url, instant_schema, bucket, seeded_files, monkeypatch, capsys
 ):
     role = f"s3attrs_{conn.info.dbname}"[:60]
-    _grant_least_privilege(conn, role)
+    _grant_least_privilege(conn, role, instant_schema)
     monkeypatch.setenv("INSTANT_DATABASE_URL", _restricted_url(instant_db_url, role))
     with psycopg.connect(_restricted_url(instant_db_url, role)) as restricted:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):

@@ -17,6 +17,13 @@ from s3_attrs_pipeline.defs.metadata import numbers, table
 from s3_attrs_pipeline.defs.partitions import app_id_prefix_partitions
 from s3_attrs_pipeline.defs.resources import FileBucketResource, InstantDatabaseResource
 from s3_attrs_pipeline.instant.catalog import CatalogMismatch
+from s3_attrs_pipeline.instant.live_updates import (
+    DEFAULT_LIVE_UPDATES,
+    LIVE_UPDATES_ENV,
+    LOG_TO_TABLE_ENV,
+    live_updates_level,
+    log_to_table,
+)
 from s3_attrs_pipeline.s3.store import S3AccessError
 from s3_attrs_pipeline.settings import setting_help
 
@@ -29,6 +36,24 @@ class BackfillConfig(dg.Config):
     list_threshold: int = Field(
         BackfillSettings.list_threshold, description=setting_help(BackfillSettings, "list_threshold")
     )
+    live_updates: str | None = Field(
+        None,
+        description=setting_help(BackfillSettings, "live_updates")
+        + f" Unset: {LIVE_UPDATES_ENV}, else {DEFAULT_LIVE_UPDATES}.",
+    )
+    wal_msg_log_to_table: bool | None = Field(
+        None,
+        description=setting_help(BackfillSettings, "wal_msg_log_to_table") + f" Unset: {LOG_TO_TABLE_ENV}, else false.",
+    )
+
+    def backfill_settings(self, partition_count: int) -> BackfillSettings:
+        return BackfillSettings(
+            batch_size=self.batch_size,
+            list_threshold=self.list_threshold,
+            live_updates=live_updates_level(self.live_updates),
+            wal_msg_log_to_table=log_to_table(self.wal_msg_log_to_table),
+            partition_count=partition_count,
+        )
 
 
 def _step_retry_policy() -> dg.RetryPolicy | None:
@@ -78,11 +103,10 @@ def files_s3_attrs(
     instant_db: InstantDatabaseResource,
     file_bucket: FileBucketResource,
 ) -> dg.MaterializeResult:
-    settings = BackfillSettings(
-        batch_size=config.batch_size,
-        list_threshold=config.list_threshold,
-        partition_count=len(app_id_prefix_partitions.get_partition_keys()),
-    )
+    try:
+        settings = config.backfill_settings(len(app_id_prefix_partitions.get_partition_keys()))
+    except ValueError as error:
+        raise dg.Failure(description=str(error), allow_retries=False) from None
     with instant_db.connect() as conn, file_bucket.open_store() as store:
         try:
             report = backfill_partition(conn, store, context.partition_key, settings, context.log)

@@ -3,7 +3,6 @@
 import uuid
 
 _INT32_MIN = -(2**31)
-_MAX_LOCATION_ID_LENGTH = 1024
 _MAX_KEY_BYTES = 1024  # S3's limit on an object key, in UTF-8 bytes
 
 
@@ -28,15 +27,18 @@ def location_bin(location_id: str) -> int:
 
 
 def validated_location_id(value: object) -> str:
-    """The `location-id` triple's JSON value if it is a safe single key segment, else InvalidLocationId."""
+    """The `location-id` triple's JSON value if it can name an object safely, else InvalidLocationId.
+
+    InstantDB's server keys an object `<app_id>/<bin>/<location-id>` for any location-id string, so
+    nested paths and any Unicode text are accepted. Refused: what is not a string or is empty, a
+    `.` or `..` segment (a client or proxy may resolve it to another key), control characters, and
+    text that is not valid Unicode; `object_key` also refuses a key over S3's 1,024 bytes."""
     if not isinstance(value, str):
         raise InvalidLocationId(f"location-id is a JSON {type(value).__name__}, not a string: {value!r:.80}")
     if not value:
         raise InvalidLocationId("location-id is an empty string")
-    if len(value) > _MAX_LOCATION_ID_LENGTH:
-        raise InvalidLocationId(f"location-id is {len(value)} characters long (at most {_MAX_LOCATION_ID_LENGTH})")
-    if "/" in value or value in (".", ".."):
-        raise InvalidLocationId(f"location-id {value!r:.80} is not a single key segment")
+    if any(segment in (".", "..") for segment in value.split("/")):
+        raise InvalidLocationId(f"location-id {value!r:.80} has a '.' or '..' segment")
     if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
         raise InvalidLocationId(f"location-id {value!r:.80} contains control characters")
     try:
@@ -58,9 +60,15 @@ def object_key(app_id: uuid.UUID, location_id: object) -> str:
 
 
 def location_id_of_key(app_id: uuid.UUID, key: str) -> str | None:
-    """The location-id whose object key is `key` in this app, or None if no valid location-id has it
-    (another app's key, a wrong bin, a nested path)."""
-    location_id = key.rpartition("/")[2]
+    """The location-id whose object key is `key` in this app: `<app_id>/<bin>/<a>/<b>` is `a/b` when
+    `<bin>` is that location-id's bin. None if no valid location-id has it (another app's key, a
+    wrong bin)."""
+    prefix = f"{app_id}/"
+    if not key.startswith(prefix):
+        return None
+    _, slash, location_id = key[len(prefix) :].partition("/")
+    if not slash:
+        return None
     try:
         return location_id if object_key(app_id, location_id) == key else None
     except InvalidLocationId:

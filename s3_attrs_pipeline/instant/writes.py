@@ -159,6 +159,10 @@ class ListedAttrs:
     def locations(self) -> int:
         return len(self.params["location_values"])
 
+    @property
+    def app_id(self) -> uuid.UUID:
+        return self.params["app_id"]
+
     @classmethod
     def of(cls, app_id: uuid.UUID, listed: Sequence[tuple[str, str, int]]) -> "ListedAttrs":
         """From (location-id, hash, lastModified ms) of each listed object."""

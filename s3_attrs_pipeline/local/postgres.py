@@ -75,15 +75,24 @@ def drop_database(server_url: str, dbname: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
 
 
-def install_instant_schema(url: str) -> bool:
-    """Create InstantDB's tables and the system catalog's `$files` attrs, unless present.
-    Returns whether it installed them."""
-    ddl = importlib.resources.files("s3_attrs_pipeline.local").joinpath("instant_schema.sql").read_text()
+# InstantDB's schema at its migration 72 (before this backfill existed) and today's; a real database
+# may be at either. Today's is 72's with instant_schema_current.sql applied, as migrations would.
+SCHEMA_FILES = {
+    "72": ("instant_schema_72.sql",),
+    "current": ("instant_schema_72.sql", "instant_schema_current.sql"),
+}
+
+
+def install_instant_schema(url: str, schema: str = "current") -> bool:
+    """Create InstantDB's tables as of `schema` ("72" or "current") and the system catalog's `$files`
+    attrs, unless present. Returns whether it installed them."""
+    files = importlib.resources.files("s3_attrs_pipeline.local")
     with psycopg.connect(url, autocommit=True) as conn:
         if conn.execute("SELECT to_regclass('triples') IS NOT NULL").fetchone()[0]:
             return False
         with conn.transaction():
-            conn.execute(ddl)
+            for name in SCHEMA_FILES[schema]:
+                conn.execute(files.joinpath(name).read_text())
             _create_system_catalog(conn)
     return True
 

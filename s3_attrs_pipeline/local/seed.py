@@ -58,6 +58,8 @@ def plan_dataset(spec: DatasetSpec) -> list[SeededFile]:
         location_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
         if index % 97 == 5:
             location_id = f"{location_id}-{name}"  # older uploads kept the file name in the key
+        elif index % 89 == 7:
+            location_id = f"imports/{index % 3}/{location_id}/{name}"  # a nested path: the server keys any string
         in_s3 = rng.random() >= spec.missing_ratio
         files.append(
             SeededFile(

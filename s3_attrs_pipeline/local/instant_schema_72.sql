@@ -137,3 +137,11 @@ END $$;
 
 CREATE TRIGGER triples_location_id_sweep AFTER DELETE OR UPDATE ON triples
   FOR EACH ROW EXECUTE FUNCTION queue_files_to_sweep();
+
+-- One row per server transaction that writes triples (since migration 3), in the same Postgres
+-- transaction: InstantDB's invalidator ignores WAL records without one.
+CREATE TABLE transactions (
+  id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  app_id uuid NOT NULL REFERENCES apps (id) ON DELETE CASCADE,
+  created_at timestamp NOT NULL DEFAULT now()
+);
