@@ -52,6 +52,8 @@ class VerificationReport:
     sample_missing_now: int = 0
     sample_unreadable: int = 0  # HEAD failed after retries: neither proof nor disproof
     mismatches: list[SampleMismatch] = dataclasses.field(default_factory=list)
+    # For one app, how the database answers the queries the new attrs exist for (reads.APP_QUERIES).
+    app_query_plans: list[reads.QueryPlan] = dataclasses.field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -64,6 +66,10 @@ class VerificationReport:
     @property
     def well_formed(self) -> bool:
         return self.only_one == 0 and self.malformed == reads.MalformedTriples(0, 0, 0)
+
+    @property
+    def app_queries_use_indexes(self) -> bool:
+        return all(plan.index for plan in self.app_query_plans)
 
     @property
     def gap_partition_keys(self) -> list[str]:
@@ -96,6 +102,7 @@ def database_report(conn: psycopg.Connection, partition_width: int) -> Verificat
             )
     report.only_one = report.with_hash + report.with_last_modified - 2 * report.with_both
     report.malformed = reads.malformed_new_triples(conn)
+    report.app_query_plans = reads.app_query_plans(conn)
     return report
 
 

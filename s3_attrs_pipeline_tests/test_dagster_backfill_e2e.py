@@ -136,4 +136,7 @@ def test_ui_backfill_with_faults_then_rerun_of_failed_partitions(conn, bucket, s
         assert after_rerun["remaining"] == 0
         assert after_rerun["with_both"] == sum(f.in_s3 for f in seeded_files)
         assert after_rerun["known_missing"] == sum(not f.in_s3 for f in seeded_files)
-        assert after_rerun["checks"] == {"completeness": "SUCCEEDED", "consistency": "SUCCEEDED", "well_formed": "SUCCEEDED"}
+        assert after_rerun["checks"] == {
+            "completeness": "SUCCEEDED", "consistency": "SUCCEEDED", "well_formed": "SUCCEEDED",
+            "app_queries_use_indexes": "SUCCEEDED",
+        }

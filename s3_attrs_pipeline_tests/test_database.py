@@ -317,3 +317,46 @@ def test_the_streaming_queries_are_index_probes(conn, seeded_files, instant_sche
         assert ave_index in plans[name], f"{name} does not read location-ids through {ave_index}:\n{plans[name]}"
     for name in ("first page", "next page"):
         assert "Sort" not in plans[name].split("Limit")[1], f"{name} sorts instead of reading in index order"
+
+
+def _add_a_populated_app(conn, app: uuid.UUID, files: int) -> None:
+    """An app of `files` files with hash and lastModified."""
+    catalog.ensure_file_attrs(conn)
+    conn.execute("INSERT INTO apps (id, creator_id, title) SELECT %s, creator_id, 'big' FROM apps LIMIT 1", (app,))
+    for spec, value in ((HASH, "to_jsonb(md5(n::text))"), (LAST_MODIFIED, "to_jsonb(1700000000000 + n * 1000)")):
+        conn.execute(
+            sql.SQL("""INSERT INTO triples (app_id, entity_id, attr_id, value, value_md5, ea, eav, av, ave, vae,
+                                         checked_data_type)
+                       SELECT %(app)s, uuid_in(md5(%(app)s::text || n)::cstring), %(attr)s, v, md5(v::text),
+                              true, false, false, true, false, %(type)s::checked_data_type
+                       FROM generate_series(1, %(files)s) n, LATERAL (SELECT {value} AS v) value""").format(
+                value=sql.SQL(value)
+            ),
+            {"app": app, "attr": spec.attr_id, "type": spec.checked_data_type, "files": files},
+        )
+
+
+@BOTH_SCHEMAS
+def test_the_queries_the_new_attrs_exist_for_read_an_index_for_one_app(conn, seeded_files, instant_schema):
+    # Populated apps as in production: one app is a small share of every attr's triples.
+    app = uuid.UUID("0bbbbbbb-0000-4000-8000-000000000001")
+    _add_a_populated_app(conn, app, 3_000)
+    _add_a_populated_app(conn, uuid.UUID("0ccccccc-0000-4000-8000-000000000001"), 30_000)
+    conn.execute("ANALYZE triples")
+    plans = {plan.query: plan for plan in reads.app_query_plans(conn, app)}
+    assert set(plans) == set(reads.APP_QUERIES)
+    assert {plan.app_id for plan in plans.values()} == {str(app)}
+    ave_index, number_index = {
+        "72": ("ave_index", "ave_index_number"), "current": ("ave_with_e_index", "triples_number_type_idx"),
+    }[instant_schema]
+    assert plans["files by hash"].index == ave_index, plans["files by hash"].plan
+    for name in ("files ordered by lastModified desc", "files with lastModified > T"):
+        assert plans[name].index == number_index, plans[name].plan
+
+    conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(number_index)))  # a missing index is named
+    plans = {plan.query: plan for plan in reads.app_query_plans(conn, app)}
+    assert plans["files with lastModified > T"].index != number_index
+
+    conn.execute("DELETE FROM triples WHERE attr_id = ANY(%s)", ([HASH.attr_id, LAST_MODIFIED.attr_id],))
+    assert reads.app_query_plans(conn) == []  # nothing populated: nothing to ask
+    assert reads.app_query_plans(conn, app) == []

@@ -24,7 +24,7 @@ def test_definitions_load_with_the_checks_on_the_asset_they_judge():
     dg.Definitions.validate_loadable(loaded)
     graph = loaded.resolve_asset_graph()
     assert graph.get_check_keys_for_assets({files_s3_attrs.key}) == set(CHECK_KEYS)
-    assert {key.name for key in CHECK_KEYS} == {"completeness", "consistency", "well_formed"}
+    assert {key.name for key in CHECK_KEYS} == {"completeness", "consistency", "well_formed", "app_queries_use_indexes"}
 
 
 def _backfill_all(conn, endpoint, bucket, files):
@@ -69,7 +69,9 @@ def test_a_clean_backfill_verifies_and_passes_every_check(conn, s3_endpoint, buc
     assert report.sample_size == in_s3 and report.consistent and report.well_formed
 
     result = _run_checks()
-    assert _checks(result) == {"completeness": True, "consistency": True, "well_formed": True}
+    assert _checks(result) == {
+        "completeness": True, "consistency": True, "well_formed": True, "app_queries_use_indexes": True
+    }
     assert not result.get_asset_materialization_events(), "running the checks materializes nothing"
     metadata = _check_metadata(result)
     assert metadata["total_files"].value == len(seeded_files)
@@ -104,7 +106,9 @@ def test_checks_fail_on_planted_inconsistencies(conn, s3_endpoint, bucket, seede
     assert [m.entity_id for m in report.mismatches] == [str(wrong_etag.entity_id)]
     assert report.complete  # every file still has its hash
 
-    assert _checks(_run_checks()) == {"completeness": True, "consistency": False, "well_formed": False}
+    assert _checks(_run_checks()) == {
+        "completeness": True, "consistency": False, "well_formed": False, "app_queries_use_indexes": True
+    }
 
 
 def test_a_non_positive_last_modified_is_malformed(conn, s3_endpoint, bucket, seeded_files):
@@ -193,7 +197,7 @@ def test_the_checks_and_their_sensor_use_the_after_a_backfill_condition():
 
 
 def test_the_checks_run_once_after_runs_that_partly_failed_and_not_while_one_is_in_progress():
-    every_check = {"completeness", "consistency", "well_formed"}
+    every_check = {spec.name for spec in CHECK_SPECS}
     started, release = threading.Event(), threading.Event()
 
     def run_partition(key: str) -> None:

@@ -1,4 +1,5 @@
-"""The checks that judge `files_s3_attrs` as a whole: complete, consistent with S3, well formed.
+"""The checks that judge `files_s3_attrs` as a whole: complete, consistent with S3, well formed, and
+serving the queries it exists for.
 
 One verification (`verification.verify`) feeds the three, each carrying the figures it judged by
 under the verification report's own field names. They run by themselves once a backfill of the
@@ -16,6 +17,7 @@ from s3_attrs_pipeline.defs.assets import files_s3_attrs
 from s3_attrs_pipeline.defs.metadata import numbers, table
 from s3_attrs_pipeline.defs.partitions import PARTITION_WIDTH
 from s3_attrs_pipeline.defs.resources import FileBucketResource, InstantDatabaseResource
+from s3_attrs_pipeline.instant.reads import QueryPlan
 from s3_attrs_pipeline.verification import PartitionGap, SampleMismatch, VerificationReport, verify
 
 # Once any partition was materialized since the checks were last requested, and no partition is in a
@@ -54,6 +56,11 @@ CHECK_SPECS = [
         "well_formed",
         "hash is a non-empty string, lastModified a positive integer of ms, both or neither per file, and every "
         "triple is encoded as InstantDB writes it.",
+    ),
+    _spec(
+        "app_queries_use_indexes",
+        "For one app, the queries hash and lastModified exist for (files by hash, files newest first, files "
+        "modified after a time) are answered from an index of triples, on this database's schema.",
     ),
 ]
 
@@ -98,6 +105,16 @@ def _check_results(report: VerificationReport) -> list[dg.AssetCheckResult]:
             check_name="well_formed",
             passed=report.well_formed,
             metadata=numbers(only_one=report.only_one, **{f"malformed_{name}": n for name, n in malformed.items()}),
+        ),
+        dg.AssetCheckResult(
+            asset_key=files_s3_attrs.key,
+            check_name="app_queries_use_indexes",
+            passed=report.app_queries_use_indexes,
+            metadata={
+                **{plan.query: dg.MetadataValue.text(plan.index or "no index: scans triples")
+                   for plan in report.app_query_plans},
+                "plans": table(QueryPlan, report.app_query_plans),
+            },
         ),
     ]
 

@@ -4,6 +4,7 @@ streaming ones are index probes whatever the table's size."""
 
 import dataclasses
 import json
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 
@@ -254,3 +255,66 @@ def count_files(conn: psycopg.Connection) -> FileCount:
     """Every file of every app, and how many carry `hash`."""
     params = {"hash_attr": HASH.attr_id, "location_attr": LOCATION_ID.attr_id}
     return FileCount(*conn.execute(_FILE_COUNTS, params).fetchone())
+
+
+# The queries `hash` and `lastModified` exist for, in the shape InstantDB gives them for one app:
+# files with a hash, files newest first, files modified after a time (a typed number index).
+APP_QUERIES = {
+    "files by hash": """
+SELECT entity_id FROM triples
+WHERE app_id = %(app_id)s AND attr_id = %(hash_attr)s AND ave AND value = %(hash)s::jsonb
+""",
+    "files ordered by lastModified desc": """
+SELECT entity_id FROM triples
+WHERE app_id = %(app_id)s AND attr_id = %(last_modified_attr)s AND ave AND checked_data_type = 'number'
+ORDER BY triples_extract_number_value(value) DESC
+LIMIT 100
+""",
+    "files with lastModified > T": """
+SELECT entity_id FROM triples
+WHERE app_id = %(app_id)s AND attr_id = %(last_modified_attr)s AND ave AND checked_data_type = 'number'
+  AND triples_extract_number_value(value) > %(after)s
+""",
+}
+
+_A_DAY_MS = 86_400_000
+_A_POPULATED_FILE = sql.SQL("""
+SELECT h.app_id, h.value::text
+FROM triples h
+WHERE h.attr_id = %(hash_attr)s AND h.ea {of_app}
+LIMIT 1
+""")
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryPlan:
+    query: str  # what an app asks, in words
+    app_id: str
+    index: str  # the index the plan reads, or "" when it scans the table
+    plan: str
+
+
+def app_query_plans(conn: psycopg.Connection, app_id: uuid.UUID | None = None) -> list[QueryPlan]:
+    """EXPLAIN of each of APP_QUERIES for `app_id`, or the app of one populated file ([] when it has
+    none), asking for the hash of one of its files and for its files modified in the last day. Sequential and bitmap scans are priced out, so the plans
+    show whether an index serves each query's shape whatever the tables' sizes: a plan that still
+    scans `triples` has no index to use."""
+    params = {"hash_attr": HASH.attr_id, "last_modified_attr": LAST_MODIFIED.attr_id, "app_id": app_id}
+    of_app = sql.SQL("AND h.app_id = %(app_id)s") if app_id else sql.SQL("")
+    row = conn.execute(_A_POPULATED_FILE.format(of_app=of_app), params).fetchone()
+    if row is None:
+        return []
+    app_id, hash_json = row
+    params |= {"app_id": app_id, "hash": hash_json, "after": time.time() * 1000 - _A_DAY_MS}
+    plans = []
+    with conn.transaction():
+        conn.execute("SET LOCAL enable_seqscan = off")
+        conn.execute("SET LOCAL enable_bitmapscan = off")
+        for name, query in APP_QUERIES.items():
+            lines = [r[0] for r in conn.execute(sql.SQL("EXPLAIN ") + sql.SQL(query), params, prepare=False)]
+            scans_triples = any("Seq Scan on triples" in line for line in lines)
+            index = "" if scans_triples else next(
+                (line.split(" using ", 1)[1].split(" on ", 1)[0] for line in lines if " using " in line), ""
+            )
+            plans.append(QueryPlan(name, str(app_id), index, "\n".join(lines)))
+    return plans
