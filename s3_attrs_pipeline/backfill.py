@@ -9,7 +9,7 @@ import collections
 import dataclasses
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Protocol
 
@@ -114,14 +114,17 @@ class BackfillSettings:
 LISTED_APP_MIN_PENDING_SHARE = 10
 
 
-def apps_to_list(apps: list[reads.AppFileCount], list_threshold: int) -> list[reads.AppFileCount]:
-    """The apps whose objects are read with ListObjectsV2 rather than one HEAD per file."""
+def apps_to_list(
+    apps: list[reads.AppFileCount], list_threshold: int, to_do: Callable[[reads.AppFileCount], int] = lambda a: a.pending
+) -> list[reads.AppFileCount]:
+    """The apps whose objects are read with ListObjectsV2 rather than one HEAD per file: those with
+    at least `list_threshold` files `to_do` (by default the files lacking `hash`), a tenth of the app."""
     if list_threshold <= 0:
         return []
     return [
         app
         for app in apps
-        if app.pending >= list_threshold and app.pending * LISTED_APP_MIN_PENDING_SHARE >= app.files
+        if to_do(app) >= list_threshold and to_do(app) * LISTED_APP_MIN_PENDING_SHARE >= app.files
     ]
 
 
@@ -415,12 +418,12 @@ def _head_range(
 
 
 @dataclasses.dataclass(frozen=True)
-class _ListedPage:
+class ListedPage:
     attrs: writes.ListedAttrs  # the listed objects' values, by location-id
     malformed: dict[str, tuple[str, str]]  # location-id: (key, why its metadata cannot be written)
 
 
-def _listed_pages(store: ObjectStore, app_id: uuid.UUID) -> Iterator[_ListedPage]:
+def listed_pages(store: ObjectStore, app_id: uuid.UUID) -> Iterator[ListedPage]:
     """The app's listing, a page at a time, each made ready to write. Keys that are not where a
     location-id of this app puts its object are left out."""
     for objects in listing.list_prefix(store, f"{app_id}/"):
@@ -435,7 +438,7 @@ def _listed_pages(store: ObjectStore, app_id: uuid.UUID) -> Iterator[_ListedPage
                 malformed[location_id] = (listed.key, str(error))
             else:
                 found.append((location_id, metadata.hash, metadata.last_modified_ms))
-        yield _ListedPage(writes.ListedAttrs.of(app_id, found), malformed)
+        yield ListedPage(writes.ListedAttrs.of(app_id, found), malformed)
 
 
 def _list_app(
@@ -455,7 +458,7 @@ def _list_app(
     prefix = f"{app.app_id}/"
     malformed: set[uuid.UUID] = set()  # still lack `hash`, but are not missing
     try:
-        for page in listing.prefetched(_listed_pages(store, app.app_id)):
+        for page in listing.prefetched(listed_pages(store, app.app_id)):
             if page.malformed:
                 for file in reads.pending_files_at(conn, app.app_id, list(page.malformed)):
                     malformed.add(file.entity_id)

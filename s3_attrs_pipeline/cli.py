@@ -9,7 +9,7 @@ import time
 import psycopg
 
 from s3_attrs_pipeline.backfill import BackfillSettings
-from s3_attrs_pipeline.counts import FileCounts
+from s3_attrs_pipeline.counts import FileCounts, RefreshCounts
 from s3_attrs_pipeline.instant import progress, reads, writes
 from s3_attrs_pipeline.instant.catalog import CatalogMismatch
 from s3_attrs_pipeline.instant.connection import DatabaseUrlError, connect, validate_database_url
@@ -28,6 +28,7 @@ SUMMARY_COUNTS = (
     "processed", "successful", "missing", "failed", "invalid_location_id", "malformed_object_metadata",
     "already_populated",
 )
+REFRESH_SUMMARY_COUNTS = ("checked", "unchanged", "refreshed", "missing", "failed")
 
 
 class SetupError(Exception):
@@ -72,30 +73,31 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    url = _database_url()
-    _check_bucket_env()
-    try:
-        live_updates_level(args.live_updates)
-    except ValueError as error:
-        raise SetupError(str(error)) from None
-    # Dagster is imported only by the commands that run it: `stats` and `reset` answer at once.
+def _partition_keys(args: argparse.Namespace, with_work) -> list[str]:
+    """--partition's keys, checked, or those `with_work(every key, coverage by partition, connection)` picks."""
     from s3_attrs_pipeline import runs
-    from s3_attrs_pipeline.defs.assets import BackfillConfig
     from s3_attrs_pipeline.defs.partitions import PARTITION_WIDTH
 
     every_key = runs.all_partition_keys()
     unknown = sorted(set(args.partition or []) - set(every_key))
     if unknown:
         raise SetupError(f"unknown partition keys {', '.join(unknown)} (keys are {PARTITION_WIDTH} hex digits)")
-    keys = args.partition or every_key
-    if not args.partition and not args.all:
-        with connect(url) as conn:
-            coverage = reads.coverage_by_partition(conn, PARTITION_WIDTH)
-            keys = progress.partitions_with_work(keys, coverage, progress.read_progress(conn))
-        print(f"{len(keys)} of {len(every_key)} partitions have work to do (--all runs every one)")
+    if args.partition or args.all:
+        return args.partition or every_key
+    with connect(_database_url()) as conn:
+        keys = with_work(every_key, reads.coverage_by_partition(conn, PARTITION_WIDTH), conn)
+    print(f"{len(keys)} of {len(every_key)} partitions have work to do (--all runs every one)")
+    return keys
+
+
+def _materialize(args: argparse.Namespace, keys: list[str], asset_name: str, counts_type, summary: tuple) -> list:
+    """Materialize `asset_name`'s partitions `keys`, a line per partition and a summary of `summary`'s
+    counts; the failed runs."""
+    from s3_attrs_pipeline import runs
+    from s3_attrs_pipeline.defs.assets import BackfillConfig
+
     started = time.monotonic()
-    totals = FileCounts()
+    totals = counts_type()
     failed: list = []
     for run in runs.materialize_partitions(
         keys,
@@ -103,23 +105,54 @@ def cmd_run(args: argparse.Namespace) -> int:
         config=BackfillConfig(
             batch_size=args.batch_size, list_threshold=args.list_threshold, live_updates=args.live_updates
         ),
+        asset_name=asset_name,
         log_level="WARNING" if args.quiet else "INFO",
         tags={"s3-attrs/launched-by": "cli"},
     ):
-        totals += FileCounts.from_metadata(run.metadata)
+        totals += counts_type.from_metadata(run.metadata)
         if not run.success:
             failed.append(run)
             print(f"partition {run.partition_key} FAILED (run {run.run_id}): {run.error}", file=sys.stderr)
         elif not args.quiet:
-            print(
-                f"partition {run.partition_key}: processed={run.metadata.get('processed', 0)} "
-                f"successful={run.metadata.get('successful', 0)} missing={run.metadata.get('missing', 0)}"
-            )
+            print(f"partition {run.partition_key}: " + " ".join(f"{n}={run.metadata.get(n, 0)}" for n in summary[:3]))
     elapsed = time.monotonic() - started
     print(
         f"{len(keys)} partitions in {elapsed:.1f}s: {len(keys) - len(failed)} succeeded, {len(failed)} failed; "
-        + " ".join(f"{name}={getattr(totals, name)}" for name in SUMMARY_COUNTS)
+        + " ".join(f"{name}={getattr(totals, name)}" for name in summary)
     )
+    return failed
+
+
+def _check_run_settings(args: argparse.Namespace) -> None:
+    _database_url()
+    _check_bucket_env()
+    try:
+        live_updates_level(args.live_updates)
+    except ValueError as error:
+        raise SetupError(str(error)) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _check_run_settings(args)
+
+    def with_work(keys: list[str], coverage: dict, conn: psycopg.Connection) -> list[str]:
+        return progress.partitions_with_work(keys, coverage, progress.read_progress(conn))
+
+    keys = _partition_keys(args, with_work)
+    return _exit_status(_materialize(args, keys, "files_s3_attrs", FileCounts, SUMMARY_COUNTS))
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    _check_run_settings(args)
+
+    def with_values(keys: list[str], coverage: dict, _conn: psycopg.Connection) -> list[str]:
+        return [key for key in keys if key in coverage and coverage[key].with_hash]
+
+    keys = _partition_keys(args, with_values)
+    return _exit_status(_materialize(args, keys, "files_s3_attrs_refresh", RefreshCounts, REFRESH_SUMMARY_COUNTS))
+
+
+def _exit_status(failed: list) -> int:
     if failed:
         print("failed partitions (rerun with --partition): " + " ".join(run.partition_key for run in failed), file=sys.stderr)
         return EXIT_FAILED
@@ -178,23 +211,31 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     stats.set_defaults(handler=cmd_stats)
 
-    run = commands.add_parser("run", help="materialize partitions through Dagster (all by default)")
-    run.add_argument("--partition", action="append", metavar="KEY", help="a partition key, e.g. 3f; repeatable")
-    for name in ("batch_size", "list_threshold"):
-        default = getattr(BackfillSettings, name)
-        run.add_argument(
-            "--" + name.replace("_", "-"), type=int, default=default,
-            help=f"{setting_help(BackfillSettings, name)} (default {default})",
+    for name, handler, text, all_help in (
+        ("run", cmd_run, "backfill: materialize partitions through Dagster (those with work by default)",
+         "run every partition, even those with nothing new to do"),
+        ("refresh", cmd_refresh, "rewrite hash and lastModified where the file's object changed since (the "
+         "partitions with values by default)", "refresh every partition, even those without values"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--partition", action="append", metavar="KEY", help="a partition key, e.g. 3f; repeatable")
+        for setting in ("batch_size", "list_threshold"):
+            default = getattr(BackfillSettings, setting)
+            command.add_argument(
+                "--" + setting.replace("_", "-"), type=int, default=default,
+                help=f"{setting_help(BackfillSettings, setting)} (default {default})",
+            )
+        command.add_argument(
+            "--live-updates", choices=[level.value for level in LiveUpdates], default=None,
+            help=f"{setting_help(BackfillSettings, 'live_updates')} (default: {LIVE_UPDATES_ENV}, else "
+            f"{DEFAULT_LIVE_UPDATES})",
         )
-    run.add_argument(
-        "--live-updates", choices=[level.value for level in LiveUpdates], default=None,
-        help=f"{setting_help(BackfillSettings, 'live_updates')} (default: {LIVE_UPDATES_ENV}, else "
-        f"{DEFAULT_LIVE_UPDATES})",
-    )
-    run.add_argument("--all", action="store_true", help="run every partition, even those with nothing new to do")
-    run.add_argument("--parallel", type=int, default=2, help="partition runs at once, in worker processes (default 2)")
-    run.add_argument("--quiet", action="store_true", help="print only failures and the summary")
-    run.set_defaults(handler=cmd_run)
+        command.add_argument("--all", action="store_true", help=all_help)
+        command.add_argument(
+            "--parallel", type=int, default=2, help="partition runs at once, in worker processes (default 2)"
+        )
+        command.add_argument("--quiet", action="store_true", help="print only failures and the summary")
+        command.set_defaults(handler=handler)
 
     for name, handler, text in (
         ("reset", cmd_reset, "clear the progress state in the config row"),

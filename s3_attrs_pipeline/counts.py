@@ -52,3 +52,26 @@ def config_key(name: str) -> str:
 # The counts the totals row adds up over every partition, as `total-<name>` (the REPL migration's
 # total-processed, total-successful, total-failed and total-missing, and the bad-data counts).
 TOTALLED = ("processed", "successful", "failed", "missing", "invalid_location_id", "malformed_object_metadata")
+
+
+@dataclasses.dataclass(frozen=True)
+class RefreshCounts:
+    """The counts of a refresh, under the names of its metadata and summary."""
+
+    checked: int = 0  # files with values whose object was looked for
+    unchanged: int = 0  # their object is the one described: nothing written
+    refreshed: int = 0  # hash or lastModified rewritten to describe the current object
+    missing: int = 0  # no object at the current location-id: the values are kept
+    failed: int = 0  # S3 still failed after its retries
+    invalid_location_id: int = 0
+    malformed_object_metadata: int = 0
+    vanished_during_run: int = 0  # deleted, or given another location, between read and write
+    apps_listed: int = 0
+    s3_retries: int = 0
+
+    def __add__(self, other: "RefreshCounts") -> "RefreshCounts":
+        return RefreshCounts(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)})
+
+    @classmethod
+    def from_metadata(cls, values: dict) -> "RefreshCounts":
+        return cls(**{f.name: int(values.get(f.name, 0)) for f in dataclasses.fields(cls)})

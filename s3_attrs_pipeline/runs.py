@@ -1,4 +1,5 @@
-"""Materialize partitions of `files_s3_attrs` through Dagster, in this process, and summarise them."""
+"""Materialize partitions of `files_s3_attrs` (or of its refresh) through Dagster, in this process, and
+summarise them."""
 
 import dataclasses
 import functools
@@ -11,6 +12,7 @@ import dagster as dg
 
 from s3_attrs_pipeline.defs.assets import BackfillConfig, files_s3_attrs
 from s3_attrs_pipeline.defs.partitions import app_id_prefix_partitions
+from s3_attrs_pipeline.defs.refresh import files_s3_attrs_refresh
 from s3_attrs_pipeline.defs.resources import resources_from_env
 
 
@@ -50,28 +52,33 @@ def _failure(result: dg.ExecuteInProcessResult) -> tuple[str, dict]:
     return "the run failed before its step started", {}
 
 
+# By name: the worker processes receive the name, not the definition.
+PARTITIONED_ASSETS = {asset.key.to_user_string(): asset for asset in (files_s3_attrs, files_s3_attrs_refresh)}
+
+
 def materialize_partition(
     instance: dg.DagsterInstance,
     partition_key: str,
     *,
     config: BackfillConfig,
+    asset_name: str = "files_s3_attrs",
     log_level: str = "INFO",
     tags: dict[str, str] | None = None,
 ) -> PartitionRun:
     result = dg.materialize(
-        [files_s3_attrs],
+        [PARTITIONED_ASSETS[asset_name]],
         partition_key=partition_key,
         instance=instance,
         resources=resources_from_env(),
         run_config=dg.RunConfig(
-            ops={"files_s3_attrs": config},
+            ops={asset_name: config},
             loggers={"console": {"config": {"log_level": log_level}}},
         ),
         tags=tags,
         raise_on_error=False,
     )
     if result.success:
-        materialization = result.asset_materializations_for_node("files_s3_attrs")[0]
+        materialization = result.asset_materializations_for_node(asset_name)[0]
         return PartitionRun(partition_key, result.run_id, True, _numbers(materialization.metadata), None)
     error, metadata = _failure(result)
     return PartitionRun(partition_key, result.run_id, False, metadata, error)

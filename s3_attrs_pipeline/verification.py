@@ -51,6 +51,9 @@ class VerificationReport:
     sample_last_modified_mismatches: int = 0
     sample_missing_now: int = 0
     sample_unreadable: int = 0  # HEAD failed after retries: neither proof nor disproof
+    # Sampled files whose values describe another object than their location-id's now (a re-upload,
+    # a rewrite, a deletion): what `s3-attrs refresh` mends.
+    sample_stale: int = 0
     mismatches: list[SampleMismatch] = dataclasses.field(default_factory=list)
     # For one app, how the database answers the queries the new attrs exist for (reads.APP_QUERIES).
     app_query_plans: list[reads.QueryPlan] = dataclasses.field(default_factory=list)
@@ -122,10 +125,13 @@ def verify(conn: psycopg.Connection, store: ObjectStore, partition_width: int, s
     for (populated, key), outcome in zip(keyed, store.head_many([key for _, key in keyed])):
         if outcome.missing:
             report.sample_missing_now += 1
+            report.sample_stale += 1
             _note(report, populated, key, "an object", "404")
         elif outcome.metadata is None:
             report.sample_unreadable += 1
         else:
+            if (populated.hash, populated.last_modified) != (outcome.metadata.hash, outcome.metadata.last_modified_ms):
+                report.sample_stale += 1
             if populated.hash != outcome.metadata.hash:
                 report.sample_hash_mismatches += 1
                 _note(report, populated, key, f"hash {populated.hash!r}", f"ETag {outcome.metadata.hash!r}")

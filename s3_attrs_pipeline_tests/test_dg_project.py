@@ -30,13 +30,13 @@ def test_dg_check_defs_passes_and_lists_the_asset_with_its_checks(tmp_path):
     listed = _dg(["list", "defs", "--json"], tmp_path)
     assert listed.returncode == 0, listed.stderr
     definitions = json.loads(listed.stdout)
-    assert [asset["asset_key"] for asset in definitions["assets"]] == ["files_s3_attrs"]
+    assert sorted(asset["asset_key"] for asset in definitions["assets"]) == ["files_s3_attrs", "files_s3_attrs_refresh"]
     assert sorted((check["asset_key"], check["name"]) for check in definitions["asset_checks"]) == [
         ("files_s3_attrs", "app_queries_use_indexes"), ("files_s3_attrs", "completeness"),
         ("files_s3_attrs", "consistency"), ("files_s3_attrs", "well_formed"),
     ]
     assert [sensor["name"] for sensor in definitions["sensors"]] == ["verify_after_backfill"]
-    assert [schedule["name"] for schedule in definitions["schedules"]] == ["daily_reverification"]
+    assert sorted(schedule["name"] for schedule in definitions["schedules"]) == ["daily_reverification", "weekly_refresh"]
 
 
 def test_the_product_uses_only_public_dagster_apis():

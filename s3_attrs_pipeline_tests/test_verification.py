@@ -102,6 +102,7 @@ def test_checks_fail_on_planted_inconsistencies(conn, s3_endpoint, bucket, seede
     report = _verify(conn, s3_endpoint, bucket)
     assert report.only_one == 1
     assert report.sample_hash_mismatches == 1
+    assert report.sample_stale == 1  # the wrong ETag; the half-written file has no lastModified to sample
     assert report.malformed.encodings == 1
     assert [m.entity_id for m in report.mismatches] == [str(wrong_etag.entity_id)]
     assert report.complete  # every file still has its hash

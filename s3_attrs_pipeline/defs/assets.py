@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 import dagster as dg
 from pydantic import Field
@@ -103,15 +104,30 @@ def files_s3_attrs(
     instant_db: InstantDatabaseResource,
     file_bucket: FileBucketResource,
 ) -> dg.MaterializeResult:
+    return run_on_partition(context, config, instant_db, file_bucket, backfill_partition, PartitionFailed, report_metadata)
+
+
+def run_on_partition(
+    context: dg.AssetExecutionContext,
+    config: BackfillConfig,
+    instant_db: InstantDatabaseResource,
+    file_bucket: FileBucketResource,
+    work: Callable,
+    partly_failed: type[Exception],
+    metadata_of: Callable,
+) -> dg.MaterializeResult:
+    """`work(conn, store, partition key, settings, log)` on the asset's partition, its report as the
+    materialization's metadata. `partly_failed` (which carries the report) fails the partition for a
+    rerun; a wrong setting, an unreadable bucket or a wrong catalog fail it with no retry."""
     try:
         settings = config.backfill_settings(len(app_id_prefix_partitions.get_partition_keys()))
     except ValueError as error:
         raise dg.Failure(description=str(error), allow_retries=False) from None
     with instant_db.connect() as conn, file_bucket.open_store() as store:
         try:
-            report = backfill_partition(conn, store, context.partition_key, settings, context.log)
-        except PartitionFailed as failed:
-            raise dg.Failure(description=str(failed), metadata=report_metadata(failed.report)) from None
+            report = work(conn, store, context.partition_key, settings, context.log)
+        except partly_failed as failed:
+            raise dg.Failure(description=str(failed), metadata=metadata_of(failed.report)) from None
         except (S3AccessError, CatalogMismatch) as error:
             raise dg.Failure(description=str(error), allow_retries=False) from None
-    return dg.MaterializeResult(metadata=report_metadata(report))
+    return dg.MaterializeResult(metadata=metadata_of(report))

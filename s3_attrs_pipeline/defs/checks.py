@@ -97,6 +97,7 @@ def _check_results(report: VerificationReport) -> list[dg.AssetCheckResult]:
                 sample_last_modified_mismatches=report.sample_last_modified_mismatches,
                 sample_missing_now=report.sample_missing_now,
                 sample_unreadable=report.sample_unreadable,
+                sample_stale=report.sample_stale,
             )
             | mismatches,
         ),

@@ -58,10 +58,10 @@ _NEXT_PAGE = sql.SQL(_PENDING_FILES).format(
 
 
 def iter_pending_batches(
-    conn: psycopg.Connection, app_ids: AppIdRange, batch_size: int
+    conn: psycopg.Connection, app_ids: AppIdRange, batch_size: int, *, with_hash: bool = False
 ) -> Iterator[list[PendingFile]]:
-    """The range's files that still lack `hash`, in key order, from pages of `batch_size` files
-    scanned (a batch holds those of its page that lack `hash`; empty ones are skipped)."""
+    """The range's files that still lack `hash` (or, `with_hash`, that have it), in key order, from
+    pages of `batch_size` files scanned (a batch holds those of its page; empty ones are skipped)."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, not {batch_size}")
     params = {
@@ -74,7 +74,9 @@ def iter_pending_batches(
     query = _FIRST_PAGE
     while True:
         scanned = conn.execute(query, params).fetchall()
-        batch = [PendingFile(app_id, entity, value) for app_id, entity, value, lacks_hash in scanned if lacks_hash]
+        batch = [
+            PendingFile(app_id, entity, value) for app_id, entity, value, lacks_hash in scanned if lacks_hash != with_hash
+        ]
         if batch:
             yield batch
         if len(scanned) < batch_size:

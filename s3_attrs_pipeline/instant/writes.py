@@ -43,7 +43,7 @@ class WriteOutcome:
 
 _TRIPLE_ROWS = sql.SQL(
     "SELECT app_id, entity_id, {attr}::uuid, {value}, {md5}, {ea}, {eav}, {av}, {ave}, {vae}, "
-    "{checked_type}::checked_data_type FROM located"
+    "{checked_type}::checked_data_type FROM {source}"
 )
 
 _INSERT = sql.SQL("""WITH located AS ({located})
@@ -55,10 +55,11 @@ UNION ALL
 RETURNING entity_id""")
 
 
-def _new_triple_rows(name: str) -> sql.Composed:
-    """One new triple per row of `located`, from its `<name>_value` and `<name>_md5` columns and the
+def _new_triple_rows(name: str, source: str = "located") -> sql.Composed:
+    """One new triple per row of `source`, from its `<name>_value` and `<name>_md5` columns and the
     attr's id, type and flags (parameters `<name>_attr`, `<name>_type`, `<name>_ea`, ...)."""
     return _TRIPLE_ROWS.format(
+        source=sql.Identifier(source),
         attr=sql.Placeholder(f"{name}_attr"),
         value=sql.Identifier(f"{name}_value"),
         md5=sql.Identifier(f"{name}_md5"),
@@ -92,7 +93,7 @@ def _insert_from(located: sql.Composable) -> _TriplesInsert:
     return _TriplesInsert(insert(""), insert("ON CONFLICT DO NOTHING"))
 
 
-_INSERT_TRIPLES = _insert_from(sql.SQL("""
+_HEADED_LOCATED = sql.SQL("""
   SELECT f.* FROM unnest(%(app_ids)s::uuid[], %(entity_ids)s::uuid[], %(location_values)s::jsonb[],
                          %(hash_values)s::jsonb[], %(hash_md5s)s::text[],
                          %(last_modified_values)s::jsonb[], %(last_modified_md5s)s::text[])
@@ -103,7 +104,8 @@ _INSERT_TRIPLES = _insert_from(sql.SQL("""
     SELECT 1 FROM triples l
     WHERE l.app_id = f.app_id AND l.entity_id = f.entity_id AND l.attr_id = %(location_attr)s
       AND l.ea AND l.value = f.location_value)
-"""))
+""")
+_INSERT_TRIPLES = _insert_from(_HEADED_LOCATED)
 
 _STILL_LOCATED = """
 SELECT l.entity_id FROM triples l
@@ -217,6 +219,84 @@ def retried_on_conflict(attempt: Callable[[bool], _Written]) -> _Written:
         return attempt(False)
     except psycopg.errors.UniqueViolation:
         return attempt(True)
+
+
+
+# --- refresh: rewriting values that no longer describe the file's current object -------------------
+
+# For each located file (one row per file still at the location S3 was asked about, with the values
+# its object has now), compare with the stored values and rewrite those that differ, as InstantDB
+# rewrites a cardinality-one attr: ON CONFLICT on the `ea` index, only when value_md5 changed, so an
+# unchanged triple gets no new row version. Answers (files compared, files rewritten).
+_REFRESH = sql.SQL("""WITH located AS ({located}),
+compared AS (
+  SELECT f.*, h.value_md5 AS stored_hash_md5, m.value_md5 AS stored_last_modified_md5
+  FROM located f
+  JOIN triples h ON h.app_id = f.app_id AND h.entity_id = f.entity_id AND h.attr_id = %(hash_attr)s AND h.ea
+  LEFT JOIN triples m ON m.app_id = f.app_id AND m.entity_id = f.entity_id AND m.attr_id = %(last_modified_attr)s
+                     AND m.ea
+),
+changed AS (
+  SELECT * FROM compared
+  WHERE stored_hash_md5 <> hash_md5 OR stored_last_modified_md5 IS DISTINCT FROM last_modified_md5
+),
+written AS (
+  INSERT INTO triples (app_id, entity_id, attr_id, value, value_md5, ea, eav, av, ave, vae, checked_data_type)
+  {hash_rows}
+  UNION ALL
+  {last_modified_rows}
+  ON CONFLICT (app_id, entity_id, attr_id) WHERE ea
+  DO UPDATE SET value = excluded.value, value_md5 = excluded.value_md5
+  WHERE triples.value_md5 IS DISTINCT FROM excluded.value_md5
+  RETURNING entity_id
+)
+SELECT (SELECT count(*) FROM compared), (SELECT count(DISTINCT entity_id) FROM written)""")
+
+# The files at the listed locations, whatever their values: the refresh compares them all.
+_LISTED_AT = sql.SQL("""
+SELECT l.app_id, l.entity_id, f.hash_value, f.hash_md5, f.last_modified_value, f.last_modified_md5
+FROM unnest(%(location_values)s::jsonb[], %(hash_values)s::jsonb[], %(hash_md5s)s::text[],
+            %(last_modified_values)s::jsonb[], %(last_modified_md5s)s::text[])
+     AS f(location_value, hash_value, hash_md5, last_modified_value, last_modified_md5)
+JOIN triples l ON l.app_id = %(app_id)s AND l.attr_id = %(location_attr)s AND l.ave AND l.ea
+              AND l.value = f.location_value""")
+
+
+def _refresh_from(located: sql.Composable) -> sql.Composed:
+    return _REFRESH.format(
+        located=located,
+        hash_rows=_new_triple_rows("hash", "changed"),
+        last_modified_rows=_new_triple_rows("last_modified", "changed"),
+    )
+
+
+_REFRESH_HEADED = _refresh_from(_HEADED_LOCATED)
+_REFRESH_LISTED = _refresh_from(_LISTED_AT)
+
+
+@dataclasses.dataclass(frozen=True)
+class RefreshOutcome:
+    compared: int  # files still at the location the values were read for
+    rewritten: int  # of them, files whose hash or lastModified was rewritten
+
+
+def refresh_file_attrs(conn: psycopg.Connection, files: Sequence[FileObjectAttrs]) -> RefreshOutcome:
+    """Rewrite the two triples of each file still at its location whose values differ from `files`',
+    in the caller's transaction."""
+    if not files:
+        return RefreshOutcome(0, 0)
+    params = (
+        _file_params([f.file for f in files])
+        | _new_value_params([f.hash for f in files], [f.last_modified_ms for f in files])
+        | {"hash_attr": HASH.attr_id, "last_modified_attr": LAST_MODIFIED.attr_id}
+    )
+    return RefreshOutcome(*conn.execute(_REFRESH_HEADED, params).fetchone())
+
+
+def refresh_listed_attrs(conn: psycopg.Connection, listed: ListedAttrs) -> RefreshOutcome:
+    """The same for the files of an app at a listing page's locations."""
+    params = listed.params | {"hash_attr": HASH.attr_id, "last_modified_attr": LAST_MODIFIED.attr_id}
+    return RefreshOutcome(*conn.execute(_REFRESH_LISTED, params).fetchone())
 
 
 _DELETE_NEW_ATTR_TRIPLES = """

@@ -119,17 +119,19 @@ CREATE TRIGGER config_updated_at BEFORE UPDATE ON config
 
 -- Deleting or changing a $files.location-id triple makes InstantDB delete the S3 object.
 CREATE TABLE app_files_to_sweep (
-  id bigserial PRIMARY KEY,
+  id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
   app_id uuid NOT NULL,
   location_id text NOT NULL,
-  created_at timestamptz NOT NULL DEFAULT now()
+  created_at timestamp NOT NULL DEFAULT now(),
+  UNIQUE (app_id, location_id)
 );
 
 CREATE FUNCTION queue_files_to_sweep() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   IF OLD.attr_id = '96653230-13ff-ffff-2a34-b40fffffffff' THEN
     IF TG_OP = 'DELETE' OR NEW.value IS DISTINCT FROM OLD.value THEN
-      INSERT INTO app_files_to_sweep (app_id, location_id) VALUES (OLD.app_id, OLD.value #>> '{}');
+      INSERT INTO app_files_to_sweep (app_id, location_id) VALUES (OLD.app_id, OLD.value #>> '{}')
+      ON CONFLICT DO NOTHING;
     END IF;
   END IF;
   RETURN NULL;

@@ -122,7 +122,8 @@ BEGIN
   SELECT o.app_id, o.value #>> '{}' FROM oldrows o
   WHERE o.attr_id = '96653230-13ff-ffff-2a34-b40fffffffff' AND o.value #>> '{}' IS NOT NULL
     AND NOT EXISTS (SELECT 1 FROM newrows n
-                    WHERE n.attr_id = o.attr_id AND n.app_id = o.app_id AND n.value = o.value);
+                    WHERE n.attr_id = o.attr_id AND n.app_id = o.app_id AND n.value = o.value)
+  ON CONFLICT DO NOTHING;
   PERFORM triples_emit_entity_message('update_ents', (
     SELECT coalesce(jsonb_agg(jsonb_build_object('attr_id', attr_id, 'entity_id', entity_id, 'value', value,
                                                  'vae', vae)), '[]')
@@ -148,7 +149,8 @@ END $$;
 CREATE FUNCTION triples_after_delete_statement() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   INSERT INTO app_files_to_sweep (app_id, location_id)
-  SELECT o.app_id, o.value #>> '{}' FROM oldrows o WHERE o.attr_id = '96653230-13ff-ffff-2a34-b40fffffffff';
+  SELECT o.app_id, o.value #>> '{}' FROM oldrows o WHERE o.attr_id = '96653230-13ff-ffff-2a34-b40fffffffff'
+  ON CONFLICT DO NOTHING;
   PERFORM triples_emit_entity_message('delete_ents', (
     SELECT coalesce(jsonb_agg(jsonb_build_object('attr_id', attr_id, 'entity_id', entity_id, 'value', value,
                                                  'vae', vae)), '[]')
