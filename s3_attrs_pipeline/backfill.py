@@ -107,6 +107,9 @@ class BackfillSettings:
             raise ValueError(f"batch_size must be at least 1, not {self.batch_size}")
         if self.list_threshold < 0:
             raise ValueError(f"list_threshold must be 0 (never list) or more, not {self.list_threshold}")
+        if not isinstance(self.live_updates, LiveUpdates):
+            levels = ", ".join(level.value for level in LiveUpdates)
+            raise ValueError(f"live_updates must be one of {levels}, not {self.live_updates!r}")
 
 
 # A listing reads every key under the app's prefix, done or not, at ~10x a HEAD's rate: it pays

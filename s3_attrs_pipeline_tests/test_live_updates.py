@@ -111,3 +111,8 @@ def test_the_cli_takes_the_level_and_refuses_a_bad_one(conn, bucket, seeded_file
     assert cli.main(["run", "--quiet", "--partition", key, "--live-updates", "off"]) == 0
     assert conn.execute("SELECT count(*) FROM transactions").fetchone()[0] == 0
     assert any(app_id.hex[:2] == key for app_id, _ in new_attr_triples(conn))
+
+
+def test_settings_refuse_an_unknown_level():
+    with pytest.raises(ValueError, match="live_updates must be one of off, queries, entities, not 'loud'"):
+        backfill.BackfillSettings(live_updates="loud")
