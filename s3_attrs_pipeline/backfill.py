@@ -144,12 +144,12 @@ def ranges_between(app_ids: AppIdRange, excluded: list[uuid.UUID]) -> list[AppId
     return ranges
 
 
-class _ProblemLog:
-    """Logs the first few problems of each kind by name and keeps them for the report."""
+class ProblemLog:
+    """Logs the first few problem files of each kind by name and keeps them in `problems`."""
 
-    def __init__(self, log: Log, report: PartitionReport):
+    def __init__(self, log: Log, problems: list[FileProblem]):
         self._log = log
-        self._report = report
+        self._problems = problems
         self._logged: dict[str, int] = {}
 
     def __call__(self, kind: str, file: reads.PendingFile, key: str | None, reason: str, *, level: str) -> None:
@@ -158,7 +158,7 @@ class _ProblemLog:
         if count >= LOGGED_FILES_PER_KIND:
             return
         problem = FileProblem(str(file.app_id), str(file.entity_id), key, f"{kind}: {reason}")
-        self._report.problems.append(problem)
+        self._problems.append(problem)
         suffix = " (further ones are only counted)" if count + 1 == LOGGED_FILES_PER_KIND else ""
         getattr(self._log, level)(
             f"{kind} file app={file.app_id} entity={file.entity_id} key={key!r}: {reason}{suffix}"
@@ -170,7 +170,7 @@ class _BatchWriter:
     follows from it, in one transaction."""
 
     def __init__(
-        self, conn: psycopg.Connection, report: PartitionReport, problem: _ProblemLog, settings: BackfillSettings
+        self, conn: psycopg.Connection, report: PartitionReport, problem: ProblemLog, settings: BackfillSettings
     ):
         self._conn = conn
         self._report = report
@@ -319,7 +319,7 @@ def _backfill_locked_partition(
         f"{already_populated} already populated; "
         f"{len(listed)} apps listed (ListObjectsV2), the others HEADed per file"
     )
-    writer = _BatchWriter(conn, report, _ProblemLog(log, report), settings)
+    writer = _BatchWriter(conn, report, ProblemLog(log, report.problems), settings)
     progress_log = _ProgressLog(log, report, started)
     status = "failed"
     try:

@@ -6,10 +6,26 @@ progress rows in InstantDB's `config` table store it in kebab case (`already_pop
 """
 
 import dataclasses
+from typing import Self
+
+
+class _Counts:
+    """Adding up and reading back a frozen dataclass of int counts."""
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [field.name for field in dataclasses.fields(cls)]
+
+    def __add__(self, other: Self) -> Self:
+        return type(self)(**{name: getattr(self, name) + getattr(other, name) for name in self.names()})
+
+    @classmethod
+    def from_metadata(cls, values: dict) -> Self:
+        return cls(**{name: int(values.get(name, 0)) for name in cls.names()})
 
 
 @dataclasses.dataclass(frozen=True)
-class FileCounts:
+class FileCounts(_Counts):
     # Every file a run tried, that is every file below but `already_populated` ones it found done.
     processed: int = 0
     successful: int = 0  # got both triples
@@ -26,23 +42,12 @@ class FileCounts:
     apps_listed: int = 0  # apps read with ListObjectsV2 rather than one HEAD per file
     batches: int = 0  # write transactions
 
-    def __add__(self, other: "FileCounts") -> "FileCounts":
-        return FileCounts(**{name: getattr(self, name) + getattr(other, name) for name in field_names()})
-
     def as_config(self) -> dict[str, int]:
-        return {config_key(name): getattr(self, name) for name in field_names()}
+        return {config_key(name): getattr(self, name) for name in self.names()}
 
     @classmethod
     def from_config(cls, state: dict) -> "FileCounts":
-        return cls(**{name: state.get(config_key(name), 0) for name in field_names()})
-
-    @classmethod
-    def from_metadata(cls, values: dict) -> "FileCounts":
-        return cls(**{name: int(values.get(name, 0)) for name in field_names()})
-
-
-def field_names() -> list[str]:
-    return [field.name for field in dataclasses.fields(FileCounts)]
+        return cls(**{name: state.get(config_key(name), 0) for name in cls.names()})
 
 
 def config_key(name: str) -> str:
@@ -55,7 +60,7 @@ TOTALLED = ("processed", "successful", "failed", "missing", "invalid_location_id
 
 
 @dataclasses.dataclass(frozen=True)
-class RefreshCounts:
+class RefreshCounts(_Counts):
     """The counts of a refresh, under the names of its metadata and summary."""
 
     checked: int = 0  # files with values whose object was looked for
@@ -68,10 +73,3 @@ class RefreshCounts:
     vanished_during_run: int = 0  # deleted, or given another location, between read and write
     apps_listed: int = 0
     s3_retries: int = 0
-
-    def __add__(self, other: "RefreshCounts") -> "RefreshCounts":
-        return RefreshCounts(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)})
-
-    @classmethod
-    def from_metadata(cls, values: dict) -> "RefreshCounts":
-        return cls(**{f.name: int(values.get(f.name, 0)) for f in dataclasses.fields(cls)})

@@ -16,15 +16,21 @@ import time
 
 import psycopg
 
-from s3_attrs_pipeline.backfill import BackfillSettings, Log, apps_to_list, listed_pages, ranges_between
+from s3_attrs_pipeline.backfill import (
+    BackfillSettings,
+    FileProblem,
+    Log,
+    ProblemLog,
+    apps_to_list,
+    listed_pages,
+    ranges_between,
+)
 from s3_attrs_pipeline.counts import RefreshCounts
 from s3_attrs_pipeline.instant import catalog, live_updates, partition_locks, reads, writes
 from s3_attrs_pipeline.instant.app_id_ranges import AppIdRange
 from s3_attrs_pipeline.instant.object_keys import InvalidLocationId, object_key
 from s3_attrs_pipeline.s3 import listing
 from s3_attrs_pipeline.s3.store import ListingFailed, ObjectStore
-
-LOGGED_FILES = 20  # missing or failed files named in the log, per partition
 
 
 @dataclasses.dataclass
@@ -33,6 +39,7 @@ class RefreshReport:
     counts: RefreshCounts = RefreshCounts()
     concurrent_run: bool = False
     duration_s: float = 0.0
+    problems: list[FileProblem] = dataclasses.field(default_factory=list)  # the first of each kind
 
 
 class RefreshFailed(RuntimeError):
@@ -90,10 +97,10 @@ def _refresh_locked_partition(
             report.counts += RefreshCounts(apps_listed=1)
         else:
             head_ranges.append(AppIdRange(app_ids.key, app.app_id, app.app_id))
-    logged = 0
+    problem = ProblemLog(log, report.problems)
     for app_range in head_ranges:
         for page in reads.iter_pending_batches(conn, app_range, settings.batch_size, with_hash=True):
-            logged = _refresh_headed_page(conn, store, page, report, settings, log, logged)
+            _refresh_headed_page(conn, store, page, report, settings, problem)
 
 
 def _write(conn, app_id, settings: BackfillSettings, refresh) -> writes.RefreshOutcome:
@@ -105,14 +112,14 @@ def _write(conn, app_id, settings: BackfillSettings, refresh) -> writes.RefreshO
     return outcome
 
 
-def _refresh_headed_page(conn, store, page, report: RefreshReport, settings, log: Log, logged: int) -> int:
+def _refresh_headed_page(conn, store, page, report: RefreshReport, settings, problem: ProblemLog) -> None:
     keyed, found = [], {}
     for file in page:
         try:
             keyed.append((file, object_key(file.app_id, file.location_value)))
         except InvalidLocationId as invalid:
             report.counts += RefreshCounts(checked=1, invalid_location_id=1)
-            logged = _name(log, logged, "invalid", file, None, str(invalid))
+            problem("invalid", file, None, str(invalid), level="warning")
     for (file, key), outcome in zip(keyed, store.head_many([key for _, key in keyed])):
         report.counts += RefreshCounts(checked=1, s3_retries=outcome.retries)
         if outcome.metadata is not None:
@@ -121,13 +128,13 @@ def _refresh_headed_page(conn, store, page, report: RefreshReport, settings, log
             )
         elif outcome.missing:
             report.counts += RefreshCounts(missing=1)
-            logged = _name(log, logged, "missing", file, key, "no such object in S3 (404); its values are kept")
+            problem("missing", file, key, "no such object in S3 (404); its values are kept", level="warning")
         elif outcome.malformed:
             report.counts += RefreshCounts(malformed_object_metadata=1)
-            logged = _name(log, logged, "malformed", file, key, outcome.failure)
+            problem("malformed", file, key, outcome.failure, level="warning")
         else:
             report.counts += RefreshCounts(failed=1)
-            logged = _name(log, logged, "failed", file, key, outcome.failure)
+            problem("failed", file, key, outcome.failure, level="error")
     for app_id, files in found.items():
         outcome = _write(conn, app_id, settings, lambda: writes.refresh_file_attrs(conn, files))
         # A file moved or deleted since it was read is compared with nothing: it is neither.
@@ -136,7 +143,6 @@ def _refresh_headed_page(conn, store, page, report: RefreshReport, settings, log
             refreshed=outcome.rewritten,
             vanished_during_run=len(files) - outcome.compared,
         )
-    return logged
 
 
 def _refresh_listed_app(conn, store, app_id, populated: int, report: RefreshReport, settings, log: Log) -> bool:
@@ -164,10 +170,3 @@ def _refresh_listed_app(conn, store, app_id, populated: int, report: RefreshRepo
         checked=unlisted, missing=missing, malformed_object_metadata=unlisted - missing
     )
     return True
-
-
-def _name(log: Log, logged: int, kind: str, file: reads.PendingFile, key: str | None, reason: str) -> int:
-    if logged < LOGGED_FILES:
-        level = log.error if kind == "failed" else log.warning
-        level(f"{kind} file app={file.app_id} entity={file.entity_id} key={key!r}: {reason}")
-    return logged + 1

@@ -266,11 +266,7 @@ def test_pages_of_one_file_skip_populated_files_and_find_every_pending_one(conn,
 def _plan(conn, query, params) -> str:
     # Small test tables make any plan cheap: with sequential and bitmap scans priced out, the planner
     # shows which index serves the query's shape, which is what differs between the schemas.
-    with conn.transaction():
-        conn.execute("SET LOCAL enable_seqscan = off")
-        conn.execute("SET LOCAL enable_bitmapscan = off")
-        statement = sql.SQL("EXPLAIN ") + (query if isinstance(query, sql.Composable) else sql.SQL(query))
-        return "\n".join(row[0] for row in conn.execute(statement, params, prepare=False).fetchall())
+    return "\n".join(reads.explain_preferring_indexes(conn, query, params))
 
 
 def _add_a_big_app(conn, partition_key: str, files: int) -> None:

@@ -5,8 +5,9 @@ import dataclasses
 
 import dagster as dg
 
+from s3_attrs_pipeline.backfill import FileProblem
 from s3_attrs_pipeline.defs.assets import BackfillConfig, files_s3_attrs, run_on_partition
-from s3_attrs_pipeline.defs.metadata import numbers
+from s3_attrs_pipeline.defs.metadata import numbers, table
 from s3_attrs_pipeline.defs.partitions import PARTITION_WIDTH, app_id_prefix_partitions
 from s3_attrs_pipeline.defs.resources import FileBucketResource, InstantDatabaseResource
 from s3_attrs_pipeline.instant import reads
@@ -17,6 +18,8 @@ def refresh_metadata(report: RefreshReport) -> dict[str, dg.MetadataValue]:
     metadata = numbers(**dataclasses.asdict(report.counts), duration_seconds=float(report.duration_s))
     if report.concurrent_run:
         metadata["skipped"] = dg.MetadataValue.text("another run was working on this partition at the same time")
+    if report.problems:
+        metadata["problem_files"] = table(FileProblem, report.problems)
     return metadata
 
 

@@ -18,6 +18,7 @@ from s3_attrs_pipeline.instant.reads import PartitionCoverage, count_files
 
 PROGRESS_CONFIG_KEY = "s3-attrs-migration-status"
 PARTITION_PROGRESS_KEY_PREFIX = PROGRESS_CONFIG_KEY + "/partition/"
+_TOTAL_KEYS = {name: f"total-{config_key(name)}" for name in TOTALLED}  # in the totals row
 
 # `config.v` is json, so the sums go through jsonb: each key of `added` is added to the stored value.
 _ADD_TO_TOTALS = """
@@ -58,7 +59,7 @@ def record_progress(
     """Set the partition's state (its `status` and its run's `counts` so far) and add `added` to the
     totals, in the caller's transaction. `partition_count`, given when a partition ends, recomputes
     whether every partition is completed."""
-    added_totals = {f"total-{config_key(name)}": getattr(added, name) for name in TOTALLED}
+    added_totals = {key: getattr(added, name) for name, key in _TOTAL_KEYS.items()}
     conn.execute(
         _ADD_TO_TOTALS,
         {"key": PROGRESS_CONFIG_KEY, "initial": Json(added_totals | {"completed": False}), "added": Json(added_totals)},
@@ -127,7 +128,7 @@ def partitions_with_work(
 
 STATS_ORDER = (
     "total-files", "processed-files", "remaining-files", "completion-percentage",
-    *(f"total-{config_key(name)}" for name in TOTALLED), "completed",
+    *_TOTAL_KEYS.values(), "completed",
 )
 
 
@@ -141,5 +142,5 @@ def migration_stats(conn: psycopg.Connection) -> dict:
         "remaining-files": files.files - files.with_hash,
         "completion-percentage": round(100 * files.with_hash / files.files, 2) if files.files else 100.0,
     }
-    stats |= {key: progress.get(key, 0) for key in STATS_ORDER if key.startswith("total-") and key not in stats}
+    stats |= {key: progress.get(key, 0) for key in _TOTAL_KEYS.values()}
     return stats | {"completed": progress.get("completed", False)}

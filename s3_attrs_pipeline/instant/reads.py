@@ -298,9 +298,8 @@ class QueryPlan:
 
 def app_query_plans(conn: psycopg.Connection, app_id: uuid.UUID | None = None) -> list[QueryPlan]:
     """EXPLAIN of each of APP_QUERIES for `app_id`, or the app of one populated file ([] when it has
-    none), asking for the hash of one of its files and for its files modified in the last day. Sequential and bitmap scans are priced out, so the plans
-    show whether an index serves each query's shape whatever the tables' sizes: a plan that still
-    scans `triples` has no index to use."""
+    none), asking for the hash of one of its files and for its files modified in the last day. A
+    plan that still scans `triples` has no index to use (see `explain_preferring_indexes`)."""
     params = {"hash_attr": HASH.attr_id, "last_modified_attr": LAST_MODIFIED.attr_id, "app_id": app_id}
     of_app = sql.SQL("AND h.app_id = %(app_id)s") if app_id else sql.SQL("")
     row = conn.execute(_A_POPULATED_FILE.format(of_app=of_app), params).fetchone()
@@ -309,14 +308,20 @@ def app_query_plans(conn: psycopg.Connection, app_id: uuid.UUID | None = None) -
     app_id, hash_json = row
     params |= {"app_id": app_id, "hash": hash_json, "after": time.time() * 1000 - _A_DAY_MS}
     plans = []
+    for name, query in APP_QUERIES.items():
+        lines = explain_preferring_indexes(conn, sql.SQL(query), params)
+        scans_triples = any("Seq Scan on triples" in line for line in lines)
+        index = "" if scans_triples else next(
+            (line.split(" using ", 1)[1].split(" on ", 1)[0] for line in lines if " using " in line), ""
+        )
+        plans.append(QueryPlan(name, str(app_id), index, "\n".join(lines)))
+    return plans
+
+
+def explain_preferring_indexes(conn: psycopg.Connection, query: sql.Composable, params: dict) -> list[str]:
+    """EXPLAIN's lines for `query`, with sequential and bitmap scans priced out: the plan then shows
+    which index serves the query's shape however small the tables are, or a scan where none does."""
     with conn.transaction():
         conn.execute("SET LOCAL enable_seqscan = off")
         conn.execute("SET LOCAL enable_bitmapscan = off")
-        for name, query in APP_QUERIES.items():
-            lines = [r[0] for r in conn.execute(sql.SQL("EXPLAIN ") + sql.SQL(query), params, prepare=False)]
-            scans_triples = any("Seq Scan on triples" in line for line in lines)
-            index = "" if scans_triples else next(
-                (line.split(" using ", 1)[1].split(" on ", 1)[0] for line in lines if " using " in line), ""
-            )
-            plans.append(QueryPlan(name, str(app_id), index, "\n".join(lines)))
-    return plans
+        return [row[0] for row in conn.execute(sql.SQL("EXPLAIN ") + query, params, prepare=False)]

@@ -114,17 +114,18 @@ JOIN unnest(%(app_ids)s::uuid[], %(entity_ids)s::uuid[], %(location_values)s::js
 WHERE l.attr_id = %(location_attr)s AND l.ea
 """
 
-# The listing strategy's write: one page of an app's listing, as values by location-id, joined to
-# the app's files at those locations that lack `hash` inside the statement that writes them (one
-# `ave` probe per listed key). The join is the check that each file still has that location.
-LISTED_LOCATED = sql.SQL("""
+# One page of an app's listing, as values by location-id, joined to the app's files at those
+# locations inside the statement that writes them (one `ave` probe per listed key). The join is the
+# check that each file still has that location.
+_LISTED_AT = sql.SQL("""
 SELECT l.app_id, l.entity_id, f.hash_value, f.hash_md5, f.last_modified_value, f.last_modified_md5
 FROM unnest(%(location_values)s::jsonb[], %(hash_values)s::jsonb[], %(hash_md5s)s::text[],
             %(last_modified_values)s::jsonb[], %(last_modified_md5s)s::text[])
      AS f(location_value, hash_value, hash_md5, last_modified_value, last_modified_md5)
 JOIN triples l ON l.app_id = %(app_id)s AND l.attr_id = %(location_attr)s AND l.ave AND l.ea
-              AND l.value = f.location_value
-WHERE {lacks_hash}""").format(lacks_hash=LACKS_HASH)
+              AND l.value = f.location_value""")
+# The listing strategy's write: those of the files that lack `hash`.
+LISTED_LOCATED = sql.SQL("{listed_at}\nWHERE {lacks_hash}").format(listed_at=_LISTED_AT, lacks_hash=LACKS_HASH)
 _INSERT_LISTED_TRIPLES = _insert_from(LISTED_LOCATED)
 
 
@@ -252,15 +253,6 @@ written AS (
 )
 SELECT (SELECT count(*) FROM compared), (SELECT count(DISTINCT entity_id) FROM written)""")
 
-# The files at the listed locations, whatever their values: the refresh compares them all.
-_LISTED_AT = sql.SQL("""
-SELECT l.app_id, l.entity_id, f.hash_value, f.hash_md5, f.last_modified_value, f.last_modified_md5
-FROM unnest(%(location_values)s::jsonb[], %(hash_values)s::jsonb[], %(hash_md5s)s::text[],
-            %(last_modified_values)s::jsonb[], %(last_modified_md5s)s::text[])
-     AS f(location_value, hash_value, hash_md5, last_modified_value, last_modified_md5)
-JOIN triples l ON l.app_id = %(app_id)s AND l.attr_id = %(location_attr)s AND l.ave AND l.ea
-              AND l.value = f.location_value""")
-
 
 def _refresh_from(located: sql.Composable) -> sql.Composed:
     return _REFRESH.format(
@@ -271,6 +263,7 @@ def _refresh_from(located: sql.Composable) -> sql.Composed:
 
 
 _REFRESH_HEADED = _refresh_from(_HEADED_LOCATED)
+# The refresh compares every file at the listed locations, whatever its values.
 _REFRESH_LISTED = _refresh_from(_LISTED_AT)
 
 
@@ -285,18 +278,15 @@ def refresh_file_attrs(conn: psycopg.Connection, files: Sequence[FileObjectAttrs
     in the caller's transaction."""
     if not files:
         return RefreshOutcome(0, 0)
-    params = (
-        _file_params([f.file for f in files])
-        | _new_value_params([f.hash for f in files], [f.last_modified_ms for f in files])
-        | {"hash_attr": HASH.attr_id, "last_modified_attr": LAST_MODIFIED.attr_id}
+    params = _file_params([f.file for f in files]) | _new_value_params(
+        [f.hash for f in files], [f.last_modified_ms for f in files]
     )
     return RefreshOutcome(*conn.execute(_REFRESH_HEADED, params).fetchone())
 
 
 def refresh_listed_attrs(conn: psycopg.Connection, listed: ListedAttrs) -> RefreshOutcome:
     """The same for the files of an app at a listing page's locations."""
-    params = listed.params | {"hash_attr": HASH.attr_id, "last_modified_attr": LAST_MODIFIED.attr_id}
-    return RefreshOutcome(*conn.execute(_REFRESH_LISTED, params).fetchone())
+    return RefreshOutcome(*conn.execute(_REFRESH_LISTED, listed.params).fetchone())
 
 
 _DELETE_NEW_ATTR_TRIPLES = """
