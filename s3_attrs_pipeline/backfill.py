@@ -34,6 +34,16 @@ class Log(Protocol):
     def error(self, msg: str) -> None: ...
 
 
+class FilesDone(Protocol):
+    """Told, as each batch is written, how many more files were done and how many of those failed."""
+
+    def __call__(self, files: int, failed: int) -> None: ...
+
+
+def no_progress(files: int, failed: int) -> None:
+    pass
+
+
 @dataclasses.dataclass(frozen=True)
 class FileProblem:
     app_id: str
@@ -170,12 +180,18 @@ class _BatchWriter:
     follows from it, in one transaction."""
 
     def __init__(
-        self, conn: psycopg.Connection, report: PartitionReport, problem: ProblemLog, settings: BackfillSettings
+        self,
+        conn: psycopg.Connection,
+        report: PartitionReport,
+        problem: ProblemLog,
+        settings: BackfillSettings,
+        on_files: "FilesDone",
     ):
         self._conn = conn
         self._report = report
         self._problem = problem
         self._settings = settings
+        self._on_files = on_files
         self._new_batch()
 
     def _new_batch(self) -> None:
@@ -259,7 +275,9 @@ class _BatchWriter:
                 )
             return written
 
-        report.counts += writes.retried_on_conflict(attempt)
+        done = writes.retried_on_conflict(attempt)
+        report.counts += done
+        self._on_files(done.processed, done.failed)
         self._new_batch()
 
 
@@ -280,6 +298,7 @@ def backfill_partition(
     partition_key: str,
     settings: BackfillSettings,
     log: Log,
+    on_files: FilesDone = no_progress,
 ) -> PartitionReport:
     """Backfill every file of the partition that lacks `hash`; raise PartitionFailed at the end if
     any could not be done. S3AccessError stops at once; database errors propagate."""
@@ -294,7 +313,7 @@ def backfill_partition(
         )
         return report
     try:
-        return _backfill_locked_partition(conn, store, app_ids, report, settings, log)
+        return _backfill_locked_partition(conn, store, app_ids, report, settings, log, on_files)
     finally:
         partition_locks.unlock_partition(conn, partition_key)
 
@@ -306,6 +325,7 @@ def _backfill_locked_partition(
     report: PartitionReport,
     settings: BackfillSettings,
     log: Log,
+    on_files: FilesDone,
 ) -> PartitionReport:
     partition_key = report.partition_key
     started = time.monotonic()
@@ -319,7 +339,7 @@ def _backfill_locked_partition(
         f"{already_populated} already populated; "
         f"{len(listed)} apps listed (ListObjectsV2), the others HEADed per file"
     )
-    writer = _BatchWriter(conn, report, ProblemLog(log, report.problems), settings)
+    writer = _BatchWriter(conn, report, ProblemLog(log, report.problems), settings, on_files)
     progress_log = _ProgressLog(log, report, started)
     status = "failed"
     try:

@@ -4,13 +4,12 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import psycopg
 
 from s3_attrs_pipeline.backfill import BackfillSettings
 from s3_attrs_pipeline.counts import FileCounts, RefreshCounts
-from s3_attrs_pipeline.instant import progress, reads, writes
+from s3_attrs_pipeline.instant import progress, writes
 from s3_attrs_pipeline.instant.catalog import CatalogMismatch
 from s3_attrs_pipeline.instant.connection import DatabaseUrlError, connect, validate_database_url
 from s3_attrs_pipeline.instant.live_updates import (
@@ -19,6 +18,7 @@ from s3_attrs_pipeline.instant.live_updates import (
     LiveUpdates,
     live_updates_level,
 )
+from s3_attrs_pipeline.partition_range import RangeSettings
 from s3_attrs_pipeline.s3.store import validate_bucket_name
 from s3_attrs_pipeline.settings import setting_help
 
@@ -73,8 +73,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _partition_keys(args: argparse.Namespace, with_work) -> list[str]:
-    """--partition's keys, checked, or those `with_work(every key, coverage by partition, connection)` picks."""
+def _partition_keys(args: argparse.Namespace) -> list[str]:
+    """--partition's keys, checked, or every key: a run's plan finds those with work itself."""
     from s3_attrs_pipeline import runs
     from s3_attrs_pipeline.defs.partitions import PARTITION_WIDTH
 
@@ -82,45 +82,41 @@ def _partition_keys(args: argparse.Namespace, with_work) -> list[str]:
     unknown = sorted(set(args.partition or []) - set(every_key))
     if unknown:
         raise SetupError(f"unknown partition keys {', '.join(unknown)} (keys are {PARTITION_WIDTH} hex digits)")
-    if args.partition or args.all:
-        return args.partition or every_key
-    with connect(_database_url()) as conn:
-        keys = with_work(every_key, reads.coverage_by_partition(conn, PARTITION_WIDTH), conn)
-    print(f"{len(keys)} of {len(every_key)} partitions have work to do (--all runs every one)")
-    return keys
+    return args.partition or every_key
 
 
-def _materialize(args: argparse.Namespace, keys: list[str], asset_name: str, counts_type, summary: tuple) -> list:
-    """Materialize `asset_name`'s partitions `keys`, a line per partition and a summary of `summary`'s
-    counts; the failed runs."""
+def _materialize(args: argparse.Namespace, asset_name: str, counts_type, summary: tuple) -> int:
+    """Materialize `asset_name`'s partitions: one run per range of neighbouring keys asked for (one run
+    for all of them by default), a progress display while they run, then the summary; the exit status."""
     from s3_attrs_pipeline import runs
     from s3_attrs_pipeline.defs.assets import BackfillConfig
+    from s3_attrs_pipeline.progress_display import ProgressDisplay
 
-    started = time.monotonic()
-    totals = counts_type()
-    failed: list = []
-    for run in runs.materialize_partitions(
-        keys,
-        parallel=args.parallel,
-        config=BackfillConfig(
-            batch_size=args.batch_size, list_threshold=args.list_threshold, live_updates=args.live_updates
-        ),
-        asset_name=asset_name,
-        log_level="WARNING" if args.quiet else "INFO",
-        tags={"s3-attrs/launched-by": "cli"},
-    ):
-        totals += counts_type.from_metadata(run.metadata)
-        if not run.success:
-            failed.append(run)
-            print(f"partition {run.partition_key} FAILED (run {run.run_id}): {run.error}", file=sys.stderr)
-        elif not args.quiet:
-            print(f"partition {run.partition_key}: " + " ".join(f"{n}={run.metadata.get(n, 0)}" for n in summary[:3]))
-    elapsed = time.monotonic() - started
-    print(
-        f"{len(keys)} partitions in {elapsed:.1f}s: {len(keys) - len(failed)} succeeded, {len(failed)} failed; "
-        + " ".join(f"{name}={getattr(totals, name)}" for name in summary)
+    keys = _partition_keys(args)
+    config = BackfillConfig(
+        batch_size=args.batch_size,
+        list_threshold=args.list_threshold,
+        live_updates=args.live_updates,
+        partitions_at_once=args.parallel,
+        every_partition=args.all,
     )
-    return failed
+    display = ProgressDisplay(sys.stdout, counts_type, summary, live=sys.stdout.isatty(), quiet=args.quiet)
+    run_errors = []
+    instance = runs.dagster_instance()
+    for partition_range in runs.contiguous_ranges(keys):
+        run = runs.materialize_range(
+            instance,
+            partition_range,
+            config=config,
+            asset_name=asset_name,
+            listener=display,
+            log_level="INFO" if args.verbose else "CRITICAL",
+            tags={"s3-attrs/launched-by": "cli"},
+        )
+        if not run.success and not display.failed:
+            run_errors.append(f"run {run.run_id}: {run.error}")
+    print(display.finish(run_errors))
+    return EXIT_FAILED if display.failed or run_errors else 0
 
 
 def _check_run_settings(args: argparse.Namespace) -> None:
@@ -130,33 +126,18 @@ def _check_run_settings(args: argparse.Namespace) -> None:
         live_updates_level(args.live_updates)
     except ValueError as error:
         raise SetupError(str(error)) from None
+    if args.parallel < 1:
+        raise SetupError(f"--parallel must be at least 1, not {args.parallel}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     _check_run_settings(args)
-
-    def with_work(keys: list[str], coverage: dict, conn: psycopg.Connection) -> list[str]:
-        return progress.partitions_with_work(keys, coverage, progress.read_progress(conn))
-
-    keys = _partition_keys(args, with_work)
-    return _exit_status(_materialize(args, keys, "files_s3_attrs", FileCounts, SUMMARY_COUNTS))
+    return _materialize(args, "files_s3_attrs", FileCounts, SUMMARY_COUNTS)
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
     _check_run_settings(args)
-
-    def with_values(keys: list[str], coverage: dict, _conn: psycopg.Connection) -> list[str]:
-        return [key for key in keys if key in coverage and coverage[key].with_hash]
-
-    keys = _partition_keys(args, with_values)
-    return _exit_status(_materialize(args, keys, "files_s3_attrs_refresh", RefreshCounts, REFRESH_SUMMARY_COUNTS))
-
-
-def _exit_status(failed: list) -> int:
-    if failed:
-        print("failed partitions (rerun with --partition): " + " ".join(run.partition_key for run in failed), file=sys.stderr)
-        return EXIT_FAILED
-    return 0
+    return _materialize(args, "files_s3_attrs_refresh", RefreshCounts, REFRESH_SUMMARY_COUNTS)
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
@@ -194,9 +175,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"services ready; `source {root / 'env'}` to use them from a shell")
     if args.services_only:
         return 0
-    status = main(["run", "--quiet"])
+    status = main(["run"])
     main(["stats"])
+    if status == 0:
+        status = _verify()
     return status
+
+
+def _verify() -> int:
+    from s3_attrs_pipeline import runs
+
+    passed = runs.verify(runs.dagster_instance())
+    print("checks of files_s3_attrs: " + ", ".join(f"{name} {'passed' if ok else 'FAILED'}" for name, ok in passed.items()))
+    return 0 if passed and all(passed.values()) else EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,10 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(handler=cmd_stats)
 
     for name, handler, text, all_help in (
-        ("run", cmd_run, "backfill: materialize partitions through Dagster (those with work by default)",
-         "run every partition, even those with nothing new to do"),
-        ("refresh", cmd_refresh, "rewrite hash and lastModified where the file's object changed since (the "
-         "partitions with values by default)", "refresh every partition, even those without values"),
+        ("run", cmd_run, "backfill: one Dagster run over the partitions, working those with files to do",
+         setting_help(RangeSettings, "every_partition")),
+        ("refresh", cmd_refresh, "rewrite hash and lastModified where the file's object changed since (one run "
+         "over the partitions, working those with values)", setting_help(RangeSettings, "every_partition")),
     ):
         command = commands.add_parser(name, help=text)
         command.add_argument("--partition", action="append", metavar="KEY", help="a partition key, e.g. 3f; repeatable")
@@ -232,9 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         command.add_argument("--all", action="store_true", help=all_help)
         command.add_argument(
-            "--parallel", type=int, default=2, help="partition runs at once, in worker processes (default 2)"
+            "--parallel", type=int, default=RangeSettings.partitions_at_once,
+            help=f"{setting_help(RangeSettings, 'partitions_at_once')} (default {RangeSettings.partitions_at_once})",
         )
-        command.add_argument("--quiet", action="store_true", help="print only failures and the summary")
+        output = command.add_mutually_exclusive_group()
+        output.add_argument("--quiet", action="store_true", help="no progress display: failures and the summary")
+        output.add_argument(
+            "--verbose", action="store_true", help="also the run's log on stderr, with every problem file it names"
+        )
         command.set_defaults(handler=handler)
 
     for name, handler, text in (

@@ -19,10 +19,12 @@ import psycopg
 from s3_attrs_pipeline.backfill import (
     BackfillSettings,
     FileProblem,
+    FilesDone,
     Log,
     ProblemLog,
     apps_to_list,
     listed_pages,
+    no_progress,
     ranges_between,
 )
 from s3_attrs_pipeline.counts import RefreshCounts
@@ -54,7 +56,12 @@ class RefreshFailed(RuntimeError):
 
 
 def refresh_partition(
-    conn: psycopg.Connection, store: ObjectStore, partition_key: str, settings: BackfillSettings, log: Log
+    conn: psycopg.Connection,
+    store: ObjectStore,
+    partition_key: str,
+    settings: BackfillSettings,
+    log: Log,
+    on_files: FilesDone = no_progress,
 ) -> RefreshReport:
     report = RefreshReport(partition_key)
     catalog.ensure_file_attrs(conn)
@@ -65,7 +72,9 @@ def refresh_partition(
         return report
     started = time.monotonic()
     try:
-        _refresh_locked_partition(conn, store, AppIdRange.for_partition(partition_key), report, settings, log)
+        _refresh_locked_partition(
+            conn, store, AppIdRange.for_partition(partition_key), report, settings, log, _Reporter(report, on_files)
+        )
     finally:
         partition_locks.unlock_partition(conn, partition_key)
         report.duration_s = time.monotonic() - started
@@ -87,13 +96,14 @@ def _refresh_locked_partition(
     report: RefreshReport,
     settings: BackfillSettings,
     log: Log,
+    reporter: "_Reporter",
 ) -> None:
     # An app dense in files with values, rather than in files lacking them, is listed here.
     apps = reads.app_file_counts(conn, app_ids)
     listed = apps_to_list(apps, settings.list_threshold, to_do=lambda app: app.populated)
     head_ranges = ranges_between(app_ids, [app.app_id for app in listed])
     for app in listed:
-        if _refresh_listed_app(conn, store, app.app_id, app.populated, report, settings, log):
+        if _refresh_listed_app(conn, store, app.app_id, app.populated, report, settings, log, reporter):
             report.counts += RefreshCounts(apps_listed=1)
         else:
             head_ranges.append(AppIdRange(app_ids.key, app.app_id, app.app_id))
@@ -101,6 +111,7 @@ def _refresh_locked_partition(
     for app_range in head_ranges:
         for page in reads.iter_pending_batches(conn, app_range, settings.batch_size, with_hash=True):
             _refresh_headed_page(conn, store, page, report, settings, problem)
+            reporter()
 
 
 def _write(conn, app_id, settings: BackfillSettings, refresh) -> writes.RefreshOutcome:
@@ -145,7 +156,9 @@ def _refresh_headed_page(conn, store, page, report: RefreshReport, settings, pro
         )
 
 
-def _refresh_listed_app(conn, store, app_id, populated: int, report: RefreshReport, settings, log: Log) -> bool:
+def _refresh_listed_app(
+    conn, store, app_id, populated: int, report: RefreshReport, settings, log: Log, reporter: "_Reporter"
+) -> bool:
     """False if the listing failed: the app is then HEADed instead, from the start (a rewrite is
     idempotent)."""
     compared = malformed = 0
@@ -160,6 +173,7 @@ def _refresh_listed_app(conn, store, app_id, populated: int, report: RefreshRepo
                     unchanged=outcome.compared - outcome.rewritten,
                     refreshed=outcome.rewritten,
                 )
+                reporter()
     except ListingFailed as error:
         log.warning(f"{error}; the app's files are HEADed instead")
         return False
@@ -169,4 +183,19 @@ def _refresh_listed_app(conn, store, app_id, populated: int, report: RefreshRepo
     report.counts += RefreshCounts(
         checked=unlisted, missing=missing, malformed_object_metadata=unlisted - missing
     )
+    reporter()
     return True
+
+
+class _Reporter:
+    """Tells `on_files` what the report's counts gained since it was last called."""
+
+    def __init__(self, report: RefreshReport, on_files: FilesDone):
+        self._report = report
+        self._on_files = on_files
+        self._told = RefreshCounts()
+
+    def __call__(self) -> None:
+        counts = self._report.counts
+        self._on_files(counts.checked - self._told.checked, counts.failed - self._told.failed)
+        self._told = counts

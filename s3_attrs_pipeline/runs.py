@@ -1,27 +1,26 @@
-"""Materialize partitions of `files_s3_attrs` (or of its refresh) through Dagster, in this process, and
-summarise them."""
+"""Materialize partitions of `files_s3_attrs` (or of its refresh) through Dagster, in this process: one
+run over a range of partitions, as a backfill from the UI runs them."""
 
 import dataclasses
 import functools
-import multiprocessing
 import os
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 
 import dagster as dg
 
 from s3_attrs_pipeline.defs.assets import BackfillConfig, files_s3_attrs
-from s3_attrs_pipeline.defs.partitions import app_id_prefix_partitions
+from s3_attrs_pipeline.defs.checks import CHECK_SPECS, verify_files_s3_attrs
+from s3_attrs_pipeline.defs.partitions import app_id_prefix_partitions, range_tags
 from s3_attrs_pipeline.defs.refresh import files_s3_attrs_refresh
 from s3_attrs_pipeline.defs.resources import resources_from_env
+from s3_attrs_pipeline.partition_range import Listener, NoListener
 
 
 @dataclasses.dataclass(frozen=True)
-class PartitionRun:
-    partition_key: str
+class RangeRun:
     run_id: str
     success: bool
-    metadata: dict  # the materialization's (or the failure's) numbers
+    metadata: dict  # the failure's numbers
     error: str | None
 
 
@@ -52,58 +51,64 @@ def _failure(result: dg.ExecuteInProcessResult) -> tuple[str, dict]:
     return "the run failed before its step started", {}
 
 
-# By name: the worker processes receive the name, not the definition.
 PARTITIONED_ASSETS = {asset.key.to_user_string(): asset for asset in (files_s3_attrs, files_s3_attrs_refresh)}
 
 
-def materialize_partition(
+def materialize_range(
     instance: dg.DagsterInstance,
-    partition_key: str,
+    partition_keys: Sequence[str],
     *,
     config: BackfillConfig,
     asset_name: str = "files_s3_attrs",
-    log_level: str = "INFO",
+    listener: Listener = NoListener(),
+    log_level: str = "CRITICAL",
     tags: dict[str, str] | None = None,
-) -> PartitionRun:
+) -> RangeRun:
+    """One run of `asset_name` over the partitions from the first of `partition_keys` to the last, as a
+    backfill launched from the UI runs them, in this process."""
     result = dg.materialize(
         [PARTITIONED_ASSETS[asset_name]],
-        partition_key=partition_key,
         instance=instance,
-        resources=resources_from_env(),
+        resources=resources_from_env() | {"run_progress": dg.ResourceDefinition.hardcoded_resource(listener)},
         run_config=dg.RunConfig(
             ops={asset_name: config},
             loggers={"console": {"config": {"log_level": log_level}}},
         ),
-        tags=tags,
+        tags=(tags or {}) | range_tags(list(partition_keys)),
         raise_on_error=False,
     )
     if result.success:
-        materialization = result.asset_materializations_for_node(asset_name)[0]
-        return PartitionRun(partition_key, result.run_id, True, _numbers(materialization.metadata), None)
+        return RangeRun(result.run_id, True, {}, None)
     error, metadata = _failure(result)
-    return PartitionRun(partition_key, result.run_id, False, metadata, error)
+    return RangeRun(result.run_id, False, metadata, error)
 
 
 def all_partition_keys() -> list[str]:
     return app_id_prefix_partitions.get_partition_keys()
 
 
-def materialize_partitions(
-    partition_keys: Sequence[str], *, parallel: int, **run_options
-) -> Iterator[PartitionRun]:
-    """One Dagster run per partition, `parallel` at a time in worker processes (Dagster's in-process
-    execution is not thread-safe); yields each run as it ends. `run_options` go to materialize_partition."""
-    # Opening the instance here first creates its storage tables once, not in racing workers.
-    instance = dagster_instance()
-    if parallel <= 1:
-        for key in partition_keys:
-            yield materialize_partition(instance, key, **run_options)
-        return
-    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_materialize_in_worker, key, run_options) for key in partition_keys]
-        for future in futures:
-            yield future.result()
+def contiguous_ranges(partition_keys: Sequence[str]) -> list[list[str]]:
+    """`partition_keys` as runs of neighbouring keys: a run spans a range, and must not touch the
+    partitions between two that were asked for."""
+    order = {key: n for n, key in enumerate(all_partition_keys())}
+    ranges: list[list[str]] = []
+    for key in sorted(set(partition_keys), key=order.__getitem__):
+        if ranges and order[ranges[-1][-1]] + 1 == order[key]:
+            ranges[-1].append(key)
+        else:
+            ranges.append([key])
+    return ranges
 
 
-def _materialize_in_worker(partition_key: str, run_options: dict) -> PartitionRun:
-    return materialize_partition(dagster_instance(), partition_key, **run_options)
+def verify(instance: dg.DagsterInstance) -> dict[str, bool]:
+    """Run the checks of files_s3_attrs in this process, as their automation does after a backfill;
+    whether each passed, by name."""
+    result = dg.materialize(
+        [files_s3_attrs, verify_files_s3_attrs],
+        selection=dg.AssetSelection.checks(*(spec.key for spec in CHECK_SPECS)),
+        instance=instance,
+        resources=resources_from_env(),
+        run_config=dg.RunConfig(loggers={"console": {"config": {"log_level": "CRITICAL"}}}),
+        raise_on_error=False,
+    )
+    return {evaluation.check_name: evaluation.passed for evaluation in result.get_asset_check_evaluations()}

@@ -7,7 +7,7 @@ import dagster as dg
 import pytest
 
 from s3_attrs_pipeline import backfill
-from s3_attrs_pipeline.defs.assets import files_s3_attrs
+from s3_attrs_pipeline.defs.assets import BackfillConfig, files_s3_attrs
 from s3_attrs_pipeline.defs.resources import resources_from_env
 from s3_attrs_pipeline.instant import progress
 from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED
@@ -27,17 +27,17 @@ def _partitions_of(files) -> list[str]:
     return sorted({f.app_id.hex[:2] for f in files})
 
 
-def _materialize(partition_key: str, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
+def _materialize(partition_key: str, instance: dg.DagsterInstance, **config) -> dg.ExecuteInProcessResult:
     return dg.materialize(
         [files_s3_attrs], partition_key=partition_key, instance=instance, resources=resources_from_env(),
-        raise_on_error=False,
+        run_config=dg.RunConfig(ops={"files_s3_attrs": BackfillConfig(**config)}), raise_on_error=False,
     )
 
 
-def _materialize_all(files, instance) -> dict[str, dict]:
+def _materialize_all(files, instance, **config) -> dict[str, dict]:
     metadata = {}
     for key in _partitions_of(files):
-        result = _materialize(key, instance)
+        result = _materialize(key, instance, **config)
         assert result.success, f"partition {key} failed"
         event = result.asset_materializations_for_node("files_s3_attrs")[0]
         metadata[key] = {name: value.value for name, value in event.metadata.items()}
@@ -99,6 +99,9 @@ def test_second_run_writes_nothing(conn, bucket, seeded_files):
         _materialize_all(seeded_files, instance)
         before = all_triples(conn)
         metadata = _materialize_all(seeded_files, instance)
+        assert all_triples(conn) == before
+        assert all("nothing_to_do" in m for m in metadata.values()) and _sum(metadata, "successful") == 0
+        metadata = _materialize_all(seeded_files, instance, every_partition=True)
     assert all_triples(conn) == before
     assert _sum(metadata, "successful") == 0
     assert _sum(metadata, "already_populated") == sum(f.in_s3 for f in seeded_files)

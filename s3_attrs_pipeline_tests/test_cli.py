@@ -20,7 +20,8 @@ def test_run_then_stats_then_rollback(conn, bucket, seeded_files, dagster_home, 
     for key in _data_partitions(seeded_files):
         args += ["--partition", key]
     assert cli.main(args) == 0
-    assert f"{len(_data_partitions(seeded_files))} succeeded, 0 failed" in capsys.readouterr().out
+    count = len(_data_partitions(seeded_files))
+    assert f"{count} of {count} done: {count} worked, 0 with nothing to do, 0 failed" in capsys.readouterr().out
 
     import dagster as dg
 
@@ -48,17 +49,42 @@ def test_run_then_stats_then_rollback(conn, bucket, seeded_files, dagster_home, 
     assert swept_locations(conn) == 0
 
 
-def test_run_skips_partitions_with_nothing_new(conn, bucket, seeded_files, dagster_home, capsys, monkeypatch):
-    monkeypatch.setattr(runs, "all_partition_keys", lambda: _data_partitions(seeded_files))
-    assert cli.main(["run", "--parallel", "1", "--quiet"]) == 0
+def test_run_of_every_partition_is_one_run_that_works_only_those_with_files(
+    conn, bucket, seeded_files, dagster_home, capsys
+):
+    import dagster as dg
+
+    every, with_files = runs.all_partition_keys(), _data_partitions(seeded_files)
+    assert cli.main(["run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(with_files)} of {len(every)} partitions have work" in out
+    assert f"{len(every)} of {len(every)} done: {len(with_files)} worked" in out
+    # Per-file problems (the seed has missing objects) are in the run's log, not on the terminal.
+    assert "missing file" not in out
+
+    instance = runs.dagster_instance()
+    assert len(instance.get_runs()) == 1
+    assert instance.get_materialized_partitions(dg.AssetKey("files_s3_attrs")) == set(every)
+    assert progress.read_progress(conn)["completed"] is True
+    assert new_attr_triples(conn).keys() == {(f.app_id, f.entity_id) for f in seeded_files if f.in_s3}
+
+
+def test_run_skips_partitions_with_nothing_new(conn, bucket, seeded_files, dagster_home, capsys):
+    assert cli.main(["run", "--quiet"]) == 0
     before = all_triples(conn)
     state = progress.read_progress(conn)
     capsys.readouterr()
 
-    assert cli.main(["run", "--parallel", "1", "--quiet"]) == 0
-    assert "0 of" in capsys.readouterr().out
+    assert cli.main(["run", "--quiet"]) == 0
+    assert f"0 of {len(runs.all_partition_keys())} partitions have work" in capsys.readouterr().out
     assert all_triples(conn) == before
     assert progress.read_progress(conn)["total-processed"] == state["total-processed"]
+
+
+def test_verbose_shows_the_problem_files(conn, bucket, seeded_files, dagster_home, capsys):
+    missing = next(f for f in seeded_files if not f.in_s3 and not f.prepopulated)
+    assert cli.main(["run", "--verbose", "--partition", missing.app_id.hex[:2]]) == 0
+    assert f"missing file app={missing.app_id}" in capsys.readouterr().err
 
 
 def test_reset_clears_only_the_progress_row(conn, bucket, seeded_files, dagster_home):
@@ -82,8 +108,9 @@ def test_a_failed_partition_makes_run_exit_non_zero(conn, seeded_files, dagster_
     monkeypatch.setenv("INSTANT_S3_BUCKET", "no-such-bucket-here")
     key = _data_partitions(seeded_files)[0]
     assert cli.main(["run", "--parallel", "1", "--partition", key]) == cli.EXIT_FAILED
-    err = capsys.readouterr().err
-    assert f"partition {key} FAILED" in err and "does not exist" in err
+    out = capsys.readouterr().out
+    assert f"partition {key} FAILED" in out and "does not exist" in out
+    assert f"failed partitions (rerun with --partition): {key}" in out
 
 
 @pytest.mark.parametrize(

@@ -2,22 +2,16 @@
 
 import dataclasses
 import os
-from collections.abc import Callable
+import warnings
 
 import dagster as dg
 from pydantic import Field
 
-from s3_attrs_pipeline.backfill import (
-    BackfillSettings,
-    FileProblem,
-    PartitionFailed,
-    PartitionReport,
-    backfill_partition,
-)
+from s3_attrs_pipeline.backfill import BackfillSettings, FileProblem, PartitionReport
 from s3_attrs_pipeline.defs.metadata import numbers, table
+from s3_attrs_pipeline.defs.partition_runs import materialize_range
 from s3_attrs_pipeline.defs.partitions import app_id_prefix_partitions
 from s3_attrs_pipeline.defs.resources import FileBucketResource, InstantDatabaseResource
-from s3_attrs_pipeline.instant.catalog import CatalogMismatch
 from s3_attrs_pipeline.instant.live_updates import (
     DEFAULT_LIVE_UPDATES,
     LIVE_UPDATES_ENV,
@@ -25,7 +19,7 @@ from s3_attrs_pipeline.instant.live_updates import (
     live_updates_level,
     log_to_table,
 )
-from s3_attrs_pipeline.s3.store import S3AccessError
+from s3_attrs_pipeline.partition_range import BACKFILL, Listener, RangeSettings
 from s3_attrs_pipeline.settings import setting_help
 
 STEP_RETRIES_ENV = "S3_ATTRS_STEP_RETRIES"
@@ -46,6 +40,16 @@ class BackfillConfig(dg.Config):
         None,
         description=setting_help(BackfillSettings, "wal_msg_log_to_table") + f" Unset: {LOG_TO_TABLE_ENV}, else false.",
     )
+
+    partitions_at_once: int = Field(
+        RangeSettings.partitions_at_once, description=setting_help(RangeSettings, "partitions_at_once")
+    )
+    every_partition: bool = Field(
+        RangeSettings.every_partition, description=setting_help(RangeSettings, "every_partition")
+    )
+
+    def range_settings(self) -> RangeSettings:
+        return RangeSettings(partitions_at_once=self.partitions_at_once, every_partition=self.every_partition)
 
     def backfill_settings(self, partition_count: int) -> BackfillSettings:
         return BackfillSettings(
@@ -85,17 +89,26 @@ def report_metadata(report: PartitionReport) -> dict[str, dg.MetadataValue]:
     return metadata
 
 
+# A single-run backfill policy is what makes a UI backfill one run; Dagster marks the parameter beta.
+warnings.filterwarnings("ignore", category=dg.BetaWarning, message="Parameter `backfill_policy`")
+
+
 @dg.asset(
     partitions_def=app_id_prefix_partitions,
+    # A backfill of many partitions is one run: its plan skips the partitions with nothing to do, and
+    # each partition is still materialized, or failed, on its own.
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    output_required=False,
     group_name="instant_files",
     kinds={"postgres", "s3"},
     pool="instant_s3_attrs",
     retry_policy=_step_retry_policy(),
     description=(
         "`hash` (S3 ETag) and `lastModified` (epoch ms) triples of every InstantDB `$files` entity whose app id "
-        "starts with the partition key. Materializing a partition HEADs each object that still lacks them and "
-        "writes both triples per file, batch by batch; rerunning it skips files already done. Missing objects "
-        "are counted, not written; files that fail after retries fail the partition so it can be rerun alone."
+        "starts with the partition key. A run plans its partitions from one read of the database, then HEADs "
+        "(or lists) the objects of the files that still lack them and writes both triples per file, batch by "
+        "batch, several partitions at once; each partition is materialized as it ends. Missing objects are "
+        "counted, not written; a partition whose files fail after retries fails alone and reruns alone."
     ),
 )
 def files_s3_attrs(
@@ -103,31 +116,6 @@ def files_s3_attrs(
     config: BackfillConfig,
     instant_db: InstantDatabaseResource,
     file_bucket: FileBucketResource,
-) -> dg.MaterializeResult:
-    return run_on_partition(context, config, instant_db, file_bucket, backfill_partition, PartitionFailed, report_metadata)
-
-
-def run_on_partition(
-    context: dg.AssetExecutionContext,
-    config: BackfillConfig,
-    instant_db: InstantDatabaseResource,
-    file_bucket: FileBucketResource,
-    work: Callable,
-    partly_failed: type[Exception],
-    metadata_of: Callable,
-) -> dg.MaterializeResult:
-    """`work(conn, store, partition key, settings, log)` on the asset's partition, its report as the
-    materialization's metadata. `partly_failed` (which carries the report) fails the partition for a
-    rerun; a wrong setting, an unreadable bucket or a wrong catalog fail it with no retry."""
-    try:
-        settings = config.backfill_settings(len(app_id_prefix_partitions.get_partition_keys()))
-    except ValueError as error:
-        raise dg.Failure(description=str(error), allow_retries=False) from None
-    with instant_db.connect() as conn, file_bucket.open_store() as store:
-        try:
-            report = work(conn, store, context.partition_key, settings, context.log)
-        except partly_failed as failed:
-            raise dg.Failure(description=str(failed), metadata=metadata_of(failed.report)) from None
-        except (S3AccessError, CatalogMismatch) as error:
-            raise dg.Failure(description=str(error), allow_retries=False) from None
-    return dg.MaterializeResult(metadata=metadata_of(report))
+    run_progress: dg.ResourceParam[Listener],
+):
+    yield from materialize_range(context, config, instant_db, file_bucket, run_progress, BACKFILL, report_metadata)

@@ -4,7 +4,7 @@ import dagster as dg
 
 from s3_attrs_pipeline.defs.assets import files_s3_attrs
 from s3_attrs_pipeline.defs.checks import CHECK_SPECS
-from s3_attrs_pipeline.defs.partitions import PARTITION_WIDTH
+from s3_attrs_pipeline.defs.partitions import PARTITION_WIDTH, range_tags
 from s3_attrs_pipeline.defs.resources import InstantDatabaseResource
 from s3_attrs_pipeline.verification import database_report
 
@@ -26,8 +26,9 @@ verify_after_backfill = dg.AutomationConditionSensorDefinition(
     execution_timezone="UTC",
     target=dg.AssetSelection.assets(files_s3_attrs) | dg.AssetSelection.checks(*CHECK_KEYS),
     default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Daily: files uploaded since the backfill lack hash. Request runs of exactly the partitions with "
-    "gaps (the checks run once they end), or a run of the checks when there are none.",
+    description="Daily: files uploaded since the backfill lack hash. Request one run over the partitions from the "
+    "first with gaps to the last (its plan works only those with gaps; the checks run once it ends), or a run of "
+    "the checks when there are none.",
 )
 def daily_reverification(context: dg.ScheduleEvaluationContext, instant_db: InstantDatabaseResource):
     tick = context.scheduled_execution_time.isoformat()
@@ -38,11 +39,9 @@ def daily_reverification(context: dg.ScheduleEvaluationContext, instant_db: Inst
     context.log.info(f"{len(gaps)} partitions have files lacking hash: {' '.join(gaps)}")
     return [
         dg.RunRequest(
-            run_key=f"heal:{tick}:{key}",
-            partition_key=key,
+            run_key=f"heal:{tick}",
             asset_selection=[files_s3_attrs.key],
             asset_check_keys=[],
-            tags={HEAL_TAG: tick},
+            tags={HEAL_TAG: tick} | range_tags(gaps),
         )
-        for key in gaps
     ]

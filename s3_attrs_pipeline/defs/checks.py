@@ -123,7 +123,7 @@ def _check_results(report: VerificationReport) -> list[dg.AssetCheckResult]:
 @dg.multi_asset_check(
     specs=CHECK_SPECS,
     name="verify_files_s3_attrs",
-    # Dagster plans an asset's checks into every run of it, partition runs of a backfill included
+    # Dagster plans an asset's checks into every run of it, the runs of a backfill included
     # (whatever their automation condition); those runs skip them (see below), which needs optional outputs.
     can_subset=True,
     description="Coverage from the database (overall and by partition), malformed triples, and a random sample of "
@@ -135,10 +135,11 @@ def verify_files_s3_attrs(
     instant_db: InstantDatabaseResource,
     file_bucket: FileBucketResource,
 ) -> Iterator[dg.AssetCheckResult]:
-    if context.op_execution_context.has_partition_key:
+    run = context.op_execution_context
+    if run.has_partition_key or run.has_partition_key_range:
         # One partition's run cannot judge the whole asset, and a verification per partition would
         # scan every file's triples 256 times a backfill: the checks run once it has ended.
-        context.log.info("the checks of files_s3_attrs run once the backfill has ended, not in a partition's run")
+        context.log.info("the checks of files_s3_attrs run once the backfill has ended, not in a run of partitions")
         return
     with instant_db.connect() as conn, file_bucket.open_store() as store:
         report = verify(conn, store, PARTITION_WIDTH, config.sample_size)

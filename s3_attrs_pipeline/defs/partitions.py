@@ -23,3 +23,13 @@ PARTITION_WIDTH = partition_width_from_env()
 
 # One partition per app-id prefix: `00`..`ff` with the default width of 2.
 app_id_prefix_partitions = dg.StaticPartitionsDefinition(partition_keys(PARTITION_WIDTH))
+
+
+# A run over a range of partitions (what a single-run backfill launches) carries these tags.
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
+
+
+def range_tags(keys: list[str]) -> dict[str, str]:
+    """The tags of one run over every partition from the first of `keys` to the last."""
+    return {RANGE_START_TAG: min(keys), RANGE_END_TAG: max(keys)}

@@ -6,12 +6,14 @@ import dataclasses
 import dagster as dg
 
 from s3_attrs_pipeline.backfill import FileProblem
-from s3_attrs_pipeline.defs.assets import BackfillConfig, files_s3_attrs, run_on_partition
+from s3_attrs_pipeline.defs.assets import BackfillConfig, files_s3_attrs
 from s3_attrs_pipeline.defs.metadata import numbers, table
-from s3_attrs_pipeline.defs.partitions import PARTITION_WIDTH, app_id_prefix_partitions
+from s3_attrs_pipeline.defs.partition_runs import materialize_range
+from s3_attrs_pipeline.defs.partitions import PARTITION_WIDTH, app_id_prefix_partitions, range_tags
 from s3_attrs_pipeline.defs.resources import FileBucketResource, InstantDatabaseResource
 from s3_attrs_pipeline.instant import reads
-from s3_attrs_pipeline.refresh import RefreshFailed, RefreshReport, refresh_partition
+from s3_attrs_pipeline.partition_range import REFRESH, Listener
+from s3_attrs_pipeline.refresh import RefreshReport
 
 
 def refresh_metadata(report: RefreshReport) -> dict[str, dg.MetadataValue]:
@@ -26,6 +28,8 @@ def refresh_metadata(report: RefreshReport) -> dict[str, dg.MetadataValue]:
 @dg.asset(
     partitions_def=app_id_prefix_partitions,
     deps=[files_s3_attrs],
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    output_required=False,
     group_name="instant_files",
     kinds={"postgres", "s3"},
     pool="instant_s3_attrs",
@@ -41,8 +45,9 @@ def files_s3_attrs_refresh(
     config: BackfillConfig,
     instant_db: InstantDatabaseResource,
     file_bucket: FileBucketResource,
-) -> dg.MaterializeResult:
-    return run_on_partition(context, config, instant_db, file_bucket, refresh_partition, RefreshFailed, refresh_metadata)
+    run_progress: dg.ResourceParam[Listener],
+):
+    yield from materialize_range(context, config, instant_db, file_bucket, run_progress, REFRESH, refresh_metadata)
 
 
 def partitions_with_values(coverage: dict[str, reads.PartitionCoverage]) -> list[str]:
@@ -54,13 +59,12 @@ def partitions_with_values(coverage: dict[str, reads.PartitionCoverage]) -> list
     execution_timezone="UTC",
     target=dg.AssetSelection.assets(files_s3_attrs_refresh),
     default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Weekly (Sunday 05:00 UTC): refresh every partition that has files with values.",
+    description="Weekly (Sunday 05:00 UTC): one run refreshing the partitions that have files with values.",
 )
 def weekly_refresh(context: dg.ScheduleEvaluationContext, instant_db: InstantDatabaseResource):
     tick = context.scheduled_execution_time.isoformat()
     with instant_db.connect() as conn:
         keys = partitions_with_values(reads.coverage_by_partition(conn, PARTITION_WIDTH))
-    return [
-        dg.RunRequest(run_key=f"refresh:{tick}:{key}", partition_key=key, asset_selection=[files_s3_attrs_refresh.key])
-        for key in keys
-    ]
+    if not keys:
+        return dg.SkipReason("no file has values to refresh")
+    return dg.RunRequest(run_key=f"refresh:{tick}", asset_selection=[files_s3_attrs_refresh.key], tags=range_tags(keys))

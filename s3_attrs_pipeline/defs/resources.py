@@ -10,6 +10,7 @@ import psycopg
 from pydantic import Field
 
 from s3_attrs_pipeline.instant.connection import SessionLimits, connect, validate_database_url
+from s3_attrs_pipeline.partition_range import NoListener
 from s3_attrs_pipeline.s3.store import ObjectStore, S3Settings, validate_bucket_name
 from s3_attrs_pipeline.settings import setting_help
 
@@ -64,10 +65,12 @@ class FileBucketResource(dg.ConfigurableResource):
 
 
 def resources_from_env() -> dict:
-    """AWS_ENDPOINT_URL, region and credentials are read by boto3 itself, like any AWS client."""
+    """AWS_ENDPOINT_URL, region and credentials are read by boto3 itself, like any AWS client. A run's
+    progress is heard by nobody but its log, unless the CLI gives its display as `run_progress`."""
     return {
         "instant_db": InstantDatabaseResource(url=dg.EnvVar("INSTANT_DATABASE_URL")),
         "file_bucket": FileBucketResource(bucket=dg.EnvVar("INSTANT_S3_BUCKET")),
+        "run_progress": dg.ResourceDefinition.hardcoded_resource(NoListener(), "Hears a run's progress: nobody."),
     }
 
 

@@ -76,6 +76,17 @@ def record_progress(
         )
 
 
+def record_empty_partitions(conn: psycopg.Connection, partition_keys: list[str], partition_count: int) -> None:
+    """Record partitions that hold no file as completed with nothing done, in the caller's transaction:
+    what a run of each would record, without the run."""
+    for key in partition_keys:
+        record_progress(conn, key, "completed", FileCounts())
+    conn.execute(
+        _RECOMPUTE_COMPLETED,
+        {"key": PROGRESS_CONFIG_KEY, "prefix": PARTITION_PROGRESS_KEY_PREFIX, "partition_count": partition_count},
+    )
+
+
 def read_progress(conn: psycopg.Connection) -> dict:
     """The totals row as stored, with every partition's state under `partitions`; {} before any run."""
     row = conn.execute("SELECT v FROM config WHERE k = %s", (PROGRESS_CONFIG_KEY,)).fetchone()

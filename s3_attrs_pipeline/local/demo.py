@@ -8,7 +8,6 @@ use the same database, bucket and Dagster instance.
 import os
 import pathlib
 import shlex
-import shutil
 
 import boto3
 
@@ -34,7 +33,10 @@ def start_services(root: pathlib.Path) -> dict[str, str]:
 
     dagster_home = root / "dagster_home"
     dagster_home.mkdir(exist_ok=True)
-    shutil.copyfile(_REPO_ROOT / "dagster.yaml", dagster_home / "dagster.yaml")
+    # The repository's instance, without the UI's sign-up pop-up: the demo is looked at, not run for real.
+    (dagster_home / "dagster.yaml").write_text(
+        (_REPO_ROOT / "dagster.yaml").read_text() + "\nnux:\n  enabled: false\n"
+    )
     env = {
         "INSTANT_DATABASE_URL": instant_url,
         "INSTANT_S3_BUCKET": DEMO_BUCKET,

@@ -1,0 +1,256 @@
+"""One run over a range of partitions: plan which have work from one read of the database, work those
+`partitions_at_once` at a time, each on a connection of its own, and hand every partition's outcome
+back as it ends, so that a failed partition neither stops nor fails the others.
+
+A run per partition costs seconds of orchestration each, and most partitions of a real database
+hold nothing to do: the plan lets them cost one shared query instead. Like backfill.py, this knows
+nothing of Dagster; the asset and the CLI drive it.
+"""
+
+import contextlib
+import dataclasses
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import ContextManager, Protocol
+
+import psycopg
+
+from s3_attrs_pipeline.backfill import BackfillSettings, Log, PartitionFailed, PartitionReport, backfill_partition
+from s3_attrs_pipeline.counts import FileCounts, RefreshCounts
+from s3_attrs_pipeline.instant import progress, reads
+from s3_attrs_pipeline.instant.catalog import CatalogMismatch
+from s3_attrs_pipeline.refresh import RefreshFailed, RefreshReport, refresh_partition
+from s3_attrs_pipeline.s3.store import ObjectStore, S3AccessError
+
+
+@dataclasses.dataclass(frozen=True)
+class RangeSettings:
+    """How a run works its range of partitions. The asset's config and the CLI's options take their
+    defaults and descriptions from here."""
+
+    partitions_at_once: int = dataclasses.field(
+        default=4,
+        metadata={
+            "help": "Partitions worked at once in a run, each on a database connection of its own. They share "
+            "the S3 requests in flight (max_in_flight): more mostly overlaps database round trips."
+        },
+    )
+    every_partition: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Work every partition of the range, also those the plan finds nothing to do in."},
+    )
+
+    def __post_init__(self):
+        if self.partitions_at_once < 1:
+            raise ValueError(f"partitions_at_once must be at least 1, not {self.partitions_at_once}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    with_work: list[str]  # in key order
+    without_work: list[str]
+    files_to_do: int  # in the partitions with work, for an ETA
+
+    @property
+    def partition_count(self) -> int:
+        return len(self.with_work) + len(self.without_work)
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionOutcome:
+    partition_key: str
+    report: PartitionReport | RefreshReport | None  # None when the partition stopped before a report
+    error: str | None = None  # why it failed; None when it succeeded
+    retryable: bool = True  # False when a rerun would meet the same wall (settings, bucket, catalog)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.error is None
+
+
+class Listener(Protocol):
+    """Hears a run's progress, always in the thread that iterates `work_partitions`."""
+
+    def planned(self, plan: Plan) -> None: ...
+    def files_done(self, files: int, failed: int) -> None: ...
+    def partition_done(self, outcome: PartitionOutcome) -> None: ...
+
+
+class NoListener:
+    def planned(self, plan: Plan) -> None:
+        pass
+
+    def files_done(self, files: int, failed: int) -> None:
+        pass
+
+    def partition_done(self, outcome: PartitionOutcome) -> None:
+        pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What a run does to each partition: the backfill or the refresh."""
+
+    name: str
+    counts_type: type
+    work: Callable  # (conn, store, partition key, settings, log, on_files=) -> report
+    partly_failed: type[Exception]  # raised by `work` with the report when some files failed
+    plan: Callable[[psycopg.Connection, list[str], int], Plan]  # (conn, keys, partition width)
+    done_field: str  # the counts field that grows as files are done, for the progress display
+
+
+def _backfill_plan(conn: psycopg.Connection, keys: list[str], width: int) -> Plan:
+    """Work: partitions never completed that have files, or with files lacking hash beyond those known
+    unfillable. A partition with no file at all is recorded completed here, in one transaction."""
+    coverage = reads.coverage_by_partition(conn, width)
+    state = progress.read_progress(conn)
+    candidates = set(progress.partitions_with_work(keys, coverage, state))
+    with_work = [key for key in keys if key in candidates and key in coverage]
+    never_done_empty = [key for key in keys if key in candidates and key not in coverage]
+    if never_done_empty:
+        with conn.transaction():
+            progress.record_empty_partitions(conn, never_done_empty, 16**width)
+    to_do = sum(coverage[key].lacking_hash for key in with_work)
+    return Plan(with_work, [key for key in keys if key not in set(with_work)], to_do)
+
+
+def _refresh_plan(conn: psycopg.Connection, keys: list[str], width: int) -> Plan:
+    """Work: partitions with files that have values."""
+    coverage = reads.coverage_by_partition(conn, width)
+    with_work = [key for key in keys if key in coverage and coverage[key].with_hash]
+    to_do = sum(coverage[key].with_hash for key in with_work)
+    return Plan(with_work, [key for key in keys if key not in set(with_work)], to_do)
+
+
+BACKFILL = Job("backfill", FileCounts, backfill_partition, PartitionFailed, _backfill_plan, "processed")
+REFRESH = Job("refresh", RefreshCounts, refresh_partition, RefreshFailed, _refresh_plan, "checked")
+
+
+def every_partition(plan: Plan) -> Plan:
+    """The plan with every partition worked, for an operator who wants them all redone."""
+    return Plan(sorted(plan.with_work + plan.without_work), [], plan.files_to_do)
+
+
+class _QueuedLog:
+    """A worker's log: the lines travel to the iterating thread, which alone writes the run's log."""
+
+    def __init__(self, events: queue.Queue):
+        self._events = events
+
+    def info(self, msg: str) -> None:
+        self._events.put(("log", "info", msg))
+
+    def warning(self, msg: str) -> None:
+        self._events.put(("log", "warning", msg))
+
+    def error(self, msg: str) -> None:
+        self._events.put(("log", "error", msg))
+
+
+def work_partitions(
+    keys: list[str],
+    *,
+    job: Job,
+    connect: Callable[[], ContextManager[psycopg.Connection]],
+    store: ObjectStore,
+    settings: BackfillSettings,
+    log: Log,
+    listener: Listener,
+    partitions_at_once: int = RangeSettings.partitions_at_once,
+) -> Iterator[PartitionOutcome]:
+    """Work `keys` (the plan's partitions with work), `partitions_at_once` at a time; yield each outcome
+    as it ends. An S3 refusal or a wrong catalog stops the run: the partitions not yet started are
+    yielded failed with that reason, without being tried."""
+    todo: queue.SimpleQueue[str] = queue.SimpleQueue()
+    for key in keys:
+        todo.put(key)
+    events: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    worker_log = _QueuedLog(events)
+
+    def on_files(files: int, failed: int) -> None:
+        events.put(("files", files, failed))
+
+    def worker() -> None:
+        try:
+            with contextlib.ExitStack() as connection:
+                conn = None
+                while not stop.is_set():
+                    try:
+                        key = todo.get_nowait()
+                    except queue.Empty:
+                        return
+                    if conn is None or conn.closed or conn.broken:
+                        connection.close()
+                        conn = connection.enter_context(connect())
+                    outcome = _work_one(job, conn, store, key, settings, worker_log, on_files)
+                    if not outcome.retryable:
+                        stop.set()  # before any worker takes another partition
+                    events.put(("outcome", outcome))
+                    if conn.broken:
+                        conn = None
+        except BaseException as error:  # ends this worker; the iterating thread raises it (or names it)
+            events.put(("worker_failed", error))
+        finally:
+            events.put(("worker_done",))
+
+    threads = [
+        threading.Thread(target=worker, name=f"partition-worker-{n}", daemon=True)
+        for n in range(min(partitions_at_once, len(keys)))
+    ]
+    for thread in threads:
+        thread.start()
+    finished, stopped_by, ended, unexpected = set(), None, 0, None
+    try:
+        while ended < len(threads):
+            event = events.get()
+            if event[0] == "log":
+                getattr(log, event[1])(event[2])
+            elif event[0] == "files":
+                listener.files_done(event[1], event[2])
+            elif event[0] == "outcome":
+                outcome = event[1]
+                finished.add(outcome.partition_key)
+                if not outcome.retryable and stopped_by is None:
+                    stopped_by = outcome.error
+                listener.partition_done(outcome)
+                yield outcome
+            elif event[0] == "worker_failed":
+                if not isinstance(event[1], psycopg.Error):
+                    unexpected = unexpected or event[1]
+                if stopped_by is None:
+                    stopped_by = f"a worker could not go on: {_first_line(event[1])}"
+                    stop.set()
+            else:
+                ended += 1
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    for key in keys:
+        if key not in finished:
+            outcome = PartitionOutcome(key, None, f"not done: the run stopped ({stopped_by})")
+            listener.partition_done(outcome)
+            yield outcome
+    if unexpected is not None:
+        raise unexpected
+
+
+def _work_one(job: Job, conn, store, key: str, settings, log: Log, on_files) -> PartitionOutcome:
+    try:
+        report = job.work(conn, store, key, settings, log, on_files=on_files)
+    except job.partly_failed as failed:
+        return PartitionOutcome(key, failed.report, str(failed))
+    except (S3AccessError, CatalogMismatch) as error:
+        log.error(f"partition {key}: {error}")
+        return PartitionOutcome(key, None, str(error), retryable=False)
+    except psycopg.Error as error:
+        log.error(f"partition {key}: database error: {_first_line(error)}")
+        return PartitionOutcome(key, None, f"database error: {_first_line(error)}")
+    return PartitionOutcome(key, report)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,128 @@
+"""What an operator sees of a run from the command line: a status line redrawn in place on a terminal
+(partitions and files done of their totals, files/s, ETA, failures so far), a plain line now and then
+when the output is not a terminal, one line per failed partition, and a summary table at the end.
+
+Per-file problems are not shown here: they are in the run's log (and on the console with --verbose).
+"""
+
+import time
+from typing import TextIO
+
+from s3_attrs_pipeline.partition_range import PartitionOutcome, Plan
+
+REDRAW_INTERVAL_S = 0.2  # on a terminal
+PLAIN_INTERVAL_S = 10.0  # elsewhere: a log file or CI keeps a line per interval, not a redraw per batch
+
+
+class ProgressDisplay:
+    """A partition_range.Listener that draws to `out`. `live`: redraw a status line in place; else
+    print a plain line every PLAIN_INTERVAL_S; `quiet`: neither, only failures and the summary."""
+
+    def __init__(self, out: TextIO, counts_type: type, summary: tuple[str, ...], *, live: bool, quiet: bool = False):
+        self._out = out
+        self._counts_type = counts_type
+        self._summary = summary
+        self._live = live and not quiet
+        self._plain = not live and not quiet
+        self._started = time.monotonic()
+        self._drawn = 0.0
+        self._line_shown = False
+        self.keys: set[str] = set()
+        self.done: set[str] = set()
+        self.without_work: set[str] = set()
+        self.failed: dict[str, PartitionOutcome] = {}
+        self.totals = counts_type()
+        self.total_files = 0
+        self.done_files = 0
+        self.failed_files = 0
+
+    # The Listener
+
+    def planned(self, plan: Plan) -> None:
+        first_time = set(plan.without_work) - self.keys
+        self.keys |= set(plan.with_work) | set(plan.without_work)
+        self.without_work |= first_time
+        self.done |= first_time
+        for key in plan.with_work:  # a step retry works its failed partitions again
+            self.done.discard(key)
+            self.failed.pop(key, None)
+        self.total_files = self.done_files + plan.files_to_do
+        self._say(
+            f"{len(plan.with_work)} of {plan.partition_count} partitions have work ({plan.files_to_do:,} files); "
+            f"{len(plan.without_work)} have nothing to do"
+        )
+        self._draw(force=True)
+
+    def files_done(self, files: int, failed: int) -> None:
+        self.done_files += files
+        self.failed_files += failed
+        self._draw()
+
+    def partition_done(self, outcome: PartitionOutcome) -> None:
+        self.done.add(outcome.partition_key)
+        if outcome.report is not None:
+            self.totals += outcome.report.counts
+        if not outcome.succeeded:
+            self.failed[outcome.partition_key] = outcome
+            self._say(f"partition {outcome.partition_key} FAILED: {outcome.error}")
+        self._draw(force=True)
+
+    # Drawing
+
+    def status(self) -> str:
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        rate = self.done_files / elapsed
+        remaining = max(self.total_files - self.done_files, 0)
+        eta = f"ETA {_duration(remaining / rate)}" if rate > 0 and remaining else "ETA -"
+        return (
+            f"partitions {len(self.done)}/{len(self.keys)} · files {self.done_files:,}/{self.total_files:,} · "
+            f"{rate:,.0f} files/s · {eta} · failed partitions {len(self.failed)}, files {self.failed_files:,}"
+        )
+
+    def _draw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._live and (force or now - self._drawn >= REDRAW_INTERVAL_S):
+            self._out.write("\r\x1b[2K" + self.status())
+            self._out.flush()
+            self._line_shown = True
+            self._drawn = now
+        elif self._plain and now - self._drawn >= PLAIN_INTERVAL_S:
+            print(self.status(), file=self._out, flush=True)
+            self._drawn = now
+
+    def _say(self, line: str) -> None:
+        """A line above the status line."""
+        if self._line_shown:
+            self._out.write("\r\x1b[2K")
+            self._line_shown = False
+        print(line, file=self._out, flush=True)
+
+    def finish(self, run_errors: list[str]) -> str:
+        """Clear the status line; the summary table, with `run_errors` (failures of whole runs)."""
+        if self._line_shown:
+            self._out.write("\r\x1b[2K")
+            self._out.flush()
+            self._line_shown = False
+        elapsed = time.monotonic() - self._started
+        worked = len(self.done - self.without_work)
+        rows = [
+            ("partitions", f"{len(self.done)} of {len(self.keys)} done: {worked} worked, "
+             f"{len(self.without_work)} with nothing to do, {len(self.failed)} failed"),
+            *((name, f"{getattr(self.totals, name):,}") for name in self._summary),
+            ("elapsed", f"{elapsed:.1f}s ({self.done_files / elapsed if elapsed else 0:,.0f} files/s)"),
+        ]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"{name:<{width}}  {value}" for name, value in rows]
+        lines += [f"run failed: {error}" for error in run_errors]
+        if self.failed:
+            lines.append("failed partitions (rerun with --partition): " + " ".join(sorted(self.failed)))
+        return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds + 0.5)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
