@@ -24,7 +24,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -35,9 +34,10 @@ import urllib.request
 import psutil
 import psycopg
 
+from benchlib.services import LOOPBACK, free_port
+
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
-LOOPBACK = "127.0.0.1"
 ASSET = "files_s3_attrs"
 # The backfill's statuses after which it launches nothing more (dagster BulkActionStatus).
 _BACKFILL_DONE = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
@@ -306,12 +306,6 @@ query($backfillId: String!) {
 }"""
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
 class GraphQL:
     def __init__(self, url: str):
         self.url = url
@@ -365,7 +359,7 @@ def ui_backfill(cfg: dict) -> dict:
     env["DAGSTER_POSTGRES_URL"] = cfg["dagster_postgres_url"].replace("postgresql://", "postgresql+psycopg2://", 1)
     imported = _imported_from(env, cfg["repo_root"])
     before = files_with_hash(cfg["database_url"])
-    port = _free_port()
+    port = free_port()
     base_url = f"http://{LOOPBACK}:{port}"
     graphql = GraphQL(f"{base_url}/graphql")
     command = [sys.executable, "-m", "dagster", "dev", "-w", str(repo / "workspace.yaml"),
