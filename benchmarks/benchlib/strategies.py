@@ -11,6 +11,8 @@ requests are counted by the benchmark from the server's log (services.RequestLog
 - boto3-ceiling: head_object over the same keys from `threads` threads doing nothing else.
 - store-window:  the pipeline's ObjectStore.submit_head over the keys through a sliding window as
                  backfill._head_range keeps it (2 x max(batch_size, max_in_flight)), without the database.
+- cli-run, ui-backfill: the pipeline end to end, as an operator runs it (`s3-attrs run`, and a backfill
+                 launched in `dagster dev`'s UI), in processes of their own: benchlib/endtoend.py.
 """
 
 import collections
@@ -20,7 +22,7 @@ import time
 import traceback
 import uuid
 
-from benchlib import counting
+from benchlib import counting, endtoend
 
 _FAKE_ETAG = "0123456789abcdef0123456789abcdef"
 # This process's (main thread's) time blocked on S3: waiting for a HEAD's future, for the next page of
@@ -539,6 +541,8 @@ STRATEGIES = {
     "naive": naive,
     "boto3-ceiling": boto3_ceiling,
     "store-window": store_window,
+    "cli-run": endtoend.cli_run,
+    "ui-backfill": endtoend.ui_backfill,
 }
 
 
@@ -549,7 +553,8 @@ def child_main(strategy: str, cfg: dict, results, started) -> None:
         started.set()
         result = STRATEGIES[strategy](cfg)
         result["peak_rss_mib"] = counting.peak_rss_mib()
-        result["cpu_total_s"] = counting.cpu_seconds() + sum(w.get("cpu_total_s", 0) for w in result["workers"])
+        result["cpu_total_s"] = (counting.cpu_seconds() + sum(w.get("cpu_total_s", 0) for w in result["workers"])
+                                 + result.get("tree", {}).get("cpu_s", 0.0))  # the end-to-end rows' subprocesses
         results.put(("ok", result))
     except BaseException:
         results.put(("error", traceback.format_exc()))
