@@ -243,6 +243,9 @@ class FaultProxy:
 
 class _ProxyServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's 5 drops connection attempts when a store opens its max_in_flight at once; the
+    # kernel retries a dropped one a second later, which reorders requests the tests count.
+    request_queue_size = 128
     fault_proxy: FaultProxy
 
     def handle_error(self, request, client_address) -> None:
