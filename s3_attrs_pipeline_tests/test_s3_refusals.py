@@ -96,7 +96,8 @@ def test_an_expired_token_on_a_listing_is_named_and_stops_the_partition(conn, s3
                 backfill.backfill_partition(conn, store, key, backfill.BackfillSettings(list_threshold=100), LOG)
             assert store.requests_sent == 2  # HEAD bucket, one listing: a refusal is not retried
     assert refused.value.code == "ExpiredToken"
-    assert "S3 answered ExpiredToken (The provided token has expired.) to listing" in str(refused.value)
+    assert f"S3 answered ExpiredToken to listing s3://{bucket}/" in str(refused.value)
+    assert "('The provided token has expired.'): " in str(refused.value)
     assert "the session credentials expired: refresh them" in str(refused.value)
     assert new_attr_triples(conn) == before
 
@@ -126,7 +127,7 @@ def test_a_refused_listing_names_the_code_and_says_what_to_do(s3_endpoint, s3_cl
                 store.list_page("app/", 1000)
             assert store.requests_sent == 2
     assert refused.value.code == code
-    assert str(refused.value).startswith(f"S3 answered {code} (S3 says no.) to listing s3://{bucket}/app/: ")
+    assert str(refused.value).startswith(f"S3 answered {code} to listing s3://{bucket}/app/ ('S3 says no.'): ")
     assert advice in refused.value.advice
 
 

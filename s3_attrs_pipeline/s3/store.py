@@ -118,10 +118,10 @@ def _refused(error: Exception) -> bool:
     return _error_code(error) in REFUSAL_ADVICE or status == 400
 
 
-def _named(error: botocore.exceptions.ClientError) -> str:
-    """S3's code and, where its answer had a body, its message."""
+def _said(error: botocore.exceptions.ClientError) -> str:
+    """S3's message, where its answer had a body to hold one, to follow what it was asked."""
     code, message = _error_code(error), error.response.get("Error", {}).get("Message")
-    return f"{code} ({message})" if message and not code.isdigit() else code
+    return f" ({message!r})" if message and not code.isdigit() else ""
 
 
 class ListingFailed(RuntimeError):
@@ -317,7 +317,7 @@ class ObjectStore:
         if code in _MISSING_CODES or code == "NoSuchBucket":
             raise S3AccessError(f"S3 bucket {bucket!r} does not exist (HEAD bucket answered {code})")
         if _refused(error):
-            raise S3Refused(f"S3 bucket {bucket!r} cannot be read: HEAD bucket answered {_named(error)}", code)
+            raise S3Refused(f"S3 bucket {bucket!r} cannot be read: HEAD bucket answered {code}{_said(error)}", code)
         raise S3AccessError(f"S3 bucket {bucket!r} did not answer HEAD bucket after {retries} retries: {code}")
 
     def _set_up_requests(self) -> None:
@@ -370,7 +370,7 @@ class ObjectStore:
         if error is None:
             return page
         if _refused(error):
-            raise S3Refused(f"S3 answered {_named(error)} to listing {where}", _error_code(error))
+            raise S3Refused(f"S3 answered {_error_code(error)} to listing {where}{_said(error)}", _error_code(error))
         raise ListingFailed(f"listing {where} failed after {retries} retries: {_failure(error)}")
 
     def head(self, key: str) -> HeadOutcome:
