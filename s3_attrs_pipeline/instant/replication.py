@@ -17,7 +17,7 @@ import dataclasses
 import os
 import time
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import psycopg
 
@@ -89,10 +89,6 @@ class ReplicationLimits:
                 raise ValueError(f"{name} must be a sequence of slot names, not {names!r}")
             object.__setattr__(self, name, tuple(names))
 
-    @property
-    def watching(self) -> bool:
-        return bool(self.max_lag_mb or self.max_replay_lag_s)
-
     def watches(self, name: str | None) -> bool:
         if name in self.ignore_slots:
             return False
@@ -154,11 +150,9 @@ WHERE %(replicas)s AND slot.slot_type IS DISTINCT FROM 'logical'
 def measure_replication_lag(
     conn: psycopg.Connection, limits: ReplicationLimits, *, slots: bool = True, replicas: bool = True
 ) -> tuple[list[SlotLag], list[ReplicaLag]]:
-    """The lag of the logical slots and streaming replicas `limits` watches, in one query. Raises
-    psycopg's InsufficientPrivilege if the role may not read the views."""
-    rows = conn.execute(
-        _LAG, {"slots": slots and bool(limits.max_lag_mb), "replicas": replicas and bool(limits.max_replay_lag_s)}
-    ).fetchall()
+    """The lag of the logical slots and (or) streaming replicas `limits` watches, in one query.
+    Raises psycopg's InsufficientPrivilege if the role may not read the views."""
+    rows = conn.execute(_LAG, {"slots": slots, "replicas": replicas}).fetchall()
     slot_lags, replica_lags = [], []
     for kind, name, active, behind_bytes, replay_lag_s, visible in rows:
         if not limits.watches(name):
@@ -172,22 +166,21 @@ def measure_replication_lag(
 
 class ReplicationGate:
     """Called before each write transaction: returns at once while replication keeps up, else waits
-    until it does. One query per call when the lag is fine (about a tenth of a millisecond of the
-    server's time, and a round trip). `waited_s` adds up the time spent waiting."""
+    until it does. One query per call while the lag is fine (0.2-0.4 ms with a local server, the
+    round trip included). `waited_s` adds up the time spent waiting."""
 
-    def __init__(
-        self, conn: psycopg.Connection, limits: ReplicationLimits, log: "Log", *,
-        sleep: Callable[[float], None] = time.sleep,
-    ):
+    def __init__(self, conn: psycopg.Connection, limits: ReplicationLimits, log: "Log"):
         self._conn = conn
         self._limits = limits
         self._log = log
-        self._sleep = sleep
-        self._watch_slots = self._watch_replicas = limits.watching
+        self._watch_slots = limits.max_lag_mb > 0
+        self._watch_replicas = limits.max_replay_lag_s > 0
         self.waited_s = 0.0
 
     def before_write(self) -> None:
-        """Outside any transaction (a wait must hold no snapshot): wait while replication lags."""
+        """Wait while replication lags. Outside any transaction: a wait must hold no snapshot."""
+        if self._conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            raise RuntimeError("the replication gate is passed outside transactions: a wait would hold a snapshot")
         behind = self._behind()
         if not behind:
             return
@@ -195,7 +188,7 @@ class ReplicationGate:
         self._log.info(f"waiting for replication: {'; '.join(behind)}")
         delay = self._limits.poll_initial_s
         while behind:
-            self._sleep(delay)
+            time.sleep(delay)
             delay = min(2 * delay, self._limits.poll_max_s)
             behind = self._behind()
             now = time.monotonic()
@@ -222,11 +215,11 @@ class ReplicationGate:
                 "waiting for replication"
             )
             return []
-        hidden = [replica.name for replica in replicas if not replica.visible]
+        hidden = sum(not replica.visible for replica in replicas)
         if hidden:
             self._watch_replicas = False
             self._log.warning(
-                f"cannot see how far {len(hidden)} streaming replica(s) lag: only members of pg_read_all_stats "
+                f"cannot see how far {hidden} streaming replica(s) lag: only members of pg_read_all_stats "
                 "(or pg_monitor) see pg_stat_replication's lag columns (docs/postgres-grants.sql); watching "
                 "the replication slots only"
             )
