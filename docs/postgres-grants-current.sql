@@ -8,3 +8,5 @@ GRANT USAGE ON SEQUENCE triples_size_updates_id_seq TO :role;
 
 -- live_updates entities with wal_msg_log_to_table: the triggers log entity messages to this table.
 GRANT INSERT ON wal_logs TO :role;
+
+-- Waiting for replication needs nothing more on today's schema than postgres-grants.sql says.

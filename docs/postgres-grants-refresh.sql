@@ -15,3 +15,6 @@ GRANT UPDATE (value, value_md5) ON triples TO :role;
 
 -- live_updates queries/entities: the `transactions` row of each write transaction.
 GRANT INSERT ON transactions TO :role;
+
+-- Waiting for replication before each write: as postgres-grants.sql says (nothing for the slots;
+-- pg_read_all_stats to see streaming replicas' replay lag).

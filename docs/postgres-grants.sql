@@ -13,6 +13,14 @@ GRANT SELECT, INSERT, UPDATE ON config TO :role;
 -- InstantDB's server writes, so that InstantDB tells live queries. Not needed at live_updates off.
 GRANT INSERT ON transactions TO :role;
 
+-- Waiting for replication before each write transaction (S3_ATTRS_MAX_REPLICATION_LAG_MB,
+-- S3_ATTRS_MAX_REPLAY_LAG_S) needs no grant for the logical slots: pg_replication_slots,
+-- pg_current_wal_lsn() and pg_wal_lsn_diff() are open to every role. Streaming replicas' replay lag
+-- in pg_stat_replication is shown only to members of pg_read_all_stats (pg_monitor includes it);
+-- without it the pipeline warns once and watches the slots alone. To watch replicas too:
+--   GRANT pg_read_all_stats TO :role;
+-- (It lets the role read every statistics view, with other sessions' queries: grant it knowingly.)
+
 -- `s3-attrs reset` also needs:      GRANT DELETE ON config TO :role;
 -- `s3-attrs rollback` also needs:   GRANT DELETE ON triples, config TO :role;
 -- Give those to a separate operator role: with DELETE on triples a role could delete

@@ -20,6 +20,7 @@ from s3_attrs_pipeline.instant import catalog, live_updates, partition_locks, pr
 from s3_attrs_pipeline.instant.app_id_ranges import AppIdRange
 from s3_attrs_pipeline.instant.live_updates import DEFAULT_LIVE_UPDATES, LiveUpdates
 from s3_attrs_pipeline.instant.object_keys import InvalidLocationId, location_id_of_key, object_key
+from s3_attrs_pipeline.instant.replication import ReplicationGate, ReplicationLimits
 from s3_attrs_pipeline.s3 import listing
 from s3_attrs_pipeline.s3.metadata import MalformedObjectMetadata, ObjectMetadata
 from s3_attrs_pipeline.s3.store import HeadOutcome, ListingFailed, ObjectStore
@@ -59,6 +60,7 @@ class PartitionReport:
     concurrent_run: bool = False  # another run held the partition: this one did nothing
     duration_s: float = 0.0
     problems: list[FileProblem] = dataclasses.field(default_factory=list)
+    replication_wait_s: float = 0.0  # spent waiting for replication to catch up before writing
 
     @property
     def files_per_second(self) -> float:
@@ -109,6 +111,10 @@ class BackfillSettings:
             "help": "At live_updates=entities, log the entity messages to the `wal_logs` table instead of the "
             "WAL (instant.wal_msg_log_to_table), as InstantDB does for apps so configured."
         },
+    )
+    replication: ReplicationLimits = dataclasses.field(
+        default_factory=ReplicationLimits.from_env,
+        metadata={"help": "How far replication may lag before each write transaction waits for it."},
     )
     partition_count: int = 256  # of the partitions definition: a partition's end recomputes `completed`
 
@@ -185,12 +191,14 @@ class _BatchWriter:
         report: PartitionReport,
         problem: ProblemLog,
         settings: BackfillSettings,
+        replication: ReplicationGate,
         on_files: "FilesDone",
     ):
         self._conn = conn
         self._report = report
         self._problem = problem
         self._settings = settings
+        self._replication = replication
         self._on_files = on_files
         self._new_batch()
 
@@ -275,6 +283,8 @@ class _BatchWriter:
                 )
             return written
 
+        self._replication.before_write()
+        report.replication_wait_s = self._replication.waited_s
         done = writes.retried_on_conflict(attempt)
         report.counts += done
         self._on_files(done.processed, done.failed)
@@ -339,7 +349,8 @@ def _backfill_locked_partition(
         f"{already_populated} already populated; "
         f"{len(listed)} apps listed (ListObjectsV2), the others HEADed per file"
     )
-    writer = _BatchWriter(conn, report, ProblemLog(log, report.problems), settings, on_files)
+    replication = ReplicationGate(conn, settings.replication, log)
+    writer = _BatchWriter(conn, report, ProblemLog(log, report.problems), settings, replication, on_files)
     progress_log = _ProgressLog(log, report, started)
     status = "failed"
     try:

@@ -31,6 +31,7 @@ from s3_attrs_pipeline.counts import RefreshCounts
 from s3_attrs_pipeline.instant import catalog, live_updates, partition_locks, reads, writes
 from s3_attrs_pipeline.instant.app_id_ranges import AppIdRange
 from s3_attrs_pipeline.instant.object_keys import InvalidLocationId, object_key
+from s3_attrs_pipeline.instant.replication import ReplicationGate
 from s3_attrs_pipeline.s3 import listing
 from s3_attrs_pipeline.s3.store import ListingFailed, ObjectStore
 
@@ -42,6 +43,7 @@ class RefreshReport:
     concurrent_run: bool = False
     duration_s: float = 0.0
     problems: list[FileProblem] = dataclasses.field(default_factory=list)  # the first of each kind
+    replication_wait_s: float = 0.0  # spent waiting for replication to catch up before writing
 
 
 class RefreshFailed(RuntimeError):
@@ -102,20 +104,24 @@ def _refresh_locked_partition(
     apps = reads.app_file_counts(conn, app_ids)
     listed = apps_to_list(apps, settings.list_threshold, to_do=lambda app: app.populated)
     head_ranges = ranges_between(app_ids, [app.app_id for app in listed])
+    replication = ReplicationGate(conn, settings.replication, log)
     for app in listed:
-        if _refresh_listed_app(conn, store, app.app_id, app.populated, report, settings, log, reporter):
+        if _refresh_listed_app(conn, store, app.app_id, app.populated, report, settings, replication, log, reporter):
             report.counts += RefreshCounts(apps_listed=1)
         else:
             head_ranges.append(AppIdRange(app_ids.key, app.app_id, app.app_id))
     problem = ProblemLog(log, report.problems)
     for app_range in head_ranges:
         for page in reads.iter_pending_batches(conn, app_range, settings.batch_size, with_hash=True):
-            _refresh_headed_page(conn, store, page, report, settings, problem)
+            _refresh_headed_page(conn, store, page, report, settings, replication, problem)
             reporter()
+    report.replication_wait_s = replication.waited_s
 
 
-def _write(conn, app_id, settings: BackfillSettings, refresh) -> writes.RefreshOutcome:
-    """One transaction: one app's rewrites, as live_updates says InstantDB must see them."""
+def _write(conn, app_id, settings: BackfillSettings, replication: ReplicationGate, refresh) -> writes.RefreshOutcome:
+    """One transaction: one app's rewrites, as live_updates says InstantDB must see them; first, a
+    wait for replication if it lags."""
+    replication.before_write()
     with conn.transaction():
         live_updates.before_writing(conn, app_id, settings.live_updates, settings.wal_msg_log_to_table)
         outcome = refresh()
@@ -123,7 +129,9 @@ def _write(conn, app_id, settings: BackfillSettings, refresh) -> writes.RefreshO
     return outcome
 
 
-def _refresh_headed_page(conn, store, page, report: RefreshReport, settings, problem: ProblemLog) -> None:
+def _refresh_headed_page(
+    conn, store, page, report: RefreshReport, settings, replication: ReplicationGate, problem: ProblemLog
+) -> None:
     keyed, found = [], {}
     for file in page:
         try:
@@ -147,7 +155,7 @@ def _refresh_headed_page(conn, store, page, report: RefreshReport, settings, pro
             report.counts += RefreshCounts(failed=1)
             problem("failed", file, key, outcome.failure, level="error")
     for app_id, files in found.items():
-        outcome = _write(conn, app_id, settings, lambda: writes.refresh_file_attrs(conn, files))
+        outcome = _write(conn, app_id, settings, replication, lambda: writes.refresh_file_attrs(conn, files))
         # A file moved or deleted since it was read is compared with nothing: it is neither.
         report.counts += RefreshCounts(
             unchanged=outcome.compared - outcome.rewritten,
@@ -157,7 +165,15 @@ def _refresh_headed_page(conn, store, page, report: RefreshReport, settings, pro
 
 
 def _refresh_listed_app(
-    conn, store, app_id, populated: int, report: RefreshReport, settings, log: Log, reporter: "_Reporter"
+    conn,
+    store,
+    app_id,
+    populated: int,
+    report: RefreshReport,
+    settings,
+    replication: ReplicationGate,
+    log: Log,
+    reporter: "_Reporter",
 ) -> bool:
     """False if the listing failed: the app is then HEADed instead, from the start (a rewrite is
     idempotent)."""
@@ -166,7 +182,9 @@ def _refresh_listed_app(
         for page in listing.prefetched(listed_pages(store, app_id)):
             malformed += len(page.malformed)
             if page.attrs.locations:
-                outcome = _write(conn, app_id, settings, lambda: writes.refresh_listed_attrs(conn, page.attrs))
+                outcome = _write(
+                    conn, app_id, settings, replication, lambda: writes.refresh_listed_attrs(conn, page.attrs)
+                )
                 compared += outcome.compared
                 report.counts += RefreshCounts(
                     checked=outcome.compared,

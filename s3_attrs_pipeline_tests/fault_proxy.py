@@ -10,6 +10,9 @@ read an error code and uses the status code as the code: "503", "500", "403". It
 an `x-amz-error-code` header; the proxy sends one anyway for people reading captures. For requests
 with a body (GET, PUT, ...) the code comes from the XML body: "SlowDown", "InternalError",
 "AccessDenied".
+
+`s3_error` answers any status and code a rule names, e.g. S3's 400 ExpiredToken; `after_requests`
+lets a rule's first matching requests through, so credentials can "expire" mid-run.
 """
 
 import dataclasses
@@ -29,7 +32,9 @@ import urllib.parse
 
 logger = logging.getLogger(__name__)
 
-FAULT_KINDS = ("latency", "slowdown", "internal_error", "access_denied", "reset", "stall", "malformed_headers")
+FAULT_KINDS = (
+    "latency", "slowdown", "internal_error", "access_denied", "s3_error", "reset", "stall", "malformed_headers",
+)
 
 # (status, S3 error code, message) as S3 documents them.
 _ERROR_RESPONSES = {
@@ -63,6 +68,11 @@ class FaultRule:
     latency_s: float = 0.0  # for "latency": extra delay before forwarding normally
     stall_s: float = 30.0  # for "stall": how long to hold the request before closing without an answer
     duration_s: float | None = None  # active only this long after add_rule; None = forever
+    after_requests: int = 0  # the first this many requests the rule matches pass it by untouched
+    # for "s3_error": the answer's status, and the error code and message of its XML body (none on HEAD)
+    status: int = 400
+    code: str = "InvalidRequest"
+    message: str = ""
 
 
 @dataclasses.dataclass
@@ -70,6 +80,7 @@ class _ActiveRule:
     rule: FaultRule
     key_regex: re.Pattern | None
     expires_at: float | None  # time.monotonic()
+    matched: int = 0  # requests matched so far, to let the first `after_requests` by
 
     def matches(self, method: str, decoded_path: str, now: float) -> bool:
         if self.expires_at is not None and now >= self.expires_at:
@@ -201,6 +212,9 @@ class FaultProxy:
             for active in self._rules:
                 if not active.matches(method, decoded_path, now):
                     continue
+                active.matched += 1
+                if active.matched <= active.rule.after_requests:
+                    continue
                 if self._random.random() >= active.rule.rate:
                     continue
                 if active.rule.kind == "latency":
@@ -229,6 +243,9 @@ class FaultProxy:
 
 class _ProxyServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's 5 drops connection attempts when a store opens its max_in_flight at once; the
+    # kernel retries a dropped one a second later, which reorders requests the tests count.
+    request_queue_size = 128
     fault_proxy: FaultProxy
 
     def handle_error(self, request, client_address) -> None:
@@ -274,6 +291,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         kind = decision.fault.kind if decision.fault is not None else None
         if kind in _ERROR_RESPONSES:
             self._send_s3_error(*_ERROR_RESPONSES[kind])
+        elif kind == "s3_error":
+            self._send_s3_error(decision.fault.status, decision.fault.code, decision.fault.message)
         elif kind == "reset":
             self._reset_connection()
         elif kind == "stall":

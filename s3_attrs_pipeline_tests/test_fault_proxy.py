@@ -132,6 +132,27 @@ def test_error_faults_as_botocore_reports_them(proxy, s3_client, ready_bucket, k
     assert proxy.stats()["forwarded"] == 0
 
 
+def test_an_s3_error_rule_answers_its_status_and_code_after_the_requests_it_lets_by(proxy, s3_client, ready_bucket):
+    s3_client.put_object(Bucket=ready_bucket, Key="object", Body=b"payload")
+    client = proxied_client(proxy)
+    proxy.add_rule(FaultRule(
+        "s3_error", status=400, code="ExpiredToken", message="The provided token has expired.", after_requests=2
+    ))
+    client.head_object(Bucket=ready_bucket, Key="object")
+    client.get_object(Bucket=ready_bucket, Key="object")
+
+    with pytest.raises(botocore.exceptions.ClientError) as head_error:
+        client.head_object(Bucket=ready_bucket, Key="object")
+    assert head_error.value.response["Error"]["Code"] == "400"  # a HEAD answer has no body to name it
+    with pytest.raises(botocore.exceptions.ClientError) as get_error:
+        client.get_object(Bucket=ready_bucket, Key="object")
+    assert get_error.value.response["Error"] == {"Code": "ExpiredToken", "Message": "The provided token has expired."}
+    assert get_error.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    stats = proxy.stats()
+    # botocore follows a HEAD object's 400 with a HEAD bucket, looking for a region to redirect to.
+    assert stats["forwarded"] == 2 and stats["s3_error"] == stats["requests"] - 2 >= 2
+
+
 def test_error_responses_are_framed_so_the_connection_stays_usable(proxy, ready_bucket):
     proxy.add_rule(FaultRule("slowdown"))
     connection = http.client.HTTPConnection(*proxy_address(proxy), timeout=5)

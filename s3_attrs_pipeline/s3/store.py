@@ -27,12 +27,50 @@ from s3_attrs_pipeline.s3.rate_limit import AdaptiveRateLimiter, backoff_delay
 
 logger = logging.getLogger(__name__)
 
-# Errors that would answer every request the same way: asking further is futile.
-_ACCESS_ERROR_CODES = {
-    "403", "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-    "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "NoSuchBucket", "301", "PermanentRedirect",
-    "AuthorizationHeaderMalformed",
+_EXPIRED_CREDENTIALS = (
+    "the session credentials expired: refresh them (e.g. `aws sso login`, or assume the role again) "
+    "and rerun the failed partitions"
+)
+_WRONG_KEY = (
+    "the access key id or its secret is wrong: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+    "(or the profile) and rerun the failed partitions"
+)
+_WRONG_REGION = "the request went to another region than the bucket's: set AWS_REGION to the bucket's region"
+_NOT_ALLOWED = (
+    "the IAM policy must allow s3:GetObject on the bucket's objects and s3:ListBucket on the bucket "
+    "(README, Least privilege)"
+)
+# What to do about an answer that every further request would get too, so that asking further is
+# futile, by S3's error code; a HEAD answer has no body to name one, and its code is the bare status.
+REFUSAL_ADVICE = {
+    "ExpiredToken": _EXPIRED_CREDENTIALS,
+    "TokenRefreshRequired": _EXPIRED_CREDENTIALS,
+    "InvalidToken": _EXPIRED_CREDENTIALS,
+    "400": (
+        "S3 names no reason (an answer to a HEAD has no body), and the usual cause is that " + _EXPIRED_CREDENTIALS
+        + "; if they are fresh, check that AWS_REGION is the bucket's region"
+    ),
+    "InvalidAccessKeyId": _WRONG_KEY,
+    "SignatureDoesNotMatch": _WRONG_KEY,
+    "RequestTimeTooSkewed": (
+        "this machine's clock differs from S3's by more than 15 minutes: fix the clock (NTP) and rerun the failed "
+        "partitions"
+    ),
+    "AuthorizationHeaderMalformed": _WRONG_REGION,
+    "PermanentRedirect": _WRONG_REGION,
+    "IllegalLocationConstraint": _WRONG_REGION,
+    "301": _WRONG_REGION,
+    "AccessDenied": _NOT_ALLOWED,
+    "403": (
+        "S3 names no reason (an answer to a HEAD has no body): " + _NOT_ALLOWED + "; or else the access key id or "
+        "its secret is wrong, or this machine's clock is more than 15 minutes off"
+    ),
+    "AllAccessDisabled": "all access to this bucket has been disabled: ask its owner (or AWS support)",
+    "NoSuchBucket": "the bucket does not exist: check INSTANT_S3_BUCKET (and AWS_ENDPOINT_URL)",
 }
+# A single HEAD may be refused on its own (an object encrypted with a customer-provided key answers
+# 400 to a HEAD without that key); this many in a row are S3 refusing every request.
+HEAD_REFUSALS_IN_A_ROW = 3
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 # A HEAD error has no body, so its code is the bare status.
 _THROTTLING_CODES = {"503", "SlowDown", "429", "Throttling", "ThrottlingException", "RequestLimitExceeded"}
@@ -58,6 +96,32 @@ def validate_bucket_name(bucket: str | None) -> str:
 
 class S3AccessError(RuntimeError):
     """The bucket cannot be read at all (access denied, no such bucket, no credentials)."""
+
+
+class S3Refused(S3AccessError):
+    """S3 refused a request as it would refuse every other: expired or wrong credentials, a skewed
+    clock, a wrong region, a policy that does not allow it. `code` is S3's error code, or the bare
+    status of an answer without a body (HEAD)."""
+
+    def __init__(self, what: str, code: str):
+        self.code = code
+        self.advice = REFUSAL_ADVICE.get(code) or "S3's message says why"
+        super().__init__(f"{what}: {self.advice}")
+
+
+def _refused(error: Exception) -> bool:
+    """Whether S3's answer is a refusal that every further request would get: a code of
+    REFUSAL_ADVICE, or any 400 (S3 answers a request signed with expired credentials so)."""
+    if not isinstance(error, botocore.exceptions.ClientError):
+        return False
+    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return _error_code(error) in REFUSAL_ADVICE or status == 400
+
+
+def _said(error: botocore.exceptions.ClientError) -> str:
+    """S3's message, where its answer had a body to hold one, to follow what it was asked."""
+    code, message = _error_code(error), error.response.get("Error", {}).get("Message")
+    return f" ({message!r})" if message and not code.isdigit() else ""
 
 
 class ListingFailed(RuntimeError):
@@ -192,6 +256,8 @@ class ObjectStore:
         self._signed_head: SignedHead | None = None
         self._signed_listing: SignedListing | None = None
         self._access_error: S3AccessError | None = None  # once S3 refuses us, queued HEADs are not sent
+        self._head_refusals_in_a_row = 0
+        self._head_refusals_lock = threading.Lock()
         self._bucket_checked = False
 
     def close(self) -> None:
@@ -250,11 +316,8 @@ class ObjectStore:
         code = _error_code(error) if isinstance(error, botocore.exceptions.ClientError) else type(error).__name__
         if code in _MISSING_CODES or code == "NoSuchBucket":
             raise S3AccessError(f"S3 bucket {bucket!r} does not exist (HEAD bucket answered {code})")
-        if code in _ACCESS_ERROR_CODES:
-            raise S3AccessError(
-                f"S3 bucket {bucket!r} cannot be read: HEAD bucket answered {code} "
-                "(check the credentials and that the policy allows s3:ListBucket and s3:GetObject)"
-            )
+        if _refused(error):
+            raise S3Refused(f"S3 bucket {bucket!r} cannot be read: HEAD bucket answered {code}{_said(error)}", code)
         raise S3AccessError(f"S3 bucket {bucket!r} did not answer HEAD bucket after {retries} retries: {code}")
 
     def _set_up_requests(self) -> None:
@@ -306,11 +369,8 @@ class ObjectStore:
             raise ListingFailed(f"listing {where} sent an unparseable page: {unparseable}") from None
         if error is None:
             return page
-        if isinstance(error, botocore.exceptions.ClientError) and _error_code(error) in _ACCESS_ERROR_CODES:
-            raise S3AccessError(
-                f"S3 answered {_error_code(error)} to listing {where}: the pipeline cannot list this bucket "
-                "(check that the policy allows s3:ListBucket)"
-            )
+        if _refused(error):
+            raise S3Refused(f"S3 answered {_error_code(error)} to listing {where}{_said(error)}", _error_code(error))
         raise ListingFailed(f"listing {where} failed after {retries} retries: {_failure(error)}")
 
     def head(self, key: str) -> HeadOutcome:
@@ -321,22 +381,34 @@ class ObjectStore:
         except ValueError as error:
             # boto3's head_object (the fallback) could not parse a header (a Last-Modified that is no date).
             return HeadOutcome(key, failure=f"unparseable response: {error}", malformed=True)
+        code = _error_code(error) if isinstance(error, botocore.exceptions.ClientError) else None
+        if code == "400":
+            return self._refused_head(key, retries)
+        if error is None or code is not None:  # S3 answered, and not with a 400
+            with self._head_refusals_lock:
+                self._head_refusals_in_a_row = 0
         if error is None:
             try:
                 metadata = object_metadata_from_headers(response["ResponseMetadata"].get("HTTPHeaders", {}))
             except MalformedObjectMetadata as malformed:
                 return HeadOutcome(key, failure=str(malformed), malformed=True, retries=retries)
             return HeadOutcome(key, metadata=metadata, retries=retries)
-        code = _error_code(error) if isinstance(error, botocore.exceptions.ClientError) else None
         if code in _MISSING_CODES:
             return HeadOutcome(key, missing=True, retries=retries)
-        if code in _ACCESS_ERROR_CODES:
-            raise S3AccessError(
-                f"S3 answered {code} for s3://{self.settings.bucket}/{key}: the pipeline cannot read this "
-                "bucket (check the credentials and that the policy allows s3:GetObject and s3:ListBucket)"
-            )
+        if _refused(error):
+            raise S3Refused(f"S3 answered {code} for s3://{self.settings.bucket}/{key}", code)
         suffix = f" after {retries} retries" if retries else ""
         return HeadOutcome(key, failure=_failure(error) + suffix, retries=retries)
+
+    def _refused_head(self, key: str, retries: int) -> HeadOutcome:
+        """A HEAD answered 400: that file's failure, or, the HEAD_REFUSALS_IN_A_ROW-th in a row, S3Refused."""
+        with self._head_refusals_lock:
+            self._head_refusals_in_a_row += 1
+            in_a_row = self._head_refusals_in_a_row
+        where = f"s3://{self.settings.bucket}/{key}"
+        if in_a_row >= HEAD_REFUSALS_IN_A_ROW:
+            raise S3Refused(f"S3 refused {in_a_row} HEAD requests in a row with 400, the last for {where}", "400")
+        return HeadOutcome(key, failure="S3 refused the HEAD with 400 (no error code)", retries=retries)
 
     def submit_head(self, key: str) -> Future:
         """HEAD `key` on the store's threads; the future's result is its HeadOutcome."""

@@ -1,0 +1,233 @@
+"""S3 refusing every request mid-run (issue 14): credentials that expire, a wrong key, clock or
+region, through moto's S3 server and the fault proxy; and credentials that botocore refreshes
+mid-run, against a moto server that checks every signature."""
+
+import datetime
+import json
+import re
+import time
+
+import boto3
+import dagster as dg
+import pytest
+
+from s3_attrs_pipeline import backfill
+from s3_attrs_pipeline.local import s3_server, seed
+from s3_attrs_pipeline.s3 import store as object_store
+from s3_attrs_pipeline.s3.store import HEAD_REFUSALS_IN_A_ROW, ObjectStore, S3AccessError, S3Refused, S3Settings
+from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
+from s3_attrs_pipeline_tests.helpers import head_values, new_attr_triples
+
+LOG = dg.get_dagster_logger()
+EXPIRED = {"status": 400, "code": "ExpiredToken", "message": "The provided token has expired."}
+# One app of 400 files: one partition, HEADed (below list_threshold) or listed in one page.
+ONE_APP = seed.DatasetSpec(apps=1, files=400, missing_ratio=0.05, multipart_ratio=0.05, prepopulated_ratio=0.05)
+
+
+@pytest.fixture
+def one_app(conn, s3_client, bucket) -> tuple[str, list[seed.SeededFile]]:
+    files = seed.plan_dataset(ONE_APP)
+    seed.upload_objects(s3_client, bucket, files)
+    seed.insert_files(conn, s3_client, bucket, files)
+    return files[0].app_id.hex[:2], files
+
+
+def _assert_written_right(conn, s3_client, bucket, files) -> int:
+    """Every file with triples has both, with its object's ETag and Last-Modified; returns how many
+    the run wrote."""
+    written = new_attr_triples(conn)
+    by_id = {(f.app_id, f.entity_id): f for f in files}
+    for file_id, attrs in written.items():
+        assert len(attrs) == 2, f"file {file_id} has {len(attrs)} of its 2 triples"
+        values = sorted((values[0] for values in attrs.values()), key=str)
+        etag, last_modified = head_values(s3_client, bucket, by_id[file_id].key)
+        assert values == sorted([etag, last_modified], key=str)
+    return len(written) - sum(f.prepopulated for f in files)
+
+
+def test_credentials_expiring_mid_run_stop_the_partition_within_a_batch(conn, s3_endpoint, s3_client, bucket, one_app):
+    key, files = one_app
+    settings = backfill.BackfillSettings()
+    good_requests = 1 + 120  # HEAD bucket, then 120 HEADs: two batches' worth and some
+    with FaultProxy(s3_endpoint) as proxy:
+        proxy.add_rule(FaultRule("s3_error", after_requests=good_requests, **EXPIRED))
+        with ObjectStore(S3Settings(bucket, endpoint_url=proxy.url)) as store:
+            with pytest.raises(S3Refused) as refused:
+                backfill.backfill_partition(conn, store, key, settings, LOG)
+            window = 2 * max(settings.batch_size, store.settings.max_in_flight)
+        refusals = proxy.stats()["s3_error"]
+    message = str(refused.value)
+    assert re.match(r"S3 refused \d+ HEAD requests in a row with 400, the last for s3://", message)
+    assert "the session credentials expired: refresh them" in message and "rerun the failed partitions" in message
+    # The requests already in flight when the credentials expired, and hardly more: none of the
+    # HEADs queued behind them was sent.
+    assert HEAD_REFUSALS_IN_A_ROW <= refusals <= store.settings.max_in_flight + HEAD_REFUSALS_IN_A_ROW < window
+    written = _assert_written_right(conn, s3_client, bucket, files)
+    assert settings.batch_size <= written < sum(f.in_s3 and not f.prepopulated for f in files)
+
+
+def test_a_few_refused_heads_are_failed_files_not_a_stop(conn, s3_endpoint, s3_client, bucket, one_app):
+    """An object encrypted with a customer-provided key answers 400 to a plain HEAD; others answer."""
+    key, files = one_app
+    # Far apart in the order they are HEADed (by location-id): never in a row.
+    refused = sorted((f for f in files if f.in_s3 and not f.prepopulated), key=lambda f: f.location_id)[10::100]
+    assert len(refused) >= HEAD_REFUSALS_IN_A_ROW
+    with FaultProxy(s3_endpoint) as proxy:
+        for file in refused:
+            proxy.add_rule(FaultRule("s3_error", method="HEAD", key_pattern=re.escape(file.key), status=400))
+        with ObjectStore(S3Settings(bucket, endpoint_url=proxy.url)) as store:
+            with pytest.raises(backfill.PartitionFailed) as failed:
+                backfill.backfill_partition(conn, store, key, backfill.BackfillSettings(), LOG)
+    assert failed.value.report.counts.failed == len(refused)
+    assert {p.entity_id for p in failed.value.report.problems if p.reason.startswith("failed")} == {
+        str(f.entity_id) for f in refused
+    }
+    written = _assert_written_right(conn, s3_client, bucket, files)
+    assert written == sum(f.in_s3 and not f.prepopulated for f in files) - len(refused)
+
+
+def test_an_expired_token_on_a_listing_is_named_and_stops_the_partition(conn, s3_endpoint, bucket, one_app):
+    key, _ = one_app
+    before = new_attr_triples(conn)
+    with FaultProxy(s3_endpoint) as proxy:
+        proxy.add_rule(FaultRule("s3_error", method="GET", **EXPIRED))
+        with ObjectStore(S3Settings(bucket, endpoint_url=proxy.url)) as store:
+            with pytest.raises(S3Refused) as refused:
+                backfill.backfill_partition(conn, store, key, backfill.BackfillSettings(list_threshold=100), LOG)
+            assert store.requests_sent == 2  # HEAD bucket, one listing: a refusal is not retried
+    assert refused.value.code == "ExpiredToken"
+    assert f"S3 answered ExpiredToken to listing s3://{bucket}/" in str(refused.value)
+    assert "('The provided token has expired.'): " in str(refused.value)
+    assert "the session credentials expired: refresh them" in str(refused.value)
+    assert new_attr_triples(conn) == before
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "advice"),
+    [
+        (400, "ExpiredToken", "the session credentials expired"),
+        (400, "TokenRefreshRequired", "the session credentials expired"),
+        (400, "InvalidToken", "the session credentials expired"),
+        (403, "InvalidAccessKeyId", "the access key id or its secret is wrong"),
+        (403, "SignatureDoesNotMatch", "the access key id or its secret is wrong"),
+        (403, "RequestTimeTooSkewed", "fix the clock (NTP)"),
+        (400, "AuthorizationHeaderMalformed", "set AWS_REGION to the bucket's region"),
+        (301, "PermanentRedirect", "set AWS_REGION to the bucket's region"),
+        (403, "AccessDenied", "must allow s3:GetObject on the bucket's objects and s3:ListBucket"),
+        (400, "InvalidArgument", "S3's message says why"),  # any 400 is a refusal
+    ],
+)
+def test_a_refused_listing_names_the_code_and_says_what_to_do(s3_endpoint, s3_client, bucket, status, code, advice):
+    s3_client.create_bucket(Bucket=bucket)
+    with FaultProxy(s3_endpoint) as proxy:
+        proxy.add_rule(FaultRule("s3_error", method="GET", status=status, code=code, message="S3 says no."))
+        with ObjectStore(S3Settings(bucket, endpoint_url=proxy.url)) as store:
+            store.check_bucket()
+            with pytest.raises(S3Refused) as refused:
+                store.list_page("app/", 1000)
+            assert store.requests_sent == 2
+    assert refused.value.code == code
+    assert str(refused.value).startswith(f"S3 answered {code} to listing s3://{bucket}/app/ ('S3 says no.'): ")
+    assert advice in refused.value.advice
+
+
+def test_a_head_bucket_refused_with_400_says_the_credentials_probably_expired(s3_endpoint, s3_client, bucket):
+    s3_client.create_bucket(Bucket=bucket)
+    with FaultProxy(s3_endpoint) as proxy:
+        proxy.add_rule(FaultRule("s3_error", method="HEAD", **EXPIRED))
+        with ObjectStore(S3Settings(bucket, endpoint_url=proxy.url)) as store:
+            with pytest.raises(S3AccessError) as refused:
+                store.check_bucket()
+    assert str(refused.value).startswith(f"S3 bucket {bucket!r} cannot be read: HEAD bucket answered 400: ")
+    assert "an answer to a HEAD has no body" in str(refused.value)
+    assert "the session credentials expired: refresh them" in str(refused.value)
+
+
+# --- credentials that botocore refreshes mid-run ----------------------------------------------
+
+
+@pytest.fixture
+def checking_moto(monkeypatch):
+    """A moto server that checks every signature and key, and an IAM client that may rotate keys
+    (its user made while the first requests are still unauthenticated)."""
+    with monkeypatch.context() as patch:
+        patch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "3")
+        process, endpoint = s3_server.start_s3_server()
+    try:
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
+        iam.create_user(UserName="rotator")
+        iam.put_user_policy(UserName="rotator", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        rotator = iam.create_access_key(UserName="rotator")["AccessKey"]
+        admin = {"endpoint_url": endpoint, "region_name": "us-east-1", "aws_access_key_id": rotator["AccessKeyId"],
+                 "aws_secret_access_key": rotator["SecretAccessKey"]}
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="pipeline")
+        iam.put_user_policy(UserName="pipeline", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        yield endpoint, iam, boto3.client("s3", **admin)
+    finally:
+        s3_server.stop_s3_server(process)
+
+
+@pytest.fixture
+def fresh_aws_session():
+    """The store's boto3 session caches the credentials it resolved: start and end with a new one."""
+    object_store._shared_session.cache_clear()
+    object_store._shared_botocore_session.cache_clear()
+    yield
+    object_store._shared_session.cache_clear()
+    object_store._shared_botocore_session.cache_clear()
+
+
+# botocore refreshes temporary credentials 15 minutes before they expire: these are due this soon.
+_DUE_IN_S = 0.2
+# A key is deleted two rotations after it was issued, as AWS keeps refreshed-away session
+# credentials valid until they expire: the store may sign with the previous key for _DUE_IN_S and
+# the 1 s its signed HEAD reuses frozen credentials, well within a rotation.
+_ROTATION_S = 2.0
+
+
+def test_credentials_refreshed_mid_run_keep_the_requests_going(checking_moto, tmp_path, monkeypatch, fresh_aws_session):
+    endpoint, iam, s3 = checking_moto
+    s3.create_bucket(Bucket="rotating")
+    keys = [f"app/{n}/object-{n}" for n in range(20)]
+    for key in keys:
+        s3.put_object(Bucket="rotating", Key=key, Body=key.encode())
+    # The standard chain's credential_process: botocore wraps it in RefreshableCredentials.
+    credentials_file = tmp_path / "credentials.json"
+    config_file = tmp_path / "config"
+    config_file.write_text(f"[profile rotating]\ncredential_process = cat {credentials_file}\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config_file))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_PROFILE", "rotating")
+
+    issued: list[str] = []
+
+    def rotate() -> None:
+        if len(issued) >= 2:
+            iam.delete_access_key(UserName="pipeline", AccessKeyId=issued[-2])
+        new = iam.create_access_key(UserName="pipeline")["AccessKey"]
+        issued.append(new["AccessKeyId"])
+        due = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=15, seconds=_DUE_IN_S)
+        credentials_file.write_text(json.dumps({
+            "Version": 1, "AccessKeyId": new["AccessKeyId"], "SecretAccessKey": new["SecretAccessKey"],
+            "Expiration": due.isoformat(),
+        }))
+
+    rotate()
+    with ObjectStore(S3Settings("rotating", endpoint_url=endpoint, max_in_flight=4)) as store:
+        store.check_bucket()
+        requests = 0
+        for _ in range(3):
+            rotate()  # deletes the key issued two rotations ago
+            until = time.monotonic() + _ROTATION_S
+            while time.monotonic() < until:
+                outcomes = store.head_many(keys)
+                assert [outcome.failure for outcome in outcomes] == [None] * len(keys)
+                assert [entry.key for entry in store.list_page("app/", 1000).objects] == sorted(keys)
+                requests += len(keys) + 1
+    # The last rotation's requests were signed with neither of the first two keys: both were deleted.
+    assert len(issued) == 4 and requests > 100
