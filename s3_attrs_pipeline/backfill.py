@@ -343,11 +343,11 @@ def _backfill_locked_partition(
     already_populated = sum(app.populated for app in apps)
     report.counts += FileCounts(already_populated=already_populated)
     listed = apps_to_list(apps, settings.list_threshold)
-    log.info(
-        f"Starting S3 attrs backfill of partition {partition_key} (apps {app_ids.first}..{app_ids.last}): "
+    # One line per partition, at its end: in a run of hundreds of partitions each log line is an
+    # event the run's storage writes.
+    plan = (
         f"{sum(app.pending for app in apps)} files to do in {sum(1 for app in apps if app.pending)} apps, "
-        f"{already_populated} already populated; "
-        f"{len(listed)} apps listed (ListObjectsV2), the others HEADed per file"
+        f"{len(listed)} of them listed (ListObjectsV2), the others HEADed per file"
     )
     replication = ReplicationGate(conn, settings.replication, log)
     writer = _BatchWriter(conn, report, ProblemLog(log, report.problems), settings, replication, on_files)
@@ -374,7 +374,7 @@ def _backfill_locked_partition(
             )
     counts = report.counts
     log.info(
-        f"S3 attrs backfill of partition {partition_key} {status}: processed={counts.processed} "
+        f"S3 attrs backfill of partition {partition_key} {status} ({plan}): processed={counts.processed} "
         f"successful={counts.successful} missing={counts.missing} failed={counts.failed} "
         f"invalid_location_id={counts.invalid_location_id} "
         f"malformed_object_metadata={counts.malformed_object_metadata} "

@@ -99,8 +99,12 @@ def _materialize(args: argparse.Namespace, asset_name: str, counts_type, summary
         live_updates=args.live_updates,
         partitions_at_once=args.parallel,
         every_partition=args.all,
+        max_failed_share=args.max_failed_share,
+        failure_threshold_files=args.failure_threshold_files,
     )
-    display = ProgressDisplay(sys.stdout, counts_type, summary, live=sys.stdout.isatty(), quiet=args.quiet)
+    display = ProgressDisplay(
+        sys.stdout, counts_type, summary, live=sys.stdout.isatty(), quiet=args.quiet, verbose=args.verbose
+    )
     run_errors = []
     instance = runs.dagster_instance()
     for partition_range in runs.contiguous_ranges(keys):
@@ -115,7 +119,12 @@ def _materialize(args: argparse.Namespace, asset_name: str, counts_type, summary
         )
         if not run.success and not display.failed:
             run_errors.append(f"run {run.run_id}: {run.error}")
-    print(display.finish(run_errors))
+        stopped = display.stopped_by()
+        if stopped is not None:
+            # Credentials, the bucket, the catalog or the failure threshold: the next run would meet it too.
+            run_errors.append(f"stopped launching runs: {stopped}")
+            break
+    print(display.finish(run_errors, config.range_settings()))
     return EXIT_FAILED if display.failed or run_errors else 0
 
 
@@ -126,8 +135,14 @@ def _check_run_settings(args: argparse.Namespace) -> None:
         live_updates_level(args.live_updates)
     except ValueError as error:
         raise SetupError(str(error)) from None
-    if args.parallel < 1:
-        raise SetupError(f"--parallel must be at least 1, not {args.parallel}")
+    try:
+        RangeSettings(
+            partitions_at_once=args.parallel,
+            max_failed_share=args.max_failed_share,
+            failure_threshold_files=args.failure_threshold_files,
+        )
+    except ValueError as error:
+        raise SetupError(str(error)) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -225,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--parallel", type=int, default=RangeSettings.partitions_at_once,
             help=f"{setting_help(RangeSettings, 'partitions_at_once')} (default {RangeSettings.partitions_at_once})",
+        )
+        command.add_argument(
+            "--max-failed-share", type=float, default=RangeSettings.max_failed_share,
+            help=f"{setting_help(RangeSettings, 'max_failed_share')} (default {RangeSettings.max_failed_share})",
+        )
+        command.add_argument(
+            "--failure-threshold-files", type=int, default=RangeSettings.failure_threshold_files,
+            help=f"{setting_help(RangeSettings, 'failure_threshold_files')} "
+            f"(default {RangeSettings.failure_threshold_files})",
         )
         output = command.add_mutually_exclusive_group()
         output.add_argument("--quiet", action="store_true", help="no progress display: failures and the summary")

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import ContextManager, Protocol
 
@@ -23,6 +24,8 @@ from s3_attrs_pipeline.instant.catalog import CatalogMismatch
 from s3_attrs_pipeline.refresh import RefreshFailed, RefreshReport, refresh_partition
 from s3_attrs_pipeline.s3.store import ObjectStore, S3AccessError
 
+RUN_PROGRESS_LOG_INTERVAL_S = 30.0
+
 
 @dataclasses.dataclass(frozen=True)
 class RangeSettings:
@@ -30,7 +33,7 @@ class RangeSettings:
     defaults and descriptions from here."""
 
     partitions_at_once: int = dataclasses.field(
-        default=4,
+        default=8,
         metadata={
             "help": "Partitions worked at once in a run, each on a database connection of its own. They share "
             "the S3 requests in flight (max_in_flight): more mostly overlaps database round trips."
@@ -40,10 +43,57 @@ class RangeSettings:
         default=False,
         metadata={"help": "Work every partition of the range, also those the plan finds nothing to do in."},
     )
+    max_failed_share: float = dataclasses.field(
+        default=0.5,
+        metadata={
+            "help": "The failure threshold: the run stops when more than this share of the files it tried so far "
+            "failed in S3 (after their retries), once it tried failure_threshold_files; 1 never stops."
+        },
+    )
+    failure_threshold_files: int = dataclasses.field(
+        default=1000, metadata={"help": "Files a run tries before its failure threshold is judged."}
+    )
 
     def __post_init__(self):
         if self.partitions_at_once < 1:
             raise ValueError(f"partitions_at_once must be at least 1, not {self.partitions_at_once}")
+        if not 0 < self.max_failed_share <= 1:
+            raise ValueError(f"max_failed_share must be more than 0 and at most 1, not {self.max_failed_share}")
+        if self.failure_threshold_files < 1:
+            raise ValueError(f"failure_threshold_files must be at least 1, not {self.failure_threshold_files}")
+
+    def threshold_text(self) -> str:
+        return (
+            f"stop when more than {self.max_failed_share:.0%} of the files tried failed in S3, "
+            f"from {self.failure_threshold_files:,} files tried"
+        )
+
+
+class TooManyFailures(RuntimeError):
+    """More than the failure threshold's share of the files tried failed in S3: the run stops."""
+
+
+class _FailureThreshold:
+    """Counts the files every partition of the run tried, from any worker thread."""
+
+    def __init__(self, settings: RangeSettings):
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._tried = self._failed = 0
+
+    def add(self, tried: int, failed: int) -> None:
+        """Raises TooManyFailures, in the worker that crossed the threshold and in every one after."""
+        with self._lock:
+            self._tried += tried
+            self._failed += failed
+            tried, failed = self._tried, self._failed
+        settings = self._settings
+        if tried >= settings.failure_threshold_files and failed > settings.max_failed_share * tried:
+            raise TooManyFailures(
+                f"{failed} of the {tried} files tried failed in S3, more than {settings.max_failed_share:.0%} of the "
+                f"files tried: the run stopped at its failure threshold ({settings.threshold_text()}); see the "
+                "failed files in the run's log"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,13 +183,16 @@ def every_partition(plan: Plan) -> Plan:
 
 
 class _QueuedLog:
-    """A worker's log: the lines travel to the iterating thread, which alone writes the run's log."""
+    """A worker's log: its warnings and errors travel to the iterating thread, which alone writes the
+    run's log. Info lines (a partition's end, its progress) do not: each line is an event the run's
+    storage writes, ~5-10 ms of that one thread, and the partition's materialization carries the same
+    numbers; the run logs its own progress instead (RUN_PROGRESS_LOG_INTERVAL_S)."""
 
     def __init__(self, events: queue.Queue):
         self._events = events
 
     def info(self, msg: str) -> None:
-        self._events.put(("log", "info", msg))
+        pass
 
     def warning(self, msg: str) -> None:
         self._events.put(("log", "warning", msg))
@@ -148,45 +201,72 @@ class _QueuedLog:
         self._events.put(("log", "error", msg))
 
 
-def work_partitions(
-    keys: list[str],
-    *,
-    job: Job,
-    connect: Callable[[], ContextManager[psycopg.Connection]],
-    store: ObjectStore,
-    settings: BackfillSettings,
-    log: Log,
-    listener: Listener,
-    partitions_at_once: int = RangeSettings.partitions_at_once,
-) -> Iterator[PartitionOutcome]:
-    """Work `keys` (the plan's partitions with work), `partitions_at_once` at a time; yield each outcome
-    as it ends. An S3 refusal or a wrong catalog stops the run: the partitions not yet started are
-    yielded failed with that reason, without being tried."""
-    todo: queue.SimpleQueue[str] = queue.SimpleQueue()
-    for key in keys:
-        todo.put(key)
-    events: queue.Queue = queue.Queue()
-    stop = threading.Event()
-    worker_log = _QueuedLog(events)
+class PartitionWork:
+    """Works `keys` (the plan's partitions with work), `partitions_at_once` at a time, from the moment
+    it is made, so the caller can do other things meanwhile (record the partitions without work);
+    `outcomes()` yields each partition's outcome as it ends. An S3 refusal or a wrong catalog stops
+    the run: the partitions not yet started are yielded failed with that reason, without being tried.
+    Leaving the `with` block stops the workers after their current partition."""
 
-    def on_files(files: int, failed: int) -> None:
-        events.put(("files", files, failed))
+    def __init__(
+        self,
+        keys: list[str],
+        *,
+        job: Job,
+        connect: Callable[[], ContextManager[psycopg.Connection]],
+        store: ObjectStore,
+        settings: BackfillSettings,
+        log: Log,
+        listener: Listener,
+        range_settings: RangeSettings = RangeSettings(),
+    ):
+        self._keys = keys
+        self._log = log
+        self._listener = listener
+        self._todo: queue.SimpleQueue[str] = queue.SimpleQueue()
+        for key in keys:
+            self._todo.put(key)
+        self._events: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._work = (job, connect, store, settings)
+        self._threshold = _FailureThreshold(range_settings)
+        self._threads = [
+            threading.Thread(target=self._worker, name=f"partition-worker-{n}", daemon=True)
+            for n in range(min(range_settings.partitions_at_once, len(keys)))
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    def worker() -> None:
+    def __enter__(self) -> "PartitionWork":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def _worker(self) -> None:
+        job, connect, store, settings = self._work
+        events, log = self._events, _QueuedLog(self._events)
+
+        def on_files(files: int, failed: int) -> None:
+            events.put(("files", files, failed))
+            self._threshold.add(files, failed)
+
         try:
             with contextlib.ExitStack() as connection:
                 conn = None
-                while not stop.is_set():
+                while not self._stop.is_set():
                     try:
-                        key = todo.get_nowait()
+                        key = self._todo.get_nowait()
                     except queue.Empty:
                         return
                     if conn is None or conn.closed or conn.broken:
                         connection.close()
                         conn = connection.enter_context(connect())
-                    outcome = _work_one(job, conn, store, key, settings, worker_log, on_files)
+                    outcome = _work_one(job, conn, store, key, settings, log, on_files)
                     if not outcome.retryable:
-                        stop.set()  # before any worker takes another partition
+                        self._stop.set()  # before any worker takes another partition
                     events.put(("outcome", outcome))
                     if conn.broken:
                         conn = None
@@ -195,46 +275,53 @@ def work_partitions(
         finally:
             events.put(("worker_done",))
 
-    threads = [
-        threading.Thread(target=worker, name=f"partition-worker-{n}", daemon=True)
-        for n in range(min(partitions_at_once, len(keys)))
-    ]
-    for thread in threads:
-        thread.start()
-    finished, stopped_by, ended, unexpected = set(), None, 0, None
-    try:
-        while ended < len(threads):
-            event = events.get()
+    def outcomes(self) -> Iterator[PartitionOutcome]:
+        """Each partition's outcome as it ends; meanwhile the workers' log lines and progress reach
+        `log` and the listener, in this thread."""
+        finished, stopped_by, ended, unexpected = set(), None, 0, None
+        files = failed_files = 0
+        started = logged = time.monotonic()
+        while ended < len(self._threads):
+            event = self._events.get()
+            if time.monotonic() - logged >= RUN_PROGRESS_LOG_INTERVAL_S:
+                logged = time.monotonic()
+                self._log.info(
+                    f"{len(finished)} of {len(self._keys)} partitions with work done, {files} files "
+                    f"({files / (logged - started):.0f} files/s), {failed_files} failed in S3"
+                )
             if event[0] == "log":
-                getattr(log, event[1])(event[2])
+                getattr(self._log, event[1])(event[2])
             elif event[0] == "files":
-                listener.files_done(event[1], event[2])
+                files, failed_files = files + event[1], failed_files + event[2]
+                self._listener.files_done(event[1], event[2])
             elif event[0] == "outcome":
                 outcome = event[1]
                 finished.add(outcome.partition_key)
                 if not outcome.retryable and stopped_by is None:
                     stopped_by = outcome.error
-                listener.partition_done(outcome)
+                self._listener.partition_done(outcome)
                 yield outcome
             elif event[0] == "worker_failed":
                 if not isinstance(event[1], psycopg.Error):
                     unexpected = unexpected or event[1]
                 if stopped_by is None:
                     stopped_by = f"a worker could not go on: {_first_line(event[1])}"
-                    stop.set()
+                    self._stop.set()
             else:
                 ended += 1
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
-    for key in keys:
-        if key not in finished:
-            outcome = PartitionOutcome(key, None, f"not done: the run stopped ({stopped_by})")
-            listener.partition_done(outcome)
-            yield outcome
-    if unexpected is not None:
-        raise unexpected
+        for key in self._keys:
+            if key not in finished:
+                outcome = PartitionOutcome(key, None, f"not done: the run stopped ({stopped_by})")
+                self._listener.partition_done(outcome)
+                yield outcome
+        if unexpected is not None:
+            raise unexpected
+
+
+def work_partitions(keys: list[str], **work) -> Iterator[PartitionOutcome]:
+    """PartitionWork's outcomes, for a caller with nothing to do meanwhile."""
+    with PartitionWork(keys, **work) as partitions:
+        yield from partitions.outcomes()
 
 
 def _work_one(job: Job, conn, store, key: str, settings, log: Log, on_files) -> PartitionOutcome:
@@ -242,7 +329,7 @@ def _work_one(job: Job, conn, store, key: str, settings, log: Log, on_files) -> 
         report = job.work(conn, store, key, settings, log, on_files=on_files)
     except job.partly_failed as failed:
         return PartitionOutcome(key, failed.report, str(failed))
-    except (S3AccessError, CatalogMismatch) as error:
+    except (S3AccessError, CatalogMismatch, TooManyFailures) as error:
         log.error(f"partition {key}: {error}")
         return PartitionOutcome(key, None, str(error), retryable=False)
     except psycopg.Error as error:

@@ -8,7 +8,7 @@ Per-file problems are not shown here: they are in the run's log (and on the cons
 import time
 from typing import TextIO
 
-from s3_attrs_pipeline.partition_range import PartitionOutcome, Plan
+from s3_attrs_pipeline.partition_range import PartitionOutcome, Plan, RangeSettings
 
 REDRAW_INTERVAL_S = 0.2  # on a terminal
 PLAIN_INTERVAL_S = 10.0  # elsewhere: a log file or CI keeps a line per interval, not a redraw per batch
@@ -16,10 +16,21 @@ PLAIN_INTERVAL_S = 10.0  # elsewhere: a log file or CI keeps a line per interval
 
 class ProgressDisplay:
     """A partition_range.Listener that draws to `out`. `live`: redraw a status line in place; else
-    print a plain line every PLAIN_INTERVAL_S; `quiet`: neither, only failures and the summary."""
+    print a plain line every PLAIN_INTERVAL_S; `quiet`: neither, only failures and the summary;
+    `verbose`: also a line per partition with its counts."""
 
-    def __init__(self, out: TextIO, counts_type: type, summary: tuple[str, ...], *, live: bool, quiet: bool = False):
+    def __init__(
+        self,
+        out: TextIO,
+        counts_type: type,
+        summary: tuple[str, ...],
+        *,
+        live: bool,
+        quiet: bool = False,
+        verbose: bool = False,
+    ):
         self._out = out
+        self._verbose = verbose
         self._counts_type = counts_type
         self._summary = summary
         self._live = live and not quiet
@@ -32,6 +43,7 @@ class ProgressDisplay:
         self.without_work: set[str] = set()
         self.failed: dict[str, PartitionOutcome] = {}
         self.totals = counts_type()
+        self.replication_wait_s = 0.0
         self.total_files = 0
         self.done_files = 0
         self.failed_files = 0
@@ -62,9 +74,15 @@ class ProgressDisplay:
         self.done.add(outcome.partition_key)
         if outcome.report is not None:
             self.totals += outcome.report.counts
+            self.replication_wait_s += outcome.report.replication_wait_s
         if not outcome.succeeded:
             self.failed[outcome.partition_key] = outcome
             self._say(f"partition {outcome.partition_key} FAILED: {outcome.error}")
+        elif self._verbose:
+            counts = outcome.report.counts
+            self._say(
+                f"partition {outcome.partition_key}: " + " ".join(f"{n}={getattr(counts, n)}" for n in self._summary)
+            )
         self._draw(force=True)
 
     # Drawing
@@ -97,7 +115,11 @@ class ProgressDisplay:
             self._line_shown = False
         print(line, file=self._out, flush=True)
 
-    def finish(self, run_errors: list[str]) -> str:
+    def stopped_by(self) -> str | None:
+        """Why a run stopped before its end (a failure no rerun of the same settings gets past), if it did."""
+        return next((o.error for o in self.failed.values() if not o.retryable), None)
+
+    def finish(self, run_errors: list[str], settings: RangeSettings) -> str:
         """Clear the status line; the summary table, with `run_errors` (failures of whole runs)."""
         if self._line_shown:
             self._out.write("\r\x1b[2K")
@@ -109,6 +131,8 @@ class ProgressDisplay:
             ("partitions", f"{len(self.done)} of {len(self.keys)} done: {worked} worked, "
              f"{len(self.without_work)} with nothing to do, {len(self.failed)} failed"),
             *((name, f"{getattr(self.totals, name):,}") for name in self._summary),
+            ("replication wait", f"{self.replication_wait_s:.1f}s"),
+            ("failure threshold", settings.threshold_text()),
             ("elapsed", f"{elapsed:.1f}s ({self.done_files / elapsed if elapsed else 0:,.0f} files/s)"),
         ]
         width = max(len(name) for name, _ in rows)

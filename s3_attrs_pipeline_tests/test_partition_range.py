@@ -7,6 +7,7 @@ import io
 import logging
 
 import psycopg
+import pytest
 
 from s3_attrs_pipeline import partition_range, runs
 from s3_attrs_pipeline.backfill import BackfillSettings
@@ -45,7 +46,8 @@ def _work(url, bucket, keys, listener, endpoint=None, at_once=3):
         return list(
             partition_range.work_partitions(
                 keys, job=partition_range.BACKFILL, connect=connect, store=store, settings=BackfillSettings(),
-                log=LOG, listener=listener, partitions_at_once=at_once,
+                log=LOG, listener=listener,
+                range_settings=partition_range.RangeSettings(partitions_at_once=at_once),
             )
         )
 
@@ -116,7 +118,7 @@ def test_the_display_counts_partitions_files_and_failures():
     drawn = out.getvalue()
     assert "2 of 4 partitions have work (100 files); 2 have nothing to do" in drawn
     assert "\r\x1b[2K" in drawn and "partition 02 FAILED: 10 of 10 files failed" in drawn
-    summary = display.finish([])
+    summary = display.finish([], partition_range.RangeSettings())
     assert "4 of 4 done: 2 worked, 2 with nothing to do, 1 failed" in summary
     assert summary.splitlines()[1].split() == ["processed", "50"]
     assert summary.splitlines()[-1] == "failed partitions (rerun with --partition): 02"
@@ -130,4 +132,33 @@ def test_the_display_is_plain_lines_off_a_terminal_and_a_retry_reworks_failed_pa
     display.planned(partition_range.Plan(["01"], ["00"], files_to_do=10))  # the step's retry
     display.partition_done(_outcome("01", FileCounts(processed=10)))
     assert "\r" not in out.getvalue() and "partitions 1/2" in out.getvalue()
-    assert "2 of 2 done: 1 worked, 1 with nothing to do, 0 failed" in display.finish([])
+    assert "2 of 2 done: 1 worked, 1 with nothing to do, 0 failed" in display.finish([], partition_range.RangeSettings())
+
+
+def test_the_failure_threshold_is_judged_from_enough_files_and_then_on_every_batch():
+    threshold = partition_range._FailureThreshold(
+        partition_range.RangeSettings(max_failed_share=0.5, failure_threshold_files=100)
+    )
+    threshold.add(60, 60)  # all failed, but too few files tried to judge
+    with pytest.raises(partition_range.TooManyFailures, match=r"60 of the 100 files tried failed in S3, more than 50%"):
+        threshold.add(40, 0)  # 60 of 100: more than half
+    with pytest.raises(partition_range.TooManyFailures):
+        threshold.add(0, 0)  # every worker's next batch hears it too
+    half = partition_range._FailureThreshold(partition_range.RangeSettings(max_failed_share=0.5))
+    half.add(1000, 500)  # exactly half is not more than half
+    lenient = partition_range._FailureThreshold(partition_range.RangeSettings(max_failed_share=1.0))
+    lenient.add(5000, 5000)  # 1 never stops
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"partitions_at_once": 0}, "partitions_at_once must be at least 1"),
+        ({"max_failed_share": 0}, "max_failed_share must be more than 0 and at most 1"),
+        ({"max_failed_share": 1.5}, "max_failed_share must be more than 0 and at most 1"),
+        ({"failure_threshold_files": 0}, "failure_threshold_files must be at least 1"),
+    ],
+)
+def test_range_settings_refuse_what_cannot_work(settings, message):
+    with pytest.raises(ValueError, match=message):
+        partition_range.RangeSettings(**settings)

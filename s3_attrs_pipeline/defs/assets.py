@@ -19,6 +19,7 @@ from s3_attrs_pipeline.instant.live_updates import (
     live_updates_level,
     log_to_table,
 )
+from s3_attrs_pipeline.instant.replication import MAX_LAG_MB_ENV, ReplicationLimits
 from s3_attrs_pipeline.partition_range import BACKFILL, Listener, RangeSettings
 from s3_attrs_pipeline.settings import setting_help
 
@@ -47,9 +48,25 @@ class BackfillConfig(dg.Config):
     every_partition: bool = Field(
         RangeSettings.every_partition, description=setting_help(RangeSettings, "every_partition")
     )
+    max_failed_share: float = Field(
+        RangeSettings.max_failed_share, description=setting_help(RangeSettings, "max_failed_share")
+    )
+    failure_threshold_files: int = Field(
+        RangeSettings.failure_threshold_files, description=setting_help(RangeSettings, "failure_threshold_files")
+    )
+    max_replication_lag_mb: float | None = Field(
+        None,
+        description=setting_help(ReplicationLimits, "max_lag_mb")
+        + f" Unset: {MAX_LAG_MB_ENV}, else {ReplicationLimits.max_lag_mb:g}.",
+    )
 
     def range_settings(self) -> RangeSettings:
-        return RangeSettings(partitions_at_once=self.partitions_at_once, every_partition=self.every_partition)
+        return RangeSettings(
+            partitions_at_once=self.partitions_at_once,
+            every_partition=self.every_partition,
+            max_failed_share=self.max_failed_share,
+            failure_threshold_files=self.failure_threshold_files,
+        )
 
     def backfill_settings(self, partition_count: int) -> BackfillSettings:
         return BackfillSettings(
@@ -58,6 +75,9 @@ class BackfillConfig(dg.Config):
             live_updates=live_updates_level(self.live_updates),
             wal_msg_log_to_table=log_to_table(self.wal_msg_log_to_table),
             partition_count=partition_count,
+            replication=ReplicationLimits.from_env(
+                **({} if self.max_replication_lag_mb is None else {"max_lag_mb": self.max_replication_lag_mb})
+            ),
         )
 
 
@@ -80,6 +100,7 @@ def report_metadata(report: PartitionReport) -> dict[str, dg.MetadataValue]:
     metadata = numbers(
         **dataclasses.asdict(report.counts),
         duration_seconds=float(report.duration_s),
+        replication_wait_seconds=float(report.replication_wait_s),
         files_per_second=float(report.files_per_second),
     )
     if report.concurrent_run:

@@ -49,23 +49,23 @@ def materialize_range(
         f"({plan.files_to_do} files), {len(plan.without_work)} nothing to do"
     )
     listener.planned(plan)
-    # A retry's plan finds the partitions done in the attempts before it without work: they already
-    # have their materialization.
-    if context.retry_number == 0:
-        for key in plan.without_work:
-            yield dg.AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=nothing_to_do(job))
     failed: list[partition_range.PartitionOutcome] = []
-    with file_bucket.open_store() as store:
-        for outcome in partition_range.work_partitions(
-            plan.with_work,
-            job=job,
-            connect=instant_db.connect,
-            store=store,
-            settings=settings,
-            log=context.log,
-            listener=listener,
-            partitions_at_once=range_settings.partitions_at_once,
-        ):
+    with file_bucket.open_store() as store, partition_range.PartitionWork(
+        plan.with_work,
+        job=job,
+        connect=instant_db.connect,
+        store=store,
+        settings=settings,
+        log=context.log,
+        listener=listener,
+        range_settings=range_settings,
+    ) as work:
+        # Recorded while the partitions with work are worked. A retry's plan finds the partitions done
+        # in the attempts before it without work: they already have their materialization.
+        if context.retry_number == 0:
+            for key in plan.without_work:
+                yield dg.AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=nothing_to_do(job))
+        for outcome in work.outcomes():
             if outcome.succeeded:
                 yield dg.AssetMaterialization(
                     asset_key=context.asset_key, partition=outcome.partition_key, metadata=metadata_of(outcome.report)

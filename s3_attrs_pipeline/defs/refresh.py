@@ -17,7 +17,11 @@ from s3_attrs_pipeline.refresh import RefreshReport
 
 
 def refresh_metadata(report: RefreshReport) -> dict[str, dg.MetadataValue]:
-    metadata = numbers(**dataclasses.asdict(report.counts), duration_seconds=float(report.duration_s))
+    metadata = numbers(
+        **dataclasses.asdict(report.counts),
+        duration_seconds=float(report.duration_s),
+        replication_wait_seconds=float(report.replication_wait_s),
+    )
     if report.concurrent_run:
         metadata["skipped"] = dg.MetadataValue.text("another run was working on this partition at the same time")
     if report.problems:

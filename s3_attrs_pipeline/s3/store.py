@@ -142,7 +142,11 @@ class S3Settings:
         default=None, metadata={"help": "AWS region; unset means the AWS chain's default."}
     )
     max_in_flight: int = dataclasses.field(
-        default=32, metadata={"help": "S3 requests in flight at once, per partition run."}
+        default=64,
+        metadata={
+            "help": "S3 requests in flight at once, per run: shared by the partitions it works at once "
+            "(partitions_at_once)."
+        },
     )
     max_retries: int = dataclasses.field(
         default=3, metadata={"help": "Retries of a throttled, 5xx or network-failed request."}

@@ -1,0 +1,78 @@
+"""A run that cannot usefully go on stops and says why (issue 14), through `s3-attrs run`, moto's S3
+server and the fault proxy: credentials that expire mid-run stop it before another partition starts,
+and a run whose files mostly fail in S3 stops at the failure threshold."""
+
+import dagster as dg
+
+from s3_attrs_pipeline import cli, runs
+from s3_attrs_pipeline.instant import progress
+from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
+from s3_attrs_pipeline_tests.helpers import head_values, new_attr_triples
+
+EXPIRED = {"status": 400, "code": "ExpiredToken", "message": "The provided token has expired."}
+
+
+def _partitions(files) -> list[str]:
+    return sorted({f.app_id.hex[:2] for f in files})
+
+
+def _run(keys, *options) -> int:
+    args = ["run", "--parallel", "1", *options]
+    for key in keys:
+        args += ["--partition", key]
+    return cli.main(args)
+
+
+def _assert_written_right(conn, s3_client, bucket, files) -> set:
+    """Every file with triples has its object's ETag and Last-Modified; the partitions written to."""
+    by_id = {(f.app_id, f.entity_id): f for f in files}
+    written = new_attr_triples(conn)
+    for file_id, attrs in written.items():
+        etag, last_modified = head_values(s3_client, bucket, by_id[file_id].key)
+        assert sorted((v[0] for v in attrs.values()), key=str) == sorted([etag, last_modified], key=str)
+    return {file_id[0].hex[:2] for file_id, _ in written.items() if not by_id[file_id].prepopulated}
+
+
+def test_credentials_expiring_mid_run_stop_the_cli_run(
+    conn, s3_endpoint, s3_client, bucket, seeded_files, dagster_home, monkeypatch, capsys
+):
+    keys = _partitions(seeded_files)  # not neighbours: one run each, one after the other
+    first = sum(1 for f in seeded_files if f.app_id.hex[:2] == keys[0] and not f.prepopulated)
+    with FaultProxy(s3_endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        # HEAD bucket and the first partition's HEADs pass; then every request answers 400 ExpiredToken.
+        proxy.add_rule(FaultRule("s3_error", after_requests=1 + first + 5, **EXPIRED))
+        assert _run(keys) == cli.EXIT_FAILED
+        refused = proxy.stats()["s3_error"]
+    out = capsys.readouterr().out
+    assert "expired" in out and "refresh" in out
+    assert "stopped launching" in out
+    # The second partition's run stopped within a batch window; no partition after it was started.
+    assert refused <= 2 * 50
+    instance = runs.dagster_instance()
+    assert len(instance.get_runs()) == 2
+    assert instance.get_materialized_partitions(dg.AssetKey("files_s3_attrs")) == {keys[0]}
+    states = progress.read_progress(conn)["partitions"]
+    assert set(states) == {keys[0], keys[1]}
+    assert _assert_written_right(conn, s3_client, bucket, seeded_files) <= {keys[0], keys[1]}
+
+
+def test_a_run_whose_files_mostly_fail_stops_at_the_threshold(
+    conn, s3_endpoint, s3_client, bucket, seeded_files, dagster_home, monkeypatch, capsys
+):
+    keys = _partitions(seeded_files)
+    neighbours = [k for k in runs.all_partition_keys() if keys[0] <= k <= keys[-1]]
+    with FaultProxy(s3_endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        proxy.add_rule(FaultRule("internal_error", method="HEAD", key_pattern=f"/{bucket}/.+"))
+        status = cli.main(
+            ["run", "--parallel", "1", "--max-failed-share", "0.5", "--failure-threshold-files", "20"]
+            + [arg for key in neighbours for arg in ("--partition", key)]
+        )
+    assert status == cli.EXIT_FAILED
+    out = capsys.readouterr().out
+    assert "more than 50% of the" in out and "failure threshold" in out
+    # One partition tried, the threshold met inside it, the others never started.
+    states = progress.read_progress(conn)["partitions"]
+    assert {key for key in states if key in keys} == {keys[0]}
+    assert _assert_written_right(conn, s3_client, bucket, seeded_files) == set()
