@@ -895,7 +895,7 @@ def main(argv: list[str] | None = None) -> int:
                     cfg["database_url"] = pg.copy_database(template, dbname)
                 if key in END_TO_END:
                     cfg["work_dir"] = str(workdir / f"{key}-{number}")  # its DAGSTER_HOME and logs
-                if key == "ui-backfill":  # a fresh Dagster storage: no materializations of earlier runs
+                if key in END_TO_END:  # a fresh Dagster storage: no materializations of earlier runs
                     pg.drop_database(DAGSTER_DB)
                     cfg["dagster_postgres_url"] = create_database(pg.server_url, DAGSTER_DB)
                 if args.wait_idle > 0:

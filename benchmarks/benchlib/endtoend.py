@@ -2,8 +2,9 @@
 
 - cli-run:     `python -m s3_attrs_pipeline.cli run --quiet` (what the `s3-attrs` console script runs),
                timed from process start to exit: Python's imports, Dagster's run overhead and the
-               planning are all inside. DAGSTER_HOME is a fresh directory without dagster.yaml, so the
-               CLI's Dagster instance is a local sqlite one, as on an operator's laptop.
+               planning are all inside. DAGSTER_HOME holds the repository's dagster.yaml (PostgreSQL
+               storage in a fresh database), as the README tells an operator to set it up; its schema is
+               created before the timer starts, as an operator's instance exists before a backfill.
 - ui-backfill: `dagster dev` on the repository's workspace.yaml and dagster.yaml (PostgreSQL storage,
                QueuedRunCoordinator), then the GraphQL mutation the UI's "Materialize → All" dialog
                sends for `files_s3_attrs`, polled until every partition has a status; timed from the
@@ -24,7 +25,6 @@ import re
 import resource
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -178,13 +178,21 @@ def files_with_hash(database_url: str) -> int:
         return conn.execute("SELECT count(*) FROM triples WHERE attr_id = %s AND ea", (HASH.attr_id,)).fetchone()[0]
 
 
-def _sqlite_runs(dagster_home: pathlib.Path) -> int | None:
-    """Dagster runs in a local (sqlite) instance: the CLI's cost in runs, one per partition or fewer."""
-    path = dagster_home / "history" / "runs.db"
-    if not path.exists():
-        return None
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        return db.execute("SELECT count(*) FROM runs").fetchone()[0]
+def _dagster_runs(dagster_postgres_url: str) -> int:
+    """Dagster runs in the instance's storage: the CLI's cost in runs."""
+    with psycopg.connect(dagster_postgres_url, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+
+
+def _instance_home(cfg: dict, work: pathlib.Path) -> tuple[pathlib.Path, dict]:
+    """A DAGSTER_HOME with the repository's dagster.yaml, and the environment that points at it."""
+    home = work / "dagster_home"
+    home.mkdir(parents=True)
+    shutil.copyfile(pathlib.Path(cfg["repo_root"]) / "dagster.yaml", home / "dagster.yaml")  # as shipped
+    env = pipeline_env(cfg, home)
+    # dagster-postgres speaks psycopg2 (as the demo's .demo/env sets it)
+    env["DAGSTER_POSTGRES_URL"] = cfg["dagster_postgres_url"].replace("postgresql://", "postgresql+psycopg2://", 1)
+    return home, env
 
 
 def _base_result(cfg: dict, written: int, elapsed: float, capped: bool, cpu_before: float) -> dict:
@@ -204,20 +212,23 @@ def _base_result(cfg: dict, written: int, elapsed: float, capped: bool, cpu_befo
     }
 
 
-_SUMMARY_NUMBERS = re.compile(r"\b([a-z_]+)=(\d+)\b")
-_SUMMARY_PARTITIONS = re.compile(r"(\d+) partitions in [\d.]+s: (\d+) succeeded, (\d+) failed")
+_SUMMARY_PARTITIONS = re.compile(r"(\d+) of (\d+) done: (\d+) worked, (\d+) with nothing to do, (\d+) failed")
+_SUMMARY_COUNT = re.compile(r"^([a-z_]+)\s+([\d,]+)$")
 
 
 def _parse_summary(output: str) -> dict:
-    """The CLI's summary line (`N partitions in Ts: A succeeded, B failed; processed=… successful=…`),
-    as far as it still has that shape: only for the row's notes, the files written are counted in the
-    database."""
+    """The CLI's summary table (`partitions  N of N done: W worked, E with nothing to do, F failed`, then
+    a row per count): only for the row's notes, the files written are counted in the database."""
     report: dict = {}
     for line in output.splitlines():
         partitions = _SUMMARY_PARTITIONS.search(line)
         if partitions:
-            report["partitions"], _, report["failed_partitions"] = map(int, partitions.groups())
-            report |= {k: int(v) for k, v in _SUMMARY_NUMBERS.findall(line)}
+            _, report["partitions"], report["worked_partitions"], _, report["failed_partitions"] = map(
+                int, partitions.groups()
+            )
+        count = _SUMMARY_COUNT.match(line.strip())
+        if count:
+            report[count.group(1)] = int(count.group(2).replace(",", ""))
     return report
 
 
@@ -225,9 +236,8 @@ def cli_run(cfg: dict) -> dict:
     """`s3-attrs run --quiet` in a subprocess, from its start to its exit."""
     _prepare_strategy_process()
     work = pathlib.Path(cfg["work_dir"])
-    home = work / "dagster_home"  # no dagster.yaml: a local sqlite instance, fresh
-    home.mkdir(parents=True)
-    env = pipeline_env(cfg, home)
+    home, env = _instance_home(cfg, work)
+    subprocess.run([sys.executable, "-c", "import dagster; dagster.DagsterInstance.get()"], env=env, check=True)
     imported = _imported_from(env, cfg["repo_root"])
     before = files_with_hash(cfg["database_url"])
     command = [sys.executable, "-m", "s3_attrs_pipeline.cli", "run", "--quiet"]
@@ -250,10 +260,9 @@ def cli_run(cfg: dict) -> dict:
     notes = [f"exit {exit_code}" if exit_code is not None else "killed at its time budget"]
     report = _parse_summary(output)
     if report.get("partitions") is not None:
-        notes.append(f"{report['partitions']} partitions run")
-    runs = _sqlite_runs(home)
-    if runs is not None:
-        notes.append(f"{runs} Dagster runs")
+        notes.append(f"{report['worked_partitions']} of {report['partitions']} partitions worked")
+    runs = _dagster_runs(cfg["dagster_postgres_url"])
+    notes.append(f"{runs} Dagster runs")
     if exit_code != 0:
         notes.append("output ends: " + " / ".join(tree.log_tail(5).splitlines()))
     return _base_result(cfg, written, elapsed, capped, cpu_before) | {
@@ -351,12 +360,7 @@ def ui_backfill(cfg: dict) -> dict:
     _prepare_strategy_process()
     work = pathlib.Path(cfg["work_dir"])
     repo = pathlib.Path(cfg["repo_root"])
-    home = work / "dagster_home"
-    home.mkdir(parents=True)
-    shutil.copyfile(repo / "dagster.yaml", home / "dagster.yaml")  # as the repository ships it
-    env = pipeline_env(cfg, home)
-    # dagster-postgres speaks psycopg2 (as the demo's .demo/env sets it)
-    env["DAGSTER_POSTGRES_URL"] = cfg["dagster_postgres_url"].replace("postgresql://", "postgresql+psycopg2://", 1)
+    home, env = _instance_home(cfg, work)
     imported = _imported_from(env, cfg["repo_root"])
     before = files_with_hash(cfg["database_url"])
     port = free_port()
