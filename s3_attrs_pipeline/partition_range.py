@@ -120,7 +120,7 @@ class PartitionOutcome:
 
 
 class Listener(Protocol):
-    """Hears a run's progress, always in the thread that iterates `work_partitions`."""
+    """Hears a run's progress, always in the thread that iterates `PartitionWork.outcomes`."""
 
     def planned(self, plan: Plan) -> None: ...
     def files_done(self, files: int, failed: int) -> None: ...
