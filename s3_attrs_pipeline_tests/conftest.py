@@ -17,6 +17,7 @@ import yaml
 
 from s3_attrs_pipeline import runs
 from s3_attrs_pipeline.local import postgres, s3_server, seed
+from s3_attrs_pipeline.s3 import store as object_store
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -122,3 +123,13 @@ def dagster_home(tmp_path, pg_server_url, monkeypatch):
     yield home
     runs.dagster_instance.cache_clear()
     postgres.drop_database(pg_server_url, name)
+
+
+@pytest.fixture
+def fresh_aws_session():
+    """The store's boto3 session caches the credentials it resolved: start and end with a new one."""
+    object_store._shared_session.cache_clear()
+    object_store._shared_botocore_session.cache_clear()
+    yield
+    object_store._shared_session.cache_clear()
+    object_store._shared_botocore_session.cache_clear()

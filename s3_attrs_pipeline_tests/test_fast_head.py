@@ -45,16 +45,6 @@ SPECIAL_KEYS = [
 ]
 
 
-@pytest.fixture
-def fresh_aws_session():
-    """The store's boto3 session caches the credentials it resolved: start and end with a new one."""
-    object_store._shared_session.cache_clear()
-    object_store._shared_botocore_session.cache_clear()
-    yield
-    object_store._shared_session.cache_clear()
-    object_store._shared_botocore_session.cache_clear()
-
-
 def _expected_metadata(s3_client, bucket, key):
     return object_metadata_from_headers(s3_client.head_object(Bucket=bucket, Key=key)["ResponseMetadata"]["HTTPHeaders"])
 

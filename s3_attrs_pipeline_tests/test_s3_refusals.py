@@ -13,7 +13,6 @@ import pytest
 
 from s3_attrs_pipeline import backfill
 from s3_attrs_pipeline.local import s3_server, seed
-from s3_attrs_pipeline.s3 import store as object_store
 from s3_attrs_pipeline.s3.store import HEAD_REFUSALS_IN_A_ROW, ObjectStore, S3AccessError, S3Refused, S3Settings
 from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
 from s3_attrs_pipeline_tests.helpers import head_values, new_attr_triples
@@ -168,16 +167,6 @@ def checking_moto(monkeypatch):
         yield endpoint, iam, boto3.client("s3", **admin)
     finally:
         s3_server.stop_s3_server(process)
-
-
-@pytest.fixture
-def fresh_aws_session():
-    """The store's boto3 session caches the credentials it resolved: start and end with a new one."""
-    object_store._shared_session.cache_clear()
-    object_store._shared_botocore_session.cache_clear()
-    yield
-    object_store._shared_session.cache_clear()
-    object_store._shared_botocore_session.cache_clear()
 
 
 # botocore refreshes temporary credentials 15 minutes before they expire: these are due this soon.
