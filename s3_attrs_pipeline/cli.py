@@ -107,7 +107,9 @@ def _materialize(args: argparse.Namespace, asset_name: str, counts_type, summary
     )
     run_errors = []
     instance = runs.dagster_instance()
-    for partition_range in runs.contiguous_ranges(keys):
+    ranges = runs.contiguous_ranges(keys)
+    for number, partition_range in enumerate(ranges, 1):
+        failed_before = len(display.failed)
         run = runs.materialize_range(
             instance,
             partition_range,
@@ -117,12 +119,12 @@ def _materialize(args: argparse.Namespace, asset_name: str, counts_type, summary
             log_level="INFO" if args.verbose else "CRITICAL",
             tags={"s3-attrs/launched-by": "cli"},
         )
-        if not run.success and not display.failed:
+        if not run.success and len(display.failed) == failed_before:  # it failed before any partition did
             run_errors.append(f"run {run.run_id}: {run.error}")
         stopped = display.stopped_by()
-        if stopped is not None:
+        if stopped is not None and number < len(ranges):
             # Credentials, the bucket, the catalog or the failure threshold: the next run would meet it too.
-            run_errors.append(f"stopped launching runs: {stopped}")
+            run_errors.append(f"stopped launching runs ({len(ranges) - number} not launched): {stopped}")
             break
     print(display.finish(run_errors, config.range_settings()))
     return EXIT_FAILED if display.failed or run_errors else 0
