@@ -106,6 +106,12 @@ class Plan:
     def partition_count(self) -> int:
         return len(self.with_work) + len(self.without_work)
 
+    @classmethod
+    def of(cls, keys: list[str], with_work: list[str], files_to_do: int) -> "Plan":
+        """`keys` split into `with_work` (a subset, in key order) and the others."""
+        worked = set(with_work)
+        return cls(with_work, [key for key in keys if key not in worked], files_to_do)
+
 
 @dataclasses.dataclass(frozen=True)
 class PartitionOutcome:
@@ -161,16 +167,14 @@ def _backfill_plan(conn: psycopg.Connection, keys: list[str], width: int) -> Pla
     if never_done_empty:
         with conn.transaction():
             progress.record_empty_partitions(conn, never_done_empty, 16**width)
-    to_do = sum(coverage[key].lacking_hash for key in with_work)
-    return Plan(with_work, [key for key in keys if key not in set(with_work)], to_do)
+    return Plan.of(keys, with_work, sum(coverage[key].lacking_hash for key in with_work))
 
 
 def _refresh_plan(conn: psycopg.Connection, keys: list[str], width: int) -> Plan:
     """Work: partitions with files that have values."""
     coverage = reads.coverage_by_partition(conn, width)
     with_work = [key for key in keys if key in coverage and coverage[key].with_hash]
-    to_do = sum(coverage[key].with_hash for key in with_work)
-    return Plan(with_work, [key for key in keys if key not in set(with_work)], to_do)
+    return Plan.of(keys, with_work, sum(coverage[key].with_hash for key in with_work))
 
 
 BACKFILL = Job("backfill", FileCounts, backfill_partition, PartitionFailed, _backfill_plan, "processed")
@@ -316,12 +320,6 @@ class PartitionWork:
                 yield outcome
         if unexpected is not None:
             raise unexpected
-
-
-def work_partitions(keys: list[str], **work) -> Iterator[PartitionOutcome]:
-    """PartitionWork's outcomes, for a caller with nothing to do meanwhile."""
-    with PartitionWork(keys, **work) as partitions:
-        yield from partitions.outcomes()
 
 
 def _work_one(job: Job, conn, store, key: str, settings, log: Log, on_files) -> PartitionOutcome:

@@ -20,8 +20,7 @@ from s3_attrs_pipeline.partition_range import Listener, NoListener
 class RangeRun:
     run_id: str
     success: bool
-    metadata: dict  # the failure's numbers
-    error: str | None
+    error: str | None  # the failed step's own message; its partitions' outcomes reach the listener
 
 
 @functools.cache
@@ -32,23 +31,19 @@ def dagster_instance() -> dg.DagsterInstance:
     return dg.DagsterInstance.ephemeral()
 
 
-def _numbers(metadata: dict) -> dict:
-    return {k: v.value for k, v in metadata.items() if isinstance(v, (dg.IntMetadataValue, dg.FloatMetadataValue))}
-
-
-def _failure(result: dg.ExecuteInProcessResult) -> tuple[str, dict]:
-    """The failed step's own message (beneath Dagster's retry wrapper) and its numbers."""
+def _failure(result: dg.ExecuteInProcessResult) -> str:
+    """The failed step's own message, beneath Dagster's retry wrapper."""
     for event in result.all_events:
         if event.is_step_failure:
             user_failure = event.step_failure_data.user_failure_data
-            metadata = _numbers(user_failure.metadata) if user_failure else {}
+            if user_failure and user_failure.description:
+                return user_failure.description
             error, messages = event.step_failure_data.error, []
             while error is not None:
                 messages.append(error.message.strip())
                 error = error.cause
-            description = user_failure.description if user_failure else None
-            return description or (messages[-1] if messages else "unknown error"), metadata
-    return "the run failed before its step started", {}
+            return messages[-1] if messages else "unknown error"
+    return "the run failed before its step started"
 
 
 PARTITIONED_ASSETS = {asset.key.to_user_string(): asset for asset in (files_s3_attrs, files_s3_attrs_refresh)}
@@ -78,9 +73,8 @@ def materialize_range(
         raise_on_error=False,
     )
     if result.success:
-        return RangeRun(result.run_id, True, {}, None)
-    error, metadata = _failure(result)
-    return RangeRun(result.run_id, False, metadata, error)
+        return RangeRun(result.run_id, True, None)
+    return RangeRun(result.run_id, False, _failure(result))
 
 
 def all_partition_keys() -> list[str]:

@@ -42,14 +42,13 @@ def _work(url, bucket, keys, listener, endpoint=None, at_once=3):
         with psycopg.connect(url, autocommit=True) as conn:
             yield conn
 
-    with ObjectStore(S3Settings(bucket=bucket, endpoint_url=endpoint, max_retries=0)) as store:
-        return list(
-            partition_range.work_partitions(
-                keys, job=partition_range.BACKFILL, connect=connect, store=store, settings=BackfillSettings(),
-                log=LOG, listener=listener,
-                range_settings=partition_range.RangeSettings(partitions_at_once=at_once),
-            )
+    with ObjectStore(S3Settings(bucket=bucket, endpoint_url=endpoint, max_retries=0)) as store, (
+        partition_range.PartitionWork(
+            keys, job=partition_range.BACKFILL, connect=connect, store=store, settings=BackfillSettings(),
+            log=LOG, listener=listener, range_settings=partition_range.RangeSettings(partitions_at_once=at_once),
         )
+    ) as work:
+        return list(work.outcomes())
 
 
 def test_the_plan_works_only_partitions_with_files_and_records_the_empty_ones(conn, seeded_files):

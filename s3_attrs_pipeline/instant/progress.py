@@ -59,28 +59,41 @@ def record_progress(
     """Set the partition's state (its `status` and its run's `counts` so far) and add `added` to the
     totals, in the caller's transaction. `partition_count`, given when a partition ends, recomputes
     whether every partition is completed."""
+    _add_to_totals(conn, added)
+    conn.execute(_SET_PARTITION_STATE, _partition_state(partition_key, status, counts, last_entity_id))
+    if partition_count is not None:
+        _recompute_completed(conn, partition_count)
+
+
+def record_empty_partitions(conn: psycopg.Connection, partition_keys: list[str], partition_count: int) -> None:
+    """Record partitions that hold no file as completed with nothing done, in the caller's transaction:
+    what a run of each would record, without the run, in three statements for all of them."""
+    _add_to_totals(conn, FileCounts())  # nothing to add: the totals row exists after it, as after a run
+    with conn.cursor() as cursor:
+        cursor.executemany(
+            _SET_PARTITION_STATE, [_partition_state(key, "completed", FileCounts(), None) for key in partition_keys]
+        )
+    _recompute_completed(conn, partition_count)
+
+
+def _add_to_totals(conn: psycopg.Connection, added: FileCounts) -> None:
     added_totals = {key: getattr(added, name) for name, key in _TOTAL_KEYS.items()}
     conn.execute(
         _ADD_TO_TOTALS,
         {"key": PROGRESS_CONFIG_KEY, "initial": Json(added_totals | {"completed": False}), "added": Json(added_totals)},
     )
+
+
+def _partition_state(partition_key: str, status: str, counts: FileCounts, last_entity_id: uuid.UUID | None) -> dict:
+    """The parameters of _SET_PARTITION_STATE."""
     state = {"status": status} | counts.as_config()
     state["updated-at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     if last_entity_id is not None:
         state["last-entity-id"] = str(last_entity_id)
-    conn.execute(_SET_PARTITION_STATE, {"key": PARTITION_PROGRESS_KEY_PREFIX + partition_key, "state": Json(state)})
-    if partition_count is not None:
-        conn.execute(
-            _RECOMPUTE_COMPLETED,
-            {"key": PROGRESS_CONFIG_KEY, "prefix": PARTITION_PROGRESS_KEY_PREFIX, "partition_count": partition_count},
-        )
+    return {"key": PARTITION_PROGRESS_KEY_PREFIX + partition_key, "state": Json(state)}
 
 
-def record_empty_partitions(conn: psycopg.Connection, partition_keys: list[str], partition_count: int) -> None:
-    """Record partitions that hold no file as completed with nothing done, in the caller's transaction:
-    what a run of each would record, without the run."""
-    for key in partition_keys:
-        record_progress(conn, key, "completed", FileCounts())
+def _recompute_completed(conn: psycopg.Connection, partition_count: int) -> None:
     conn.execute(
         _RECOMPUTE_COMPLETED,
         {"key": PROGRESS_CONFIG_KEY, "prefix": PARTITION_PROGRESS_KEY_PREFIX, "partition_count": partition_count},
