@@ -16,6 +16,7 @@ from s3_attrs_pipeline.instant import progress
 from s3_attrs_pipeline.instant.app_id_ranges import partition_keys
 from s3_attrs_pipeline.progress_display import ProgressDisplay
 from s3_attrs_pipeline.s3.store import ObjectStore, S3Settings
+from s3_attrs_pipeline_tests.conftest import BOTH_SCHEMAS
 from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
 from s3_attrs_pipeline_tests.helpers import new_attr_triples
 
@@ -51,6 +52,7 @@ def _work(url, bucket, keys, listener, endpoint=None, at_once=3):
         return list(work.outcomes())
 
 
+@BOTH_SCHEMAS
 def test_the_plan_works_only_partitions_with_files_and_records_the_empty_ones(conn, seeded_files):
     keys = partition_keys(2)
     with_files = sorted({f.app_id.hex[:2] for f in seeded_files})
@@ -65,6 +67,7 @@ def test_the_plan_works_only_partitions_with_files_and_records_the_empty_ones(co
     )
 
 
+@BOTH_SCHEMAS
 def test_partitions_at_once_each_fail_alone(instant_db_url, conn, bucket, seeded_files, s3_endpoint):
     keys = sorted({f.app_id.hex[:2] for f in seeded_files})
     failing = keys[1]
