@@ -32,7 +32,13 @@ def start_s3_server(port: int | None = None, *, log_path: pathlib.Path | None = 
     """Start moto's server; returns the process and its endpoint URL once it answers."""
     port = port or free_port()
     endpoint_url = f"http://{LOOPBACK}:{port}"
-    env = os.environ | {"S3_UPLOAD_PART_MIN_SIZE": "1"}  # small multipart uploads for the seed
+    env = os.environ | {
+        "S3_UPLOAD_PART_MIN_SIZE": "1",  # small multipart uploads for the seed
+        # moto keeps a body in memory up to this size, by default the part minimum less 1 KiB: with the
+        # minimum at 1 byte every object would hold an open temporary file, and a session of tens of
+        # thousands of objects would run out of file descriptors (moto then answers 500 to everything).
+        "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(16 * 1024 * 1024),
+    }
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)],
