@@ -692,7 +692,7 @@ def verify_objects(endpoint_url: str, data: dataset_module.Dataset) -> list[str]
     app = data.listed_apps[0] if data.listed_apps else None
     if app:
         with ObjectStore(S3Settings(data.spec.bucket, endpoint_url=endpoint_url)) as store:
-            entries = next(listing.list_prefix(store, f"{app}/"))  # the pipeline's own listing
+            entries = next(listing.list_prefix(store, f"{app}/")).objects  # the pipeline's own listing
 
         def head(key: str):
             return object_metadata_from_headers(

@@ -3,6 +3,8 @@ rest) and write the triples batch by batch.
 
 This module joins the InstantDB domain and S3 access; it knows nothing of Dagster, so the same
 code runs under an asset, a test or a benchmark. `log` is any logger with info/warning/error.
+The caller owns the partition's report: whatever ends the partition (a refusal, the run's stop, a
+database error), the report holds what was done until then, as the progress row does.
 """
 
 import collections
@@ -20,10 +22,11 @@ from s3_attrs_pipeline.instant import catalog, live_updates, partition_locks, pr
 from s3_attrs_pipeline.instant.app_id_ranges import AppIdRange
 from s3_attrs_pipeline.instant.live_updates import DEFAULT_LIVE_UPDATES, LiveUpdates
 from s3_attrs_pipeline.instant.object_keys import InvalidLocationId, location_id_of_key, object_key
-from s3_attrs_pipeline.instant.replication import ReplicationGate, ReplicationLimits
+from s3_attrs_pipeline.instant.replication import ReplicationLimits
+from s3_attrs_pipeline.run_control import RunControl, Stopped
 from s3_attrs_pipeline.s3 import listing
 from s3_attrs_pipeline.s3.metadata import MalformedObjectMetadata, ObjectMetadata
-from s3_attrs_pipeline.s3.store import HeadOutcome, ListingFailed, ObjectStore
+from s3_attrs_pipeline.s3.store import HeadOutcome, ListingFailed, ObjectStore, StoreStopped
 
 LOGGED_FILES_PER_KIND = 20  # per partition and kind of problem; the rest are only counted
 PROGRESS_LOG_INTERVAL_S = 10.0
@@ -57,7 +60,7 @@ class FileProblem:
 class PartitionReport:
     partition_key: str
     counts: FileCounts = FileCounts()
-    concurrent_run: bool = False  # another run held the partition: this one did nothing
+    left_to_another_run: bool = False  # another session held the partition's lock: this run did nothing
     duration_s: float = 0.0
     problems: list[FileProblem] = dataclasses.field(default_factory=list)
     replication_wait_s: float = 0.0  # spent waiting for replication to catch up before writing
@@ -191,14 +194,14 @@ class _BatchWriter:
         report: PartitionReport,
         problem: ProblemLog,
         settings: BackfillSettings,
-        replication: ReplicationGate,
+        control: RunControl,
         on_files: "FilesDone",
     ):
         self._conn = conn
         self._report = report
         self._problem = problem
         self._settings = settings
-        self._replication = replication
+        self._control = control
         self._on_files = on_files
         self._new_batch()
 
@@ -240,8 +243,12 @@ class _BatchWriter:
         self._count(file, failed=1)
         self._problem("failed", file, key, reason, level="error")
 
+    def requests(self, retries: int, throttled: int) -> None:
+        """Counts the retries and throttled answers of S3 requests made for the batch."""
+        self._counts += FileCounts(s3_retries=retries, s3_throttled=throttled)
+
     def head_outcome(self, file: reads.PendingFile, key: str, outcome: HeadOutcome) -> None:
-        self._counts += FileCounts(s3_retries=outcome.retries)
+        self.requests(outcome.retries, outcome.throttled)
         if outcome.metadata is not None:
             self.found(file, outcome.metadata)
         elif outcome.missing:
@@ -257,7 +264,7 @@ class _BatchWriter:
         counted as processed as they are written."""
         if listed is not None and not listed.locations:
             listed = None
-        if not self._counts.processed and listed is None:
+        if self._counts == FileCounts() and listed is None:
             return
         if listed is not None and self._to_write:
             raise RuntimeError("a listing page is written on its own, not with HEADed files")
@@ -266,7 +273,8 @@ class _BatchWriter:
         app_id = listed.app_id if listed is not None else (self._to_write[0].file.app_id if self._to_write else None)
 
         def attempt(on_conflict: bool) -> FileCounts:
-            with self._conn.transaction():
+            with self._control.write(self._conn) as waited:
+                report.replication_wait_s += waited
                 if app_id is not None:
                     live_updates.before_writing(self._conn, app_id, level, to_table)
                 if listed is not None:
@@ -283,8 +291,6 @@ class _BatchWriter:
                 )
             return written
 
-        self._replication.before_write()
-        report.replication_wait_s = self._replication.waited_s
         done = writes.retried_on_conflict(attempt)
         report.counts += done
         self._on_files(done.processed, done.failed)
@@ -309,23 +315,33 @@ def backfill_partition(
     settings: BackfillSettings,
     log: Log,
     on_files: FilesDone = no_progress,
+    *,
+    report: PartitionReport | None = None,
+    control: RunControl | None = None,
 ) -> PartitionReport:
-    """Backfill every file of the partition that lacks `hash`; raise PartitionFailed at the end if
-    any could not be done. S3AccessError stops at once; database errors propagate."""
-    app_ids = AppIdRange.for_partition(partition_key)
-    report = PartitionReport(partition_key)
+    """Backfill every file of the partition that lacks `hash` into `report` (a new one if not given),
+    and return it; raise PartitionFailed at the end if any could not be done. S3AccessError stops at
+    once, Stopped when `control`'s run stops; database errors propagate. A partition another session
+    holds is left to it (`left_to_another_run`)."""
+    report = report if report is not None else PartitionReport(partition_key)
+    control = control if control is not None else RunControl(settings.replication, log)
     catalog.ensure_file_attrs(conn)
     store.check_bucket()
     if not partition_locks.try_lock_partition(conn, partition_key):
-        report.concurrent_run = True
+        report.left_to_another_run = True
         log.warning(
-            f"partition {partition_key} is being backfilled by another run right now; this run leaves it to that one"
+            f"partition {partition_key} is being worked by another run right now; this run leaves it to that one"
         )
         return report
     try:
-        return _backfill_locked_partition(conn, store, app_ids, report, settings, log, on_files)
+        _backfill_locked_partition(conn, store, AppIdRange.for_partition(partition_key), report, settings, log,
+                                   on_files, control)
     finally:
-        partition_locks.unlock_partition(conn, partition_key)
+        if not conn.closed and not conn.broken:
+            partition_locks.unlock_partition(conn, partition_key)
+    if report.counts.failed:
+        raise PartitionFailed(report)
+    return report
 
 
 def _backfill_locked_partition(
@@ -336,7 +352,8 @@ def _backfill_locked_partition(
     settings: BackfillSettings,
     log: Log,
     on_files: FilesDone,
-) -> PartitionReport:
+    control: RunControl,
+) -> None:
     partition_key = report.partition_key
     started = time.monotonic()
     apps = reads.app_file_counts(conn, app_ids)
@@ -349,29 +366,28 @@ def _backfill_locked_partition(
         f"{sum(app.pending for app in apps)} files to do in {sum(1 for app in apps if app.pending)} apps, "
         f"{len(listed)} of them listed (ListObjectsV2), the others HEADed per file"
     )
-    replication = ReplicationGate(conn, settings.replication, log)
-    writer = _BatchWriter(conn, report, ProblemLog(log, report.problems), settings, replication, on_files)
+    writer = _BatchWriter(conn, report, ProblemLog(log, report.problems), settings, control, on_files)
     progress_log = _ProgressLog(log, report, started)
-    status = "failed"
     try:
-        with conn.transaction():
-            progress.record_progress(conn, partition_key, "running", report.counts)
-        head_ranges = ranges_between(app_ids, [app.app_id for app in listed])
+        removed = remove_orphaned_values(conn, app_ids, settings, control, log)
+        report.counts += FileCounts(orphaned_values_removed=removed)
+        head_ranges = [(app_range, None) for app_range in ranges_between(app_ids, [app.app_id for app in listed])]
         for app in listed:
-            if _list_app(conn, store, app, writer, progress_log, log):
+            reached = _list_app(conn, store, app, writer, progress_log, log, control)
+            if reached is _ALL_LISTED:
                 report.counts += FileCounts(apps_listed=1)
             else:
-                head_ranges.append(AppIdRange(partition_key, app.app_id, app.app_id))
-        for app_range in head_ranges:
-            _head_range(conn, store, app_range, writer, progress_log, settings)
-        status = "failed" if report.counts.failed else "completed"
-    finally:
+                head_ranges.append((AppIdRange(partition_key, app.app_id, app.app_id), reached))
+        for app_range, after_key in head_ranges:
+            _head_range(conn, store, app_range, writer, progress_log, settings, control, after_key=after_key)
+    except BaseException as error:
+        status = "stopped" if isinstance(error, (Stopped, StoreStopped)) else "failed"
         report.duration_s = time.monotonic() - started
-        report.counts = dataclasses.replace(report.counts, s3_throttled=store.rate_limiter.throttle_events)
-        with conn.transaction():
-            progress.record_progress(
-                conn, partition_key, status, report.counts, partition_count=settings.partition_count
-            )
+        record_partition_end(conn, control, partition_key, status, report.counts, settings, error=error)
+        raise
+    status = "failed" if report.counts.failed else "completed"
+    report.duration_s = time.monotonic() - started
+    record_partition_end(conn, control, partition_key, status, report.counts, settings)
     counts = report.counts
     log.info(
         f"S3 attrs backfill of partition {partition_key} {status} ({plan}): processed={counts.processed} "
@@ -381,9 +397,60 @@ def _backfill_locked_partition(
         f"already_populated={counts.already_populated} in {report.duration_s:.1f}s "
         f"({report.files_per_second:.0f} files/s)"
     )
-    if counts.failed:
-        raise PartitionFailed(report)
-    return report
+
+
+def record_partition_end(
+    conn: psycopg.Connection,
+    control: RunControl,
+    partition_key: str,
+    status: str,
+    counts: FileCounts,
+    settings: BackfillSettings,
+    *,
+    error: BaseException | None = None,
+) -> None:
+    """Record how the partition ended (`status`: completed, failed or stopped) and its counts. While
+    `error` ends the partition, a connection that cannot record it is noted on `error` rather than
+    hiding it."""
+    if conn.closed or conn.broken:
+        if error is not None:
+            error.add_note(f"partition {partition_key}'s end was not recorded: its database connection was lost")
+        return
+    try:
+        with control.bookkeeping(conn):
+            progress.record_progress(conn, partition_key, status, counts, partition_count=settings.partition_count)
+    except psycopg.Error as failed:
+        if error is None:
+            raise
+        error.add_note(f"partition {partition_key}'s end was not recorded: {failed}")
+
+
+def remove_orphaned_values(
+    conn: psycopg.Connection, app_ids: AppIdRange, settings: BackfillSettings, control: RunControl, log: Log
+) -> int:
+    """Delete the `hash` and `lastModified` triples of the range's entities that have no `location-id`
+    (a file deleted while its values were being written: see writes.remove_orphaned_values), one app
+    per transaction, as InstantDB hears of any write. Returns how many files were mended; a role that
+    may not delete is warned of and mends nothing."""
+    apps = reads.apps_with_orphaned_values(conn, app_ids)
+    if not apps:
+        return 0
+    if not reads.may_delete_triples(conn):
+        log.warning(
+            f"{sum(apps.values())} files in partition {app_ids.key} have hash or lastModified but no location-id "
+            "(deleted while they were written); the role may not delete triples, so they stay: grant it DELETE on "
+            "triples (docs/postgres-grants-heal.sql) and run the partition again"
+        )
+        return 0
+    mended = 0
+    for app_id in apps:
+        with control.write(conn):
+            live_updates.before_writing(conn, app_id, settings.live_updates, settings.wal_msg_log_to_table)
+            removed = writes.remove_orphaned_values(conn, app_id)
+            live_updates.after_writing(conn, app_id, settings.live_updates, removed)
+        mended += removed
+    log.warning(f"removed the hash and lastModified of {mended} files of partition {app_ids.key} that have no location-id")
+    return mended
 
 
 class _ProgressLog:
@@ -414,9 +481,13 @@ def _head_range(
     writer: _BatchWriter,
     progress_log: _ProgressLog,
     settings: BackfillSettings,
+    control: RunControl,
+    *,
+    after_key: str | None = None,
 ) -> None:
-    """HEAD every file of the range that lacks `hash`. A sliding window keeps requests in flight
-    while pages are read and batches written: no batch waits for its slowest HEAD before the next starts."""
+    """HEAD every file of the range that lacks `hash` (whose key is past `after_key`, where the app's
+    listing got that far). A sliding window keeps requests in flight while pages are read and batches written:
+    no batch waits for its slowest HEAD before the next starts."""
     window: collections.deque[tuple[reads.PendingFile, str | None, Future | InvalidLocationId]] = collections.deque()
     window_size = 2 * max(settings.batch_size, store.settings.max_in_flight)
 
@@ -425,19 +496,22 @@ def _head_range(
         if isinstance(pending, InvalidLocationId):
             writer.invalid(file, str(pending))
         else:
-            writer.head_outcome(file, key, pending.result())
+            writer.head_outcome(file, key, control.result(pending))
         if len(writer) >= settings.batch_size:
             writer.flush()
             progress_log()
 
     try:
         for page in reads.iter_pending_batches(conn, app_ids, settings.batch_size):
+            control.check()
             for file in page:
                 try:
                     key = object_key(file.app_id, file.location_value)
                 except InvalidLocationId as invalid:
                     window.append((file, None, invalid))
                 else:
+                    if listed_up_to(key, after_key):
+                        continue  # the app's listing settled it
                     window.append((file, key, store.submit_head(key)))
             while len(window) > window_size:
                 settle_oldest()
@@ -455,14 +529,17 @@ def _head_range(
 class ListedPage:
     attrs: writes.ListedAttrs  # the listed objects' values, by location-id
     malformed: dict[str, tuple[str, str]]  # location-id: (key, why its metadata cannot be written)
+    last_key: str | None  # of the page's objects, whatever they are: the listing is in key order
+    retries: int  # of the request that got the page
+    throttled: int  # its answers that told it to slow down
 
 
 def listed_pages(store: ObjectStore, app_id: uuid.UUID) -> Iterator[ListedPage]:
     """The app's listing, a page at a time, each made ready to write. Keys that are not where a
     location-id of this app puts its object are left out."""
-    for objects in listing.list_prefix(store, f"{app_id}/"):
+    for page in listing.list_prefix(store, f"{app_id}/"):
         found, malformed = [], {}
-        for listed in objects:
+        for listed in page.objects:
             location_id = location_id_of_key(app_id, listed.key)
             if location_id is None:
                 continue
@@ -472,7 +549,17 @@ def listed_pages(store: ObjectStore, app_id: uuid.UUID) -> Iterator[ListedPage]:
                 malformed[location_id] = (listed.key, str(error))
             else:
                 found.append((location_id, metadata.hash, metadata.last_modified_ms))
-        yield ListedPage(writes.ListedAttrs.of(app_id, found), malformed)
+        last_key = page.objects[-1].key if page.objects else None
+        yield ListedPage(writes.ListedAttrs.of(app_id, found), malformed, last_key, page.retries, page.throttled)
+
+
+_ALL_LISTED = object()  # _list_app's answer when the listing covered the whole app
+
+
+def listed_up_to(key: str, listed: object) -> bool:
+    """Whether the object `key` was in the part of its app's listing that was read: all of it
+    (_ALL_LISTED), or the keys up to `listed` (S3 lists in the byte order of the keys' UTF-8)."""
+    return listed is _ALL_LISTED or (listed is not None and key.encode() <= listed.encode())
 
 
 def _list_app(
@@ -482,38 +569,46 @@ def _list_app(
     writer: _BatchWriter,
     progress_log: _ProgressLog,
     log: Log,
-) -> bool:
+    control: RunControl,
+) -> object:
     """Read the app's objects from a listing of `<app_id>/`, each page written to the app's files
-    that lack `hash` at its locations; the files not listed are missing. False if the listing
-    failed: the app's remaining files are then left to HEADs.
+    that lack `hash` at its locations; the files not listed are missing. Returns _ALL_LISTED, or,
+    when the listing failed, the last key it got to (None for none): the files past it are left to
+    HEADs, and each file is counted once.
 
     A thread reads and encodes the next pages while this one writes: the writes, PostgreSQL's
     work, set the pace."""
     prefix = f"{app.app_id}/"
     malformed: set[uuid.UUID] = set()  # still lack `hash`, but are not missing
+    listed: object = None
     try:
-        for page in listing.prefetched(listed_pages(store, app.app_id)):
+        for page in listing.prefetched(listed_pages(store, app.app_id), check=control.check):
+            writer.requests(page.retries, page.throttled)
             if page.malformed:
                 for file in reads.pending_files_at(conn, app.app_id, list(page.malformed)):
                     malformed.add(file.entity_id)
                     writer.malformed(file, *page.malformed[file.location_value])
             writer.flush(page.attrs)
+            listed = page.last_key if page.last_key is not None else listed
             progress_log()
+        listed = _ALL_LISTED
     except ListingFailed as error:
         writer.flush()
-        log.warning(f"{error}; the app's remaining files are HEADed instead")
-        return False
+        log.warning(f"{error}; the app's files past {listed or 'the start'} of its listing are HEADed instead")
     unlisted_range = AppIdRange(str(app.app_id), app.app_id, app.app_id)
     for page in reads.iter_pending_batches(conn, unlisted_range, listing.LIST_PAGE_SIZE):
+        control.check()
         for file in page:
             if file.entity_id in malformed:
                 continue
             try:
                 key = object_key(file.app_id, file.location_value)
             except InvalidLocationId as invalid:
-                writer.invalid(file, str(invalid))
-            else:
+                if listed is _ALL_LISTED:  # else the HEADs meet it
+                    writer.invalid(file, str(invalid))
+                continue
+            if listed_up_to(key, listed):
                 writer.missing(file, key, f"no such object in S3 (not in the listing of {prefix})")
         writer.flush()
         progress_log()
-    return True
+    return listed

@@ -24,11 +24,12 @@ from s3_attrs_pipeline.settings import setting_help
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # as a shell reports a command Ctrl-C ended
 SUMMARY_COUNTS = (
     "processed", "successful", "missing", "failed", "invalid_location_id", "malformed_object_metadata",
-    "already_populated",
+    "already_populated", "s3_retries", "s3_throttled",
 )
-REFRESH_SUMMARY_COUNTS = ("checked", "unchanged", "refreshed", "missing", "failed")
+REFRESH_SUMMARY_COUNTS = ("checked", "unchanged", "refreshed", "missing", "failed", "s3_retries", "s3_throttled")
 
 
 class SetupError(Exception):
@@ -106,6 +107,7 @@ def _materialize(args: argparse.Namespace, asset_name: str, counts_type, summary
         sys.stdout, counts_type, summary, live=sys.stdout.isatty(), quiet=args.quiet, verbose=args.verbose
     )
     run_errors = []
+    interrupted = False
     instance = runs.dagster_instance()
     ranges = runs.contiguous_ranges(keys)
     for number, partition_range in enumerate(ranges, 1):
@@ -119,6 +121,13 @@ def _materialize(args: argparse.Namespace, asset_name: str, counts_type, summary
             log_level="INFO" if args.verbose else "CRITICAL",
             tags={"s3-attrs/launched-by": "cli"},
         )
+        if run.interrupted:
+            interrupted = True
+            run_errors.append(
+                f"run {run.run_id} was interrupted: the partitions it was working stopped within a batch and are "
+                "worked again by the next run" + (f"; {len(ranges) - number} runs not launched" if number < len(ranges) else "")
+            )
+            break
         if not run.success and len(display.failed) == failed_before:  # it failed before any partition did
             run_errors.append(f"run {run.run_id}: {run.error}")
         stopped = display.stopped_by()
@@ -127,6 +136,8 @@ def _materialize(args: argparse.Namespace, asset_name: str, counts_type, summary
             run_errors.append(f"stopped launching runs ({len(ranges) - number} not launched): {stopped}")
             break
     print(display.finish(run_errors, config.range_settings()))
+    if interrupted:
+        return EXIT_INTERRUPTED
     return EXIT_FAILED if display.failed or run_errors else 0
 
 
@@ -188,10 +199,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.stop:
         demo.stop_services(root)
         return 0
-    demo.start_services(root)
+    services = demo.start_services(root)
     print(f"services ready; `source {root / 'env'}` to use them from a shell")
-    if args.services_only:
-        return 0
+    status = 0
+    if services.reuploaded:
+        print(
+            "the S3 server started afresh and its objects were uploaded again, with new Last-Modified times: "
+            "the refresh rewrites the values they changed"
+        )
+        status = main(["refresh"])
+    if args.services_only or status != 0:
+        return status
     status = main(["run"])
     main(["stats"])
     if status == 0:
@@ -278,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
+    except KeyboardInterrupt:  # between runs, or before one began: nothing was being written
+        print("s3-attrs: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except SetupError as error:
         print(f"s3-attrs: {error}", file=sys.stderr)
         return EXIT_USAGE

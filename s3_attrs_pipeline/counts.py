@@ -41,6 +41,8 @@ class FileCounts(_Counts):
     s3_throttled: int = 0  # S3 answers that told the run to slow down
     apps_listed: int = 0  # apps read with ListObjectsV2 rather than one HEAD per file
     batches: int = 0  # write transactions
+    # files deleted while their values were written, whose hash and lastModified were removed
+    orphaned_values_removed: int = 0
 
     def as_config(self) -> dict[str, int]:
         return {config_key(name): getattr(self, name) for name in self.names()}
@@ -73,3 +75,4 @@ class RefreshCounts(_Counts):
     vanished_during_run: int = 0  # deleted, or given another location, between read and write
     apps_listed: int = 0
     s3_retries: int = 0
+    s3_throttled: int = 0  # S3 answers that told the run to slow down

@@ -9,10 +9,11 @@ nothing of Dagster; the asset and the CLI drive it.
 
 import contextlib
 import dataclasses
+import enum
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import ContextManager, Protocol
 
 import psycopg
@@ -22,7 +23,8 @@ from s3_attrs_pipeline.counts import FileCounts, RefreshCounts
 from s3_attrs_pipeline.instant import progress, reads
 from s3_attrs_pipeline.instant.catalog import CatalogMismatch
 from s3_attrs_pipeline.refresh import RefreshFailed, RefreshReport, refresh_partition
-from s3_attrs_pipeline.s3.store import ObjectStore, S3AccessError
+from s3_attrs_pipeline.run_control import RunControl, Stopped
+from s3_attrs_pipeline.s3.store import ObjectStore, S3AccessError, StoreStopped
 
 RUN_PROGRESS_LOG_INTERVAL_S = 30.0
 
@@ -113,24 +115,36 @@ class Plan:
         return cls(with_work, [key for key in keys if key not in worked], files_to_do)
 
 
+class Ended(enum.StrEnum):
+    """How a partition's work in a run ended."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # some files, or the whole partition, failed: the run fails naming it
+    STOPPED = "stopped"  # the run stopped before the partition was finished (or started)
+    LEFT = "left"  # another run was working on it: this run left it to that one
+
+
 @dataclasses.dataclass(frozen=True)
 class PartitionOutcome:
     partition_key: str
-    report: PartitionReport | RefreshReport | None  # None when the partition stopped before a report
-    error: str | None = None  # why it failed; None when it succeeded
+    report: PartitionReport | RefreshReport  # what was done until it ended, however it ended
+    ended: Ended = Ended.SUCCEEDED
+    error: str | None = None  # why it failed or stopped
     retryable: bool = True  # False when a rerun would meet the same wall (settings, bucket, catalog)
 
     @property
     def succeeded(self) -> bool:
-        return self.error is None
+        return self.ended is Ended.SUCCEEDED
 
 
 class Listener(Protocol):
-    """Hears a run's progress, always in the thread that iterates `PartitionWork.outcomes`."""
+    """Hears a run's progress, always in the thread that waits on `PartitionWork`."""
 
     def planned(self, plan: Plan) -> None: ...
     def files_done(self, files: int, failed: int) -> None: ...
     def partition_done(self, outcome: PartitionOutcome) -> None: ...
+    def waiting(self, text: str | None) -> None: ...  # what the run waits for (replication); None: no longer
+    def stopping(self, reason: str) -> None: ...
 
 
 class NoListener:
@@ -143,6 +157,12 @@ class NoListener:
     def partition_done(self, outcome: PartitionOutcome) -> None:
         pass
 
+    def waiting(self, text: str | None) -> None:
+        pass
+
+    def stopping(self, reason: str) -> None:
+        pass
+
 
 @dataclasses.dataclass(frozen=True)
 class Job:
@@ -150,24 +170,26 @@ class Job:
 
     name: str
     counts_type: type
-    work: Callable  # (conn, store, partition key, settings, log, on_files=) -> report
-    partly_failed: type[Exception]  # raised by `work` with the report when some files failed
+    report_type: type
+    work: Callable  # (conn, store, partition key, settings, log, on_files=, report=, control=) -> report
+    partly_failed: type[Exception]  # raised by `work` when some files failed
     plan: Callable[[psycopg.Connection, list[str], int], Plan]  # (conn, keys, partition width)
-    done_field: str  # the counts field that grows as files are done, for the progress display
 
 
 def _backfill_plan(conn: psycopg.Connection, keys: list[str], width: int) -> Plan:
-    """Work: partitions never completed that have files, or with files lacking hash beyond those known
-    unfillable. A partition with no file at all is recorded completed here, in one transaction."""
+    """Work: partitions never completed that have files, with files lacking hash beyond those known
+    unfillable, or with values on files deleted meanwhile. A partition with no file at all is
+    recorded completed here, in one transaction."""
     coverage = reads.coverage_by_partition(conn, width)
+    orphaned = reads.orphaned_values_by_partition(conn, width)
     state = progress.read_progress(conn)
-    candidates = set(progress.partitions_with_work(keys, coverage, state))
-    with_work = [key for key in keys if key in candidates and key in coverage]
-    never_done_empty = [key for key in keys if key in candidates and key not in coverage]
+    candidates = set(progress.partitions_with_work(keys, coverage, state)) | set(orphaned)
+    with_work = [key for key in keys if key in candidates and (key in coverage or key in orphaned)]
+    never_done_empty = [key for key in keys if key in candidates and key not in coverage and key not in orphaned]
     if never_done_empty:
         with conn.transaction():
             progress.record_empty_partitions(conn, never_done_empty, 16**width)
-    return Plan.of(keys, with_work, sum(coverage[key].lacking_hash for key in with_work))
+    return Plan.of(keys, with_work, sum(coverage[key].lacking_hash for key in with_work if key in coverage))
 
 
 def _refresh_plan(conn: psycopg.Connection, keys: list[str], width: int) -> Plan:
@@ -177,8 +199,8 @@ def _refresh_plan(conn: psycopg.Connection, keys: list[str], width: int) -> Plan
     return Plan.of(keys, with_work, sum(coverage[key].with_hash for key in with_work))
 
 
-BACKFILL = Job("backfill", FileCounts, backfill_partition, PartitionFailed, _backfill_plan, "processed")
-REFRESH = Job("refresh", RefreshCounts, refresh_partition, RefreshFailed, _refresh_plan, "checked")
+BACKFILL = Job("backfill", FileCounts, PartitionReport, backfill_partition, PartitionFailed, _backfill_plan)
+REFRESH = Job("refresh", RefreshCounts, RefreshReport, refresh_partition, RefreshFailed, _refresh_plan)
 
 
 def every_partition(plan: Plan) -> Plan:
@@ -187,16 +209,19 @@ def every_partition(plan: Plan) -> Plan:
 
 
 class _QueuedLog:
-    """A worker's log: its warnings and errors travel to the iterating thread, which alone writes the
-    run's log. Info lines (a partition's end, its progress) do not: each line is an event the run's
+    """A worker's log: its lines travel to the waiting thread, which alone writes the run's log. Info
+    lines (a partition's end, its progress) do not, unless `infos`: each line is an event the run's
     storage writes, ~5-10 ms of that one thread, and the partition's materialization carries the same
-    numbers; the run logs its own progress instead (RUN_PROGRESS_LOG_INTERVAL_S)."""
+    numbers; the run logs its own progress instead (RUN_PROGRESS_LOG_INTERVAL_S). The replication
+    gate's lines (what the run waits for) do."""
 
-    def __init__(self, events: queue.Queue):
+    def __init__(self, events: queue.Queue, *, infos: bool = False):
         self._events = events
+        self._infos = infos
 
     def info(self, msg: str) -> None:
-        pass
+        if self._infos:
+            self._events.put(("log", "info", msg))
 
     def warning(self, msg: str) -> None:
         self._events.put(("log", "warning", msg))
@@ -207,10 +232,15 @@ class _QueuedLog:
 
 class PartitionWork:
     """Works `keys` (the plan's partitions with work), `partitions_at_once` at a time, from the moment
-    it is made, so the caller can do other things meanwhile (record the partitions without work);
-    `outcomes()` yields each partition's outcome as it ends. An S3 refusal or a wrong catalog stops
-    the run: the partitions not yet started are yielded failed with that reason, without being tried.
-    Leaving the `with` block stops the workers after their current partition."""
+    it is made, so the caller can do other things meanwhile (hand Dagster the partitions without
+    work); `wait()` gives each partition's outcome as it ends. `control` is the run's: stopping it
+    (the caller does on an interrupt) ends every partition within a batch. An S3 refusal, a wrong
+    catalog or the failure threshold stop the run the same way: the partitions not yet started end
+    stopped, with that reason, without being tried.
+
+    Leaving the `with` block stops the workers and waits for them, unless it is left by GeneratorExit
+    (the run's step will never run again): then the workers are left to the process's end, their
+    commits paused (see run_control)."""
 
     def __init__(
         self,
@@ -231,27 +261,48 @@ class PartitionWork:
         for key in keys:
             self._todo.put(key)
         self._events: queue.Queue = queue.Queue()
-        self._stop = threading.Event()
+        self.control = RunControl(
+            settings.replication,
+            _QueuedLog(self._events, infos=True),
+            on_waiting=lambda text: self._events.put(("waiting", text)),
+        )
+        self.control.on_stop(store.stop)
+        self.control.on_stop(lambda: self._events.put(("stopping",)))
         self._work = (job, connect, store, settings)
         self._threshold = _FailureThreshold(range_settings)
         self._threads = [
             threading.Thread(target=self._worker, name=f"partition-worker-{n}", daemon=True)
             for n in range(min(range_settings.partitions_at_once, len(keys)))
         ]
+        self._finished_keys: set[str] = set()
+        self._workers_ended = 0
+        self._unexpected: BaseException | None = None
+        self.finished = not self._threads
+        self._files = self._failed_files = 0
+        self._started = self._logged = time.monotonic()
+        self._waiting_for: str | None = None
         for thread in self._threads:
             thread.start()
 
     def __enter__(self) -> "PartitionWork":
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is GeneratorExit:
+            self.control.stop("the run ended while it handed its events to Dagster")
+            return
+        if any(thread.is_alive() for thread in self._threads):
+            self.control.stop("the run was interrupted" if exc_type is not None else "the run ended")
+        self.join()
+
+    def join(self) -> None:
+        """Wait for the workers to end (after a stop, each ends within a batch)."""
         for thread in self._threads:
             thread.join()
 
     def _worker(self) -> None:
         job, connect, store, settings = self._work
-        events, log = self._events, _QueuedLog(self._events)
+        events, log, control = self._events, _QueuedLog(self._events), self.control
 
         def on_files(files: int, failed: int) -> None:
             events.put(("files", files, failed))
@@ -260,7 +311,7 @@ class PartitionWork:
         try:
             with contextlib.ExitStack() as connection:
                 conn = None
-                while not self._stop.is_set():
+                while not control.stopping:
                     try:
                         key = self._todo.get_nowait()
                     except queue.Empty:
@@ -268,71 +319,103 @@ class PartitionWork:
                     if conn is None or conn.closed or conn.broken:
                         connection.close()
                         conn = connection.enter_context(connect())
-                    outcome = _work_one(job, conn, store, key, settings, log, on_files)
+                    outcome = _work_one(job, conn, store, key, settings, log, on_files, control)
                     if not outcome.retryable:
-                        self._stop.set()  # before any worker takes another partition
+                        control.stop(outcome.error)  # before any worker takes another partition
                     events.put(("outcome", outcome))
                     if conn.broken:
                         conn = None
-        except BaseException as error:  # ends this worker; the iterating thread raises it (or names it)
+        except BaseException as error:  # ends this worker; the waiting thread raises it (or names it)
             events.put(("worker_failed", error))
         finally:
             events.put(("worker_done",))
 
-    def outcomes(self) -> Iterator[PartitionOutcome]:
-        """Each partition's outcome as it ends; meanwhile the workers' log lines and progress reach
-        `log` and the listener, in this thread."""
-        finished, stopped_by, ended, unexpected = set(), None, 0, None
-        files = failed_files = 0
-        started = logged = time.monotonic()
-        while ended < len(self._threads):
-            event = self._events.get()
-            if time.monotonic() - logged >= RUN_PROGRESS_LOG_INTERVAL_S:
-                logged = time.monotonic()
-                self._log.info(
-                    f"{len(finished)} of {len(self._keys)} partitions with work done, {files} files "
-                    f"({files / (logged - started):.0f} files/s), {failed_files} failed in S3"
-                )
-            if event[0] == "log":
-                getattr(self._log, event[1])(event[2])
-            elif event[0] == "files":
-                files, failed_files = files + event[1], failed_files + event[2]
-                self._listener.files_done(event[1], event[2])
-            elif event[0] == "outcome":
-                outcome = event[1]
-                finished.add(outcome.partition_key)
-                if not outcome.retryable and stopped_by is None:
-                    stopped_by = outcome.error
-                self._listener.partition_done(outcome)
-                yield outcome
-            elif event[0] == "worker_failed":
-                if not isinstance(event[1], psycopg.Error):
-                    unexpected = unexpected or event[1]
-                if stopped_by is None:
-                    stopped_by = f"a worker could not go on: {_first_line(event[1])}"
-                    self._stop.set()
-            else:
-                ended += 1
-        for key in self._keys:
-            if key not in finished:
-                outcome = PartitionOutcome(key, None, f"not done: the run stopped ({stopped_by})")
-                self._listener.partition_done(outcome)
-                yield outcome
-        if unexpected is not None:
+    def wait(self, timeout: float) -> list[PartitionOutcome]:
+        """The outcomes of the partitions that ended since the last call: at once if some did, else
+        once one does or `timeout` passes. Meanwhile the workers' log lines and progress reach the log
+        and the listener, in this thread. Once every worker has ended, the partitions never started
+        end stopped, and `finished` is set."""
+        ended: list[PartitionOutcome] = []
+        block = True
+        while not self.finished:
+            try:
+                event = self._events.get(timeout=timeout) if block else self._events.get_nowait()
+            except queue.Empty:
+                break
+            block = False
+            self._handle(event, ended)
+        self._log_progress()
+        if self._unexpected is not None and self.finished:
+            unexpected, self._unexpected = self._unexpected, None
             raise unexpected
+        return ended
+
+    def _handle(self, event: tuple, ended: list[PartitionOutcome]) -> None:
+        kind = event[0]
+        if kind == "log":
+            getattr(self._log, event[1])(event[2])
+        elif kind == "files":
+            self._files, self._failed_files = self._files + event[1], self._failed_files + event[2]
+            self._listener.files_done(event[1], event[2])
+        elif kind == "waiting":
+            self._waiting_for = event[1]
+            self._listener.waiting(event[1])
+        elif kind == "stopping":
+            self._listener.stopping(self.control.stop_reason)
+        elif kind == "outcome":
+            outcome = event[1]
+            self._finished_keys.add(outcome.partition_key)
+            self._listener.partition_done(outcome)
+            ended.append(outcome)
+        elif kind == "worker_failed":
+            if not isinstance(event[1], psycopg.Error):
+                self._unexpected = self._unexpected or event[1]
+            self.control.stop(f"a worker could not go on: {_first_line(event[1])}")
+        else:
+            self._workers_ended += 1
+            if self._workers_ended == len(self._threads):
+                ended.extend(self._never_started())
+                self.finished = True
+
+    def _never_started(self) -> list[PartitionOutcome]:
+        job = self._work[0]
+        outcomes = [
+            PartitionOutcome(key, job.report_type(key), Ended.STOPPED, f"not started: {self.control.stop_reason}")
+            for key in self._keys
+            if key not in self._finished_keys
+        ]
+        for outcome in outcomes:
+            self._listener.partition_done(outcome)
+        return outcomes
+
+    def _log_progress(self) -> None:
+        now = time.monotonic()
+        if now - self._logged < RUN_PROGRESS_LOG_INTERVAL_S:
+            return
+        self._logged = now
+        waiting = f"; waiting for replication: {self._waiting_for}" if self._waiting_for else ""
+        self._log.info(
+            f"{len(self._finished_keys)} of {len(self._keys)} partitions with work done, {self._files} files "
+            f"({self._files / (now - self._started):.0f} files/s), {self._failed_files} failed in S3{waiting}"
+        )
 
 
-def _work_one(job: Job, conn, store, key: str, settings, log: Log, on_files) -> PartitionOutcome:
+def _work_one(job: Job, conn, store, key: str, settings, log: Log, on_files, control: RunControl) -> PartitionOutcome:
+    report = job.report_type(key)
     try:
-        report = job.work(conn, store, key, settings, log, on_files=on_files)
+        job.work(conn, store, key, settings, log, on_files=on_files, report=report, control=control)
     except job.partly_failed as failed:
-        return PartitionOutcome(key, failed.report, str(failed))
+        return PartitionOutcome(key, report, Ended.FAILED, str(failed))
+    except (Stopped, StoreStopped):
+        return PartitionOutcome(key, report, Ended.STOPPED, f"stopped: {control.stop_reason}")
     except (S3AccessError, CatalogMismatch, TooManyFailures) as error:
         log.error(f"partition {key}: {error}")
-        return PartitionOutcome(key, None, str(error), retryable=False)
+        return PartitionOutcome(key, report, Ended.FAILED, str(error), retryable=False)
     except psycopg.Error as error:
         log.error(f"partition {key}: database error: {_first_line(error)}")
-        return PartitionOutcome(key, None, f"database error: {_first_line(error)}")
+        return PartitionOutcome(key, report, Ended.FAILED, f"database error: {_first_line(error)}")
+    if report.left_to_another_run:
+        return PartitionOutcome(key, report, Ended.LEFT)
     return PartitionOutcome(key, report)
 
 

@@ -8,7 +8,7 @@ chooses) and rewrites the two triples where they differ from the object the file
 location-id names, as InstantDB rewrites a cardinality-one attr. An unchanged file is not written
 (no new row version); a file whose object is gone keeps its values and is counted missing.
 
-Like backfill.py, this knows nothing of Dagster.
+Like backfill.py, this knows nothing of Dagster; the caller owns the partition's report.
 """
 
 import dataclasses
@@ -17,6 +17,7 @@ import time
 import psycopg
 
 from s3_attrs_pipeline.backfill import (
+    _ALL_LISTED,
     BackfillSettings,
     FileProblem,
     FilesDone,
@@ -24,6 +25,7 @@ from s3_attrs_pipeline.backfill import (
     ProblemLog,
     apps_to_list,
     listed_pages,
+    listed_up_to,
     no_progress,
     ranges_between,
 )
@@ -31,7 +33,7 @@ from s3_attrs_pipeline.counts import RefreshCounts
 from s3_attrs_pipeline.instant import catalog, live_updates, partition_locks, reads, writes
 from s3_attrs_pipeline.instant.app_id_ranges import AppIdRange
 from s3_attrs_pipeline.instant.object_keys import InvalidLocationId, object_key
-from s3_attrs_pipeline.instant.replication import ReplicationGate
+from s3_attrs_pipeline.run_control import RunControl
 from s3_attrs_pipeline.s3 import listing
 from s3_attrs_pipeline.s3.store import ListingFailed, ObjectStore
 
@@ -40,7 +42,7 @@ from s3_attrs_pipeline.s3.store import ListingFailed, ObjectStore
 class RefreshReport:
     partition_key: str
     counts: RefreshCounts = RefreshCounts()
-    concurrent_run: bool = False
+    left_to_another_run: bool = False  # another session held the partition's lock: this run did nothing
     duration_s: float = 0.0
     problems: list[FileProblem] = dataclasses.field(default_factory=list)  # the first of each kind
     replication_wait_s: float = 0.0  # spent waiting for replication to catch up before writing
@@ -64,21 +66,31 @@ def refresh_partition(
     settings: BackfillSettings,
     log: Log,
     on_files: FilesDone = no_progress,
+    *,
+    report: RefreshReport | None = None,
+    control: RunControl | None = None,
 ) -> RefreshReport:
-    report = RefreshReport(partition_key)
+    """Refresh the partition's files that have values into `report` (a new one if not given), and
+    return it; RefreshFailed at the end if some could not be read."""
+    report = report if report is not None else RefreshReport(partition_key)
+    control = control if control is not None else RunControl(settings.replication, log)
     catalog.ensure_file_attrs(conn)
     store.check_bucket()
     if not partition_locks.try_lock_partition(conn, partition_key):
-        report.concurrent_run = True
-        log.warning(f"partition {partition_key} is being backfilled or refreshed by another run; this run leaves it")
+        report.left_to_another_run = True
+        log.warning(
+            f"partition {partition_key} is being worked by another run right now; this run leaves it to that one"
+        )
         return report
     started = time.monotonic()
     try:
         _refresh_locked_partition(
-            conn, store, AppIdRange.for_partition(partition_key), report, settings, log, _Reporter(report, on_files)
+            conn, store, AppIdRange.for_partition(partition_key), report, settings, log,
+            _Reporter(report, on_files), control,
         )
     finally:
-        partition_locks.unlock_partition(conn, partition_key)
+        if not conn.closed and not conn.broken:
+            partition_locks.unlock_partition(conn, partition_key)
         report.duration_s = time.monotonic() - started
     counts = report.counts
     log.info(
@@ -99,30 +111,30 @@ def _refresh_locked_partition(
     settings: BackfillSettings,
     log: Log,
     reporter: "_Reporter",
+    control: RunControl,
 ) -> None:
     # An app dense in files with values, rather than in files lacking them, is listed here.
     apps = reads.app_file_counts(conn, app_ids)
     listed = apps_to_list(apps, settings.list_threshold, to_do=lambda app: app.populated)
-    head_ranges = ranges_between(app_ids, [app.app_id for app in listed])
-    replication = ReplicationGate(conn, settings.replication, log)
+    head_ranges = [(app_range, None) for app_range in ranges_between(app_ids, [app.app_id for app in listed])]
     for app in listed:
-        if _refresh_listed_app(conn, store, app.app_id, app.populated, report, settings, replication, log, reporter):
+        reached = _refresh_listed_app(conn, store, app, report, settings, control, log, reporter)
+        if reached is _ALL_LISTED:
             report.counts += RefreshCounts(apps_listed=1)
         else:
-            head_ranges.append(AppIdRange(app_ids.key, app.app_id, app.app_id))
+            head_ranges.append((AppIdRange(app_ids.key, app.app_id, app.app_id), reached))
     problem = ProblemLog(log, report.problems)
-    for app_range in head_ranges:
+    for app_range, after_key in head_ranges:
         for page in reads.iter_pending_batches(conn, app_range, settings.batch_size, with_hash=True):
-            _refresh_headed_page(conn, store, page, report, settings, replication, problem)
+            _refresh_headed_page(conn, store, page, report, settings, control, problem, after_key)
             reporter()
-    report.replication_wait_s = replication.waited_s
 
 
-def _write(conn, app_id, settings: BackfillSettings, replication: ReplicationGate, refresh) -> writes.RefreshOutcome:
+def _write(conn, app_id, settings: BackfillSettings, control: RunControl, report: RefreshReport, refresh):
     """One transaction: one app's rewrites, as live_updates says InstantDB must see them; first, a
     wait for replication if it lags."""
-    replication.before_write()
-    with conn.transaction():
+    with control.write(conn) as waited:
+        report.replication_wait_s += waited
         live_updates.before_writing(conn, app_id, settings.live_updates, settings.wal_msg_log_to_table)
         outcome = refresh()
         live_updates.after_writing(conn, app_id, settings.live_updates, outcome.rewritten)
@@ -130,17 +142,29 @@ def _write(conn, app_id, settings: BackfillSettings, replication: ReplicationGat
 
 
 def _refresh_headed_page(
-    conn, store, page, report: RefreshReport, settings, replication: ReplicationGate, problem: ProblemLog
+    conn, store, page, report: RefreshReport, settings, control: RunControl, problem: ProblemLog,
+    after_key: str | None,
 ) -> None:
+    """HEAD the page's files (those past `after_key`, where their app's listing got that far) and
+    rewrite the values that changed."""
     keyed, found = [], {}
+    control.check()
     for file in page:
         try:
-            keyed.append((file, object_key(file.app_id, file.location_value)))
+            key = object_key(file.app_id, file.location_value)
         except InvalidLocationId as invalid:
             report.counts += RefreshCounts(checked=1, invalid_location_id=1)
             problem("invalid", file, None, str(invalid), level="warning")
-    for (file, key), outcome in zip(keyed, store.head_many([key for _, key in keyed])):
-        report.counts += RefreshCounts(checked=1, s3_retries=outcome.retries)
+            continue
+        if not listed_up_to(key, after_key):
+            keyed.append((file, key, store.submit_head(key)))
+    try:
+        outcomes = [(file, key, control.result(future)) for file, key, future in keyed]
+    finally:
+        for _, _, future in keyed:
+            future.cancel()
+    for file, key, outcome in outcomes:
+        report.counts += RefreshCounts(checked=1, s3_retries=outcome.retries, s3_throttled=outcome.throttled)
         if outcome.metadata is not None:
             found.setdefault(file.app_id, []).append(
                 writes.FileObjectAttrs(file, outcome.metadata.hash, outcome.metadata.last_modified_ms)
@@ -155,7 +179,9 @@ def _refresh_headed_page(
             report.counts += RefreshCounts(failed=1)
             problem("failed", file, key, outcome.failure, level="error")
     for app_id, files in found.items():
-        outcome = _write(conn, app_id, settings, replication, lambda: writes.refresh_file_attrs(conn, files))
+        outcome = _write(
+            conn, app_id, settings, control, report, lambda files=files: writes.refresh_file_attrs(conn, files)
+        )
         # A file moved or deleted since it was read is compared with nothing: it is neither.
         report.counts += RefreshCounts(
             unchanged=outcome.compared - outcome.rewritten,
@@ -167,23 +193,27 @@ def _refresh_headed_page(
 def _refresh_listed_app(
     conn,
     store,
-    app_id,
-    populated: int,
+    app: reads.AppFileCount,
     report: RefreshReport,
     settings,
-    replication: ReplicationGate,
+    control: RunControl,
     log: Log,
     reporter: "_Reporter",
-) -> bool:
-    """False if the listing failed: the app is then HEADed instead, from the start (a rewrite is
-    idempotent)."""
+) -> object:
+    """Refresh the app's files from a listing of it. Returns _ALL_LISTED, or, when the listing failed,
+    the last key it got to (None for none): the files past it are HEADed instead, each file counted
+    once (a rewrite is idempotent)."""
+    app_id = app.app_id
     compared = malformed = 0
+    listed: object = None
     try:
-        for page in listing.prefetched(listed_pages(store, app_id)):
+        for page in listing.prefetched(listed_pages(store, app_id), check=control.check):
+            report.counts += RefreshCounts(s3_retries=page.retries, s3_throttled=page.throttled)
             malformed += len(page.malformed)
             if page.attrs.locations:
                 outcome = _write(
-                    conn, app_id, settings, replication, lambda: writes.refresh_listed_attrs(conn, page.attrs)
+                    conn, app_id, settings, control, report,
+                    lambda page=page: writes.refresh_listed_attrs(conn, page.attrs),
                 )
                 compared += outcome.compared
                 report.counts += RefreshCounts(
@@ -192,17 +222,36 @@ def _refresh_listed_app(
                     refreshed=outcome.rewritten,
                 )
                 reporter()
+            listed = page.last_key if page.last_key is not None else listed
+        listed = _ALL_LISTED
     except ListingFailed as error:
-        log.warning(f"{error}; the app's files are HEADed instead")
-        return False
-    # Populated files the listing did not hold (or held with malformed metadata): their values stay.
+        log.warning(f"{error}; the app's files past {listed or 'the start'} of its listing are HEADed instead")
+    # Files with values the part of the listing read did not hold (or held with malformed metadata):
+    # their values stay.
+    populated = app.populated if listed is _ALL_LISTED else _populated_up_to(conn, app_id, listed)
     unlisted = max(0, populated - compared)
     missing = max(0, unlisted - malformed)
-    report.counts += RefreshCounts(
-        checked=unlisted, missing=missing, malformed_object_metadata=unlisted - missing
-    )
+    report.counts += RefreshCounts(checked=unlisted, missing=missing, malformed_object_metadata=unlisted - missing)
     reporter()
-    return True
+    return listed
+
+
+def _populated_up_to(conn, app_id, listed: str | None) -> int:
+    """How many of the app's files with values have a key up to `listed`, the last key a listing that
+    failed part way read."""
+    if listed is None:
+        return 0
+    count = 0
+    for page in reads.iter_pending_batches(
+        conn, AppIdRange(str(app_id), app_id, app_id), listing.LIST_PAGE_SIZE, with_hash=True
+    ):
+        for file in page:
+            try:
+                key = object_key(file.app_id, file.location_value)
+            except InvalidLocationId:
+                continue  # never listed: the HEADs count it
+            count += listed_up_to(key, listed)
+    return count
 
 
 class _Reporter:

@@ -21,6 +21,7 @@ class RangeRun:
     run_id: str
     success: bool
     error: str | None  # the failed step's own message; its partitions' outcomes reach the listener
+    interrupted: bool = False  # by Ctrl-C or SIGTERM (Dagster turns SIGTERM into an interrupt during a run)
 
 
 @functools.cache
@@ -29,6 +30,20 @@ def dagster_instance() -> dg.DagsterInstance:
     if os.environ.get("DAGSTER_HOME"):
         return dg.DagsterInstance.get()
     return dg.DagsterInstance.ephemeral()
+
+
+# What Dagster raises in a step that an interrupt reached; the step's failure names its class.
+_INTERRUPTS = ("DagsterExecutionInterruptedError", "KeyboardInterrupt")
+
+
+def _interrupted(result: dg.ExecuteInProcessResult) -> bool:
+    for event in result.all_events:
+        error = event.step_failure_data.error if event.is_step_failure else None
+        while error is not None:
+            if error.cls_name in _INTERRUPTS:
+                return True
+            error = error.cause
+    return result.dagster_run.status is dg.DagsterRunStatus.CANCELED
 
 
 def _failure(result: dg.ExecuteInProcessResult) -> str:
@@ -74,7 +89,7 @@ def materialize_range(
     )
     if result.success:
         return RangeRun(result.run_id, True, None)
-    return RangeRun(result.run_id, False, _failure(result))
+    return RangeRun(result.run_id, False, _failure(result), interrupted=_interrupted(result))
 
 
 def all_partition_keys() -> list[str]:

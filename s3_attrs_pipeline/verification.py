@@ -45,6 +45,10 @@ class VerificationReport:
     known_invalid: int = 0  # invalid location id or malformed object metadata in the latest run
     remaining: int = 0  # files lacking hash that are not known to be missing or invalid
     partitions_with_gaps: list[PartitionGap] = dataclasses.field(default_factory=list)
+    # Files with hash and no location-id: deleted while their values were written (instant/writes.py);
+    # an app would see each as a file. A backfill of the partition removes them.
+    orphaned_values: int = 0
+    orphaned_values_by_partition: dict[str, int] = dataclasses.field(default_factory=dict)
     malformed: reads.MalformedTriples = reads.MalformedTriples(0, 0, 0)
     sample_size: int = 0
     sample_hash_mismatches: int = 0
@@ -64,7 +68,12 @@ class VerificationReport:
 
     @property
     def consistent(self) -> bool:
-        return self.sample_hash_mismatches == 0 and self.sample_last_modified_mismatches == 0 and self.sample_missing_now == 0
+        return (
+            self.sample_hash_mismatches == 0
+            and self.sample_last_modified_mismatches == 0
+            and self.sample_missing_now == 0
+            and self.orphaned_values == 0
+        )
 
     @property
     def well_formed(self) -> bool:
@@ -77,6 +86,11 @@ class VerificationReport:
     @property
     def gap_partition_keys(self) -> list[str]:
         return [gap.partition_key for gap in self.partitions_with_gaps]
+
+    @property
+    def partitions_to_heal(self) -> list[str]:
+        """What a backfill of these partitions would mend: gaps, and values left on deleted files."""
+        return sorted(set(self.gap_partition_keys) | set(self.orphaned_values_by_partition))
 
 
 def database_report(conn: psycopg.Connection, partition_width: int) -> VerificationReport:
@@ -104,6 +118,8 @@ def database_report(conn: psycopg.Connection, partition_width: int) -> Verificat
                 PartitionGap(key, part.files, part.with_hash, part.lacking_hash, missing, invalid, gap)
             )
     report.only_one = report.with_hash + report.with_last_modified - 2 * report.with_both
+    report.orphaned_values_by_partition = reads.orphaned_values_by_partition(conn, partition_width)
+    report.orphaned_values = sum(report.orphaned_values_by_partition.values())
     report.malformed = reads.malformed_new_triples(conn)
     report.app_query_plans = reads.app_query_plans(conn)
     return report

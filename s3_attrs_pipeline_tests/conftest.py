@@ -15,9 +15,13 @@ import psycopg
 import pytest
 import yaml
 
-from s3_attrs_pipeline import runs
-from s3_attrs_pipeline.local import postgres, s3_server, seed
-from s3_attrs_pipeline.s3 import store as object_store
+# The asset's step retry policy is made when its module is imported, below: a test's failed step
+# fails at once rather than being retried 30 s later.
+os.environ["S3_ATTRS_STEP_RETRIES"] = "0"
+
+from s3_attrs_pipeline import runs  # noqa: E402
+from s3_attrs_pipeline.local import postgres, s3_server, seed  # noqa: E402
+from s3_attrs_pipeline.s3 import store as object_store  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -133,3 +137,23 @@ def fresh_aws_session():
     yield
     object_store._shared_session.cache_clear()
     object_store._shared_botocore_session.cache_clear()
+
+
+@pytest.fixture
+def fault_proxy(s3_endpoint, bucket, monkeypatch):
+    """Every S3 request of the pipeline goes through the proxy, the daemon's runs' included."""
+    from s3_attrs_pipeline_tests.fault_proxy import FaultProxy
+
+    with FaultProxy(s3_endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        yield proxy
+
+
+@pytest.fixture
+def daemon(dagster_home, fault_proxy, instant_db_url):
+    """`dagster-daemon` on the repository's workspace and dagster.yaml, its loops every second."""
+    from s3_attrs_pipeline_tests.helpers import start_fast_daemon, stop_process
+
+    process = start_fast_daemon(REPO_ROOT / "workspace.yaml", dagster_home / "daemon.log")
+    yield process
+    stop_process(process)

@@ -100,3 +100,40 @@ def stop_process(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+# What the UI sends for "Materialize → Launch backfill".
+LAUNCH_BACKFILL = """
+mutation($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message stack }
+  }
+}"""
+# What the UI sends for a run's "Terminate".
+TERMINATE_RUN = """
+mutation($runId: String!) {
+  terminateRun(runId: $runId) {
+    __typename
+    ... on TerminateRunFailure { message }
+    ... on PythonError { message stack }
+  }
+}"""
+
+
+def launch(context, query, variables, field) -> str:
+    """Send a backfill mutation through Dagster's GraphQL, as the UI does; the new backfill's id."""
+    from dagster_graphql.test.utils import execute_dagster_graphql
+
+    result = execute_dagster_graphql(context, query, variables).data[field]
+    assert result["__typename"] == "LaunchBackfillSuccess", result
+    return result["backfillId"]
+
+
+def terminate(context, run_id: str) -> None:
+    """The UI's Terminate of a run."""
+    from dagster_graphql.test.utils import execute_dagster_graphql
+
+    result = execute_dagster_graphql(context, TERMINATE_RUN, {"runId": run_id}).data["terminateRun"]
+    assert result["__typename"] == "TerminateRunSuccess", result

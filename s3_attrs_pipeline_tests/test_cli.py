@@ -1,11 +1,13 @@
 """`s3-attrs` against the real parts, with a Dagster instance stored in PostgreSQL as dagster.yaml says."""
 
 import json
+import re
 
+import psycopg
 import pytest
 
 from s3_attrs_pipeline import cli, runs
-from s3_attrs_pipeline.instant import progress
+from s3_attrs_pipeline.instant import partition_locks, progress, reads
 from s3_attrs_pipeline_tests.helpers import NEW_ATTR_IDS, all_triples, new_attr_triples, swept_locations
 
 
@@ -143,3 +145,72 @@ def test_an_unreachable_database_is_a_clear_error(monkeypatch, capsys):
     assert cli.main(["stats"]) == cli.EXIT_FAILED
     err = capsys.readouterr().err
     assert "cannot reach the InstantDB database" in err and "hunter2" not in err
+
+
+def test_a_partition_another_session_holds_is_left_to_it_neither_materialized_nor_failed(
+    conn, instant_db_url, bucket, seeded_files, dagster_home, capsys
+):
+    import dagster as dg
+
+    keys = _data_partitions(seeded_files)
+    held = keys[0]
+    args = ["run", "--parallel", "2"] + [arg for key in keys for arg in ("--partition", key)]
+    with psycopg.connect(instant_db_url, autocommit=True) as other_run:
+        assert partition_locks.try_lock_partition(other_run, held)
+        assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"partition {held} left to the run working on it" in out
+    assert f"left to the runs working on them: {held}" in out and "0 failed, 0 stopped, 1 left to other runs" in out
+    instance = runs.dagster_instance()
+    assert instance.get_materialized_partitions(dg.AssetKey("files_s3_attrs")) == set(keys) - {held}
+    assert not {(f.app_id, f.entity_id) for f in seeded_files if f.app_id.hex[:2] == held and not f.prepopulated} & (
+        new_attr_triples(conn).keys()
+    )
+    # The lock holder gone, the next run works it (the checks and the daily heal find it by its gap).
+    assert held in progress.partitions_with_work(keys, reads.coverage_by_partition(conn, 2), progress.read_progress(conn))
+    assert cli.main(["run", "--quiet", "--partition", held]) == 0
+    assert held in instance.get_materialized_partitions(dg.AssetKey("files_s3_attrs"))
+
+
+def test_sessions_let_the_server_notice_a_lost_machine_within_about_a_minute(instant_db_url):
+    from s3_attrs_pipeline.instant import connection
+
+    with connection.connect(instant_db_url) as session:
+        params = session.info.get_parameters()
+        assert session.execute("SELECT 1").fetchone() == (1,)  # the server took the options
+    lost_after_s = int(params["keepalives_idle"]) + int(params["keepalives_interval"]) * int(params["keepalives_count"])
+    assert params["keepalives"] == "1" and lost_after_s <= 90
+    # The server's side, which ends the session (and frees its partition lock) when the client is gone:
+    server = dict(re.findall(r"-c (tcp_\w+)=(\d+)", params["options"]))
+    assert int(server["tcp_keepalives_idle"]) + int(server["tcp_keepalives_interval"]) * int(
+        server["tcp_keepalives_count"]
+    ) == lost_after_s
+    assert int(server["tcp_user_timeout"]) <= 90_000
+
+
+def test_a_retried_step_materializes_the_partitions_without_work_too(
+    conn, bucket, seeded_files, dagster_home, monkeypatch, capsys
+):
+    """The plan records the partitions without files as completed; a step that fails after that and is
+    retried must still materialize them (and not twice)."""
+    import dagster as dg
+
+    from s3_attrs_pipeline.defs.resources import FileBucketResource
+
+    opened = []
+    open_store = FileBucketResource.open_store
+
+    def fails_the_first_time(self):
+        opened.append(self)
+        if len(opened) == 1:
+            raise dg.RetryRequested(max_retries=1, seconds_to_wait=0)
+        return open_store(self)
+
+    monkeypatch.setattr(FileBucketResource, "open_store", fails_the_first_time)
+    assert cli.main(["run", "--quiet"]) == 0
+    assert len(opened) == 2
+    instance = runs.dagster_instance()
+    every = runs.all_partition_keys()
+    assert instance.get_materialized_partitions(dg.AssetKey("files_s3_attrs")) == set(every)
+    records = instance.fetch_materializations(dg.AssetKey("files_s3_attrs"), limit=1000).records
+    assert len(records) == len(every)

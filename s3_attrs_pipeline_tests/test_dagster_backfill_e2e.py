@@ -8,23 +8,15 @@ import dagster as dg
 import pytest
 from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES, BulkActionStatus
 from dagster._core.storage.tags import BACKFILL_ID_TAG
-from dagster_graphql.test.utils import define_out_of_process_context, execute_dagster_graphql
+from dagster_graphql.test.utils import define_out_of_process_context
 
 from s3_attrs_pipeline.defs.automation import CHECK_KEYS
 from s3_attrs_pipeline.defs.partitions import RANGE_END_TAG, RANGE_START_TAG, app_id_prefix_partitions
 from s3_attrs_pipeline_tests.conftest import REPO_ROOT
-from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
-from s3_attrs_pipeline_tests.helpers import start_fast_daemon, stop_process, wait_for
+from s3_attrs_pipeline_tests.fault_proxy import FaultRule
+from s3_attrs_pipeline_tests.helpers import LAUNCH_BACKFILL, launch, wait_for
 
 FILES = dg.AssetKey("files_s3_attrs")
-LAUNCH_BACKFILL = """
-mutation($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message stack }
-  }
-}"""
 REEXECUTE_BACKFILL = """
 mutation($params: ReexecutionParams) {
   reexecutePartitionBackfill(reexecutionParams: $params) {
@@ -33,12 +25,6 @@ mutation($params: ReexecutionParams) {
     ... on PythonError { message stack }
   }
 }"""
-
-
-def _launch(context, query, variables, field) -> str:
-    result = execute_dagster_graphql(context, query, variables).data[field]
-    assert result["__typename"] == "LaunchBackfillSuccess", result
-    return result["backfillId"]
 
 
 def _wait(condition, what: str):
@@ -97,21 +83,6 @@ def _checks_run(instance, runs_so_far: int) -> dict:
     return results
 
 
-@pytest.fixture
-def fault_proxy(s3_endpoint, bucket, monkeypatch):
-    """Every S3 request of the pipeline goes through the proxy, the daemon's runs' included."""
-    with FaultProxy(s3_endpoint) as proxy:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        yield proxy
-
-
-@pytest.fixture
-def daemon(dagster_home, fault_proxy, instant_db_url):
-    process = start_fast_daemon(REPO_ROOT / "workspace.yaml", dagster_home / "daemon.log")
-    yield process
-    stop_process(process)
-
-
 def test_ui_backfill_of_every_partition_works_only_where_there_is_work(
     conn, bucket, seeded_files, fault_proxy, daemon
 ):
@@ -126,7 +97,7 @@ def test_ui_backfill_of_every_partition_works_only_where_there_is_work(
     with dg.DagsterInstance.get() as instance, define_out_of_process_context(
         str(REPO_ROOT / "workspace.yaml"), None, instance
     ) as context:
-        first = _launch(
+        first = launch(
             context, LAUNCH_BACKFILL,
             # What "Materialize → All" sends for this asset: every key by name (it is in the asset job).
             {"params": {"partitionNames": every, "assetSelection": [{"path": ["files_s3_attrs"]}],
@@ -151,7 +122,7 @@ def test_ui_backfill_of_every_partition_works_only_where_there_is_work(
         assert after_first["checks"]["completeness"] == "FAILED"
 
         fault_proxy.clear_rules()
-        second = _launch(
+        second = launch(
             context, REEXECUTE_BACKFILL, {"params": {"parentRunId": first, "strategy": "FROM_FAILURE"}},
             "reexecutePartitionBackfill",
         )

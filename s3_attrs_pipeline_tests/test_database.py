@@ -1,8 +1,10 @@
 """The SQL layer against embedded PostgreSQL with InstantDB's tables."""
 
 import threading
+import time
 import uuid
 
+import dagster as dg
 import psycopg
 import pytest
 from psycopg import sql
@@ -19,6 +21,8 @@ from s3_attrs_pipeline.instant.file_attrs import (
     value_md5,
 )
 from s3_attrs_pipeline_tests.conftest import BOTH_SCHEMAS
+
+LOG = dg.get_dagster_logger()
 
 
 @pytest.mark.parametrize(
@@ -356,3 +360,122 @@ def test_the_queries_the_new_attrs_exist_for_read_an_index_for_one_app(conn, see
     conn.execute("DELETE FROM triples WHERE attr_id = ANY(%s)", ([HASH.attr_id, LAST_MODIFIED.attr_id],))
     assert reads.app_query_plans(conn) == []  # nothing populated: nothing to ask
     assert reads.app_query_plans(conn, app) == []
+
+
+# --- a file deleted while its values are written (issue 18) -----------------------------------------
+
+
+def _delete_file(url: str, file) -> None:
+    """As InstantDB deletes a `$files` entity: every triple of it, in one statement."""
+    with psycopg.connect(url, autocommit=True) as deleter:
+        deleter.execute("DELETE FROM triples WHERE app_id = %s AND entity_id = %s", (file.app_id, file.entity_id))
+
+
+def _waiting_on_a_lock(conn, statement_start: str) -> bool:
+    return conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s)",
+        (statement_start + "%",),
+    ).fetchone()[0]
+
+
+def _wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, f"waited 30s for {what}"
+        time.sleep(0.02)
+
+
+def _pending(conn, file) -> writes.FileObjectAttrs:
+    """What a batch writes for `file`: its values, for the location-id it was read with."""
+    [page] = list(reads.iter_pending_batches(conn, AppIdRange("app", file.app_id, file.app_id), 10_000))
+    [pending] = [f for f in page if f.entity_id == file.entity_id]
+    return writes.FileObjectAttrs(pending, "0123456789abcdef0123456789abcdef", 1_700_000_000_000)
+
+
+@BOTH_SCHEMAS
+def test_a_delete_that_reaches_the_file_first_makes_the_write_wait_and_write_nothing(
+    conn, instant_db_url, seeded_files
+):
+    file = next(f for f in seeded_files if not f.prepopulated)
+    values = _pending(conn, file)
+    outcomes = []
+    with psycopg.connect(instant_db_url) as deleter:  # its transaction open until it commits
+        deleter.execute("DELETE FROM triples WHERE app_id = %s AND entity_id = %s", (file.app_id, file.entity_id))
+
+        def write() -> None:
+            with connection.connect(instant_db_url) as writer, writer.transaction():
+                outcomes.append(writes.write_file_attrs(writer, [values]))
+
+        writing = threading.Thread(target=write)
+        writing.start()
+        _wait_until(lambda: _waiting_on_a_lock(conn, "WITH located AS"), "the write to wait for the delete")
+        deleter.commit()
+        writing.join(30)
+    assert outcomes == [writes.WriteOutcome(written=0, already_populated=0, vanished=1)]
+    assert reads.orphaned_values_by_partition(conn, 2) == {}
+
+
+@BOTH_SCHEMAS
+def test_a_delete_that_meets_the_write_waits_for_it_and_what_it_misses_is_healed(
+    conn, instant_db_url, s3_endpoint, bucket, seeded_files
+):
+    from s3_attrs_pipeline import backfill, verification
+    from s3_attrs_pipeline.s3.store import ObjectStore, S3Settings
+    from s3_attrs_pipeline_tests.helpers import new_attr_triples
+
+    file = next(f for f in seeded_files if not f.prepopulated and f.in_s3)
+    key = file.app_id.hex[:2]
+    values = _pending(conn, file)
+    with connection.connect(instant_db_url) as writer:
+        with writer.transaction():
+            assert writes.write_file_attrs(writer, [values]).written == 1
+            deleting = threading.Thread(target=_delete_file, args=(instant_db_url, file))
+            deleting.start()
+            # The location-id row the write read is locked until it commits: the delete waits.
+            _wait_until(lambda: _waiting_on_a_lock(conn, "DELETE FROM triples"), "the delete to wait for the write")
+        deleting.join(30)
+    assert not deleting.is_alive()
+    # The delete's snapshot predates the new triples: they outlive the file. The checks see them.
+    assert (file.app_id, file.entity_id) in new_attr_triples(conn)
+    assert reads.orphaned_values_by_partition(conn, 2) == {key: 1}
+    report = verification.database_report(conn, 2)
+    assert report.orphaned_values == 1 and not report.consistent and key in report.partitions_to_heal
+
+    # The next backfill of the partition (the daily heal runs one) removes them, as InstantDB hears of
+    # any write: one transaction with a `transactions` row of the app.
+    transactions = conn.execute("SELECT count(*) FROM transactions WHERE app_id = %s", (file.app_id,)).fetchone()[0]
+    with ObjectStore(S3Settings(bucket, endpoint_url=s3_endpoint)) as store:
+        report = backfill.backfill_partition(conn, store, key, backfill.BackfillSettings(), LOG)
+    assert report.counts.orphaned_values_removed == 1
+    assert progress.read_progress(conn)["partitions"][key]["orphaned-values-removed"] == 1
+    assert (file.app_id, file.entity_id) not in new_attr_triples(conn)
+    assert reads.orphaned_values_by_partition(conn, 2) == {}
+    assert verification.database_report(conn, 2).orphaned_values == 0
+    after = conn.execute("SELECT count(*) FROM transactions WHERE app_id = %s", (file.app_id,)).fetchone()[0]
+    assert after > transactions
+
+
+def test_values_left_on_a_deleted_file_are_kept_and_warned_of_when_the_role_may_not_delete(
+    conn, instant_db_url, s3_endpoint, bucket, seeded_files, caplog
+):
+    from s3_attrs_pipeline import backfill
+    from s3_attrs_pipeline.s3.store import ObjectStore, S3Settings
+    from s3_attrs_pipeline_tests.conftest import REPO_ROOT
+
+    file = next(f for f in seeded_files if f.prepopulated)
+    key = file.app_id.hex[:2]
+    conn.execute(
+        "DELETE FROM triples WHERE app_id = %s AND entity_id = %s AND attr_id <> ALL(%s)",
+        (file.app_id, file.entity_id, [HASH.attr_id, LAST_MODIFIED.attr_id]),
+    )
+    role = f"s3attrs_{conn.info.dbname}"[:60]
+    conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+    conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    for name in ("postgres-grants.sql", "postgres-grants-current.sql"):
+        conn.execute((REPO_ROOT / "docs" / name).read_text().replace(":role", role))
+    restricted = instant_db_url.replace("postgresql://postgres", f"postgresql://{role}", 1)
+    with connection.connect(restricted) as pipeline, ObjectStore(S3Settings(bucket, endpoint_url=s3_endpoint)) as store:
+        backfill.backfill_partition(pipeline, store, key, backfill.BackfillSettings(), LOG)
+    assert reads.orphaned_values_by_partition(conn, 2) == {key: 1}
+    assert "the role may not delete triples, so they stay" in caplog.text
+    assert "docs/postgres-grants-heal.sql" in caplog.text

@@ -26,7 +26,7 @@ from s3_attrs_pipeline.s3 import store as object_store
 from s3_attrs_pipeline.s3.endpoint import prepare_head_object
 from s3_attrs_pipeline.s3.metadata import object_metadata_from_headers
 from s3_attrs_pipeline.s3.sigv4 import SigV4Signer, encode_key, host_header
-from s3_attrs_pipeline.s3.store import ObjectStore, S3AccessError, S3Settings
+from s3_attrs_pipeline.s3.store import HEAD_REFUSALS_IN_A_ROW, ObjectStore, S3AccessError, S3Settings
 from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
 
 SPECIAL_KEYS = [
@@ -225,9 +225,12 @@ def test_signatures_pass_a_checking_server_and_a_wrong_secret_is_an_access_error
     object_store._shared_botocore_session.cache_clear()
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with ObjectStore(S3Settings("checked-files", endpoint_url=endpoint)) as store:
-        with pytest.raises(S3AccessError, match=r"S3 answered 403 for s3://checked-files/plain/key.txt"):
+        # A refused HEAD is its file's failure, until S3 refuses HEAD bucket too.
+        refused = [store.head(key) for key in SPECIAL_KEYS[: HEAD_REFUSALS_IN_A_ROW - 1]]
+        assert all(outcome.failure.startswith("S3 refused the HEAD with 403") for outcome in refused)
+        with pytest.raises(S3AccessError, match=r"S3 refused 3 HEAD requests in a row .* and HEAD bucket too"):
             store.head("plain/key.txt")
-        assert store.requests_sent == 1  # an access error is not retried
+        assert store.requests_sent == HEAD_REFUSALS_IN_A_ROW + 1  # a refusal is not retried
 
 
 # --- faults: reported exactly as the boto3 path reported them ----------------------------------
@@ -282,7 +285,7 @@ def test_faults_are_reported_as_boto3_reported_them(s3_endpoint, s3_client, buck
                     "reset": "ConnectionClosedError: ", "stall": "ReadTimeoutError: Read timeout on endpoint URL"}
         assert outcome.failure.startswith(expected[rule.kind])
     elif rule.kind == "access_denied":
-        assert outcome.startswith(f"S3 answered 403 for s3://{bucket}/{key}")
+        assert outcome.failure.startswith("S3 refused the HEAD with 403") and requests_sent == 1
     else:
         assert outcome.metadata == _expected_metadata(s3_client, bucket, key)
 

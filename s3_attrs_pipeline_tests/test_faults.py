@@ -86,20 +86,38 @@ def test_5xx_resets_and_stalls_are_retried_and_never_hang(conn, s3_endpoint, s3_
     _assert_partition_right(conn, s3_client, bucket, files)
 
 
-@pytest.mark.parametrize("scope", ["bucket", "objects"])
-def test_access_denied_stops_the_partition_at_once_and_writes_nothing(conn, s3_endpoint, bucket, seeded_files, scope):
+def test_access_denied_to_the_bucket_stops_the_partition_at_once_and_writes_nothing(
+    conn, s3_endpoint, bucket, seeded_files
+):
     key, _ = _biggest_partition(seeded_files)
     before = new_attr_triples(conn)
     with FaultProxy(s3_endpoint) as proxy:
-        pattern = f"^/{bucket}/?$" if scope == "bucket" else f"^/{bucket}/{key}"
-        proxy.add_rule(FaultRule("access_denied", key_pattern=pattern))
+        proxy.add_rule(FaultRule("access_denied", key_pattern=f"^/{bucket}/?$"))
         started = time.monotonic()
         with pytest.raises(S3AccessError, match="403"):
             _run(conn, proxy.url, bucket, key)
-        # The requests in flight at most, not the whole partition.
-        assert proxy.stats()["access_denied"] <= backfill.BackfillSettings().batch_size
+        assert proxy.stats()["access_denied"] == 1  # HEAD bucket, refused: no object is asked for
     assert time.monotonic() - started < 10
     assert new_attr_triples(conn) == before
+
+
+def test_access_denied_to_one_apps_objects_fails_those_files_and_names_the_code(
+    conn, s3_endpoint, s3_client, bucket, seeded_files
+):
+    """A bucket policy may refuse one app's objects (a condition, another account's objects) while the
+    bucket answers: those files fail, each named with S3's answer; the partition's other apps are done."""
+    key, files = _biggest_partition(seeded_files)
+    refused_app = max({f.app_id for f in files}, key=lambda app: sum(f.app_id == app for f in files))
+    with FaultProxy(s3_endpoint) as proxy:
+        proxy.add_rule(FaultRule("access_denied", method="HEAD", key_pattern=f"^/{bucket}/{refused_app}/"))
+        with pytest.raises(backfill.PartitionFailed) as failed:
+            _run(conn, proxy.url, bucket, key)
+    refused = [f for f in files if f.app_id == refused_app and not f.prepopulated]
+    assert failed.value.report.counts.failed == len(refused)
+    assert all("S3 refused the HEAD with 403" in p.reason for p in failed.value.report.problems if p.reason.startswith("failed"))
+    written = new_attr_triples(conn)
+    assert not [f for f in refused if (f.app_id, f.entity_id) in written]
+    _assert_partition_right(conn, s3_client, bucket, [f for f in files if f.app_id != refused_app])
 
 
 def test_malformed_object_metadata_is_counted_not_written(conn, s3_endpoint, s3_client, bucket, seeded_files):
@@ -271,7 +289,7 @@ def test_the_same_partition_twice_at_once(conn, instant_db_url, s3_endpoint, s3_
         for worker in workers:
             worker.join(120)
     assert errors == []
-    assert sorted(r.concurrent_run for r in reports) == [False, True]
+    assert sorted(r.left_to_another_run for r in reports) == [False, True]
     _assert_partition_right(conn, s3_client, bucket, files)
     _assert_totals_match_triples(conn, seeded_files)
     state = progress.read_progress(conn)

@@ -1,5 +1,6 @@
 """The LIST strategy: apps read with ListObjectsV2 instead of a HEAD per file, against moto over HTTP."""
 
+import dataclasses
 import itertools
 import os
 import uuid
@@ -8,7 +9,7 @@ import dagster as dg
 import psycopg
 import pytest
 
-from s3_attrs_pipeline import backfill
+from s3_attrs_pipeline import backfill, refresh
 from s3_attrs_pipeline.defs.assets import BackfillConfig, files_s3_attrs
 from s3_attrs_pipeline.defs.resources import resources_from_env
 from s3_attrs_pipeline.instant import reads, writes
@@ -123,7 +124,7 @@ def test_a_listed_object_with_malformed_metadata_is_its_files_problem_only(conn,
 
     def spoiling_list_prefix(store, prefix):
         for page in list_prefix(store, prefix):
-            yield [spoiled_entry(entry) for entry in page]
+            yield dataclasses.replace(page, objects=[spoiled_entry(entry) for entry in page.objects])
 
     monkeypatch.setattr(listing, "list_prefix", spoiling_list_prefix)
     with ObjectStore(S3Settings(bucket, endpoint_url=s3_endpoint)) as store:
@@ -277,3 +278,71 @@ def test_the_ranges_between_listed_apps_cover_the_rest_of_the_partition():
         AppIdRange("3f", uuid.UUID(int=partition.first.int + 1), uuid.UUID(int=partition.last.int - 1))
     ]
     assert backfill.ranges_between(partition, []) == [partition]
+
+
+# An app of three listing pages, so that a listing can fail after its first.
+THREE_PAGES = seed.DatasetSpec(apps=1, files=2100, missing_ratio=0.03, multipart_ratio=0.02, prepopulated_ratio=0.0,
+                               seed=23)
+
+
+@pytest.fixture
+def three_pages(conn, s3_client, bucket) -> tuple[str, list[seed.SeededFile]]:
+    files = seed.plan_dataset(THREE_PAGES)
+    seed.upload_objects(s3_client, bucket, files)
+    seed.insert_files(conn, s3_client, bucket, files)
+    return files[0].app_id.hex[:2], files
+
+
+def test_a_listing_that_fails_part_way_counts_each_file_once(
+    conn, s3_endpoint, s3_client, bucket, three_pages, monkeypatch
+):
+    """The files of the pages read are settled by the listing, the others HEADed: each counted once,
+    a file whose listed metadata was malformed included."""
+    key, files = three_pages
+    first_page = sorted(f.key for f in files if f.in_s3)[: listing.LIST_PAGE_SIZE]
+    spoiled = first_page[7]
+    list_prefix = listing.list_prefix
+
+    def spoiling(store, prefix):
+        for page in list_prefix(store, prefix):
+            yield dataclasses.replace(page, objects=[
+                ListedObject(o.key, 'garbage "etag', o.last_modified) if o.key == spoiled else o for o in page.objects
+            ])
+
+    monkeypatch.setattr(listing, "list_prefix", spoiling)
+    with FaultProxy(s3_endpoint) as proxy:
+        proxy.add_rule(FaultRule("internal_error", method="GET", after_requests=1))  # the first page only
+        with ObjectStore(S3Settings(bucket, endpoint_url=proxy.url, max_retries=1)) as store:
+            report = backfill.backfill_partition(conn, store, key, LIST_EVERY_APP, LOG)
+    counts = report.counts
+    assert counts.apps_listed == 0
+    assert counts.processed == len(files)
+    assert counts.malformed_object_metadata == 1
+    assert counts.successful == sum(f.in_s3 for f in files) - 1
+    assert counts.missing == sum(not f.in_s3 for f in files)
+    assert len(new_attr_triples(conn)) == counts.successful
+
+
+def test_a_refresh_whose_listing_fails_part_way_checks_each_file_once(
+    conn, s3_endpoint, s3_client, bucket, three_pages
+):
+    key, files = three_pages
+    with ObjectStore(S3Settings(bucket, endpoint_url=s3_endpoint)) as store:
+        backfill.backfill_partition(conn, store, key, backfill.BackfillSettings(list_threshold=1), LOG)
+    present = sorted((f for f in files if f.in_s3), key=lambda f: f.key)
+    rewritten = present[3::400]  # some in the page that is listed, some after it
+    for file in rewritten:
+        s3_client.put_object(Bucket=bucket, Key=file.key, Body=b"rewritten in place")
+    with FaultProxy(s3_endpoint) as proxy:
+        proxy.add_rule(FaultRule("internal_error", method="GET", after_requests=1))
+        with ObjectStore(S3Settings(bucket, endpoint_url=proxy.url, max_retries=1)) as store:
+            report = refresh.refresh_partition(conn, store, key, LIST_EVERY_APP, LOG)
+    counts = report.counts
+    assert counts.apps_listed == 0
+    assert counts.checked == len(present)
+    assert counts.refreshed == len(rewritten)
+    assert counts.unchanged == len(present) - len(rewritten)
+    assert counts.missing == counts.failed == 0
+    for file in rewritten:
+        etag, _ = head_values(s3_client, bucket, file.key)
+        assert new_attr_triples(conn)[(file.app_id, file.entity_id)][HASH.attr_id][0] == etag

@@ -2,10 +2,14 @@
 slot nobody reads, advanced by the test as InstantDB's invalidator would consume it; and a
 replication connection whose figures a role without pg_read_all_stats cannot see."""
 
+import contextlib
 import itertools
 import os
 import pwd
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -15,7 +19,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from s3_attrs_pipeline import backfill, refresh
+from s3_attrs_pipeline import backfill, cli, partition_range, refresh, runs
 from s3_attrs_pipeline.instant import connection, replication
 from s3_attrs_pipeline.instant.replication import ReplicationGate, ReplicationLimits
 from s3_attrs_pipeline.local import postgres, seed
@@ -26,6 +30,12 @@ from s3_attrs_pipeline_tests.helpers import head_values, new_attr_triples
 SLOT = "invalidator_test"
 # One app of 300 files: one partition, 6 write transactions of 50 files (~80-100 KB of WAL each).
 ONE_APP = seed.DatasetSpec(apps=1, files=300, missing_ratio=0.05, multipart_ratio=0.05, prepopulated_ratio=0.0)
+# Three apps in three partitions, to be worked at once.
+THREE_APPS = seed.DatasetSpec(apps=3, files=450, missing_ratio=0.05, multipart_ratio=0.0, prepopulated_ratio=0.0, seed=3)
+# What the server writes to the WAL by itself between a measurement and the write that follows it: the
+# commit records of the transactions in flight, a periodic record of running transactions. Under one
+# WAL page; autovacuum, which writes more, is off on this server.
+SERVER_OWN_WAL = 8192
 # Waits short enough for a test.
 FAST_POLLS = {"poll_initial_s": 0.05, "poll_max_s": 0.2}
 _counter = itertools.count()
@@ -63,7 +73,9 @@ def logical_server(logical_pgdata) -> str:
     saw the slot 358 KB past its limit, against 119 KB of WAL per batch on average), and the test's
     bound on the slot's lag is counted in batches."""
     yield postgres.start_embedded_postgres(
-        logical_pgdata, keep_running=False, server_settings={"wal_level": "logical", "full_page_writes": "off"}
+        logical_pgdata,
+        keep_running=False,
+        server_settings={"wal_level": "logical", "full_page_writes": "off", "autovacuum": "off"},
     )
     postgres.stop_embedded_postgres(logical_pgdata)
 
@@ -121,13 +133,14 @@ def logical_conn(logical_db):
 
 @pytest.fixture(scope="module")
 def module_bucket(s3_endpoint) -> str:
-    """ONE_APP's objects, uploaded once for the module's tests."""
+    """ONE_APP's and THREE_APPS' objects, uploaded once for the module's tests."""
     name = f"files-replication-{os.getpid()}"
     client = boto3.client(
         "s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
         aws_secret_access_key="testing",
     )
-    seed.upload_objects(client, name, [f for f in seed.plan_dataset(ONE_APP) if f.in_s3])
+    for spec in (ONE_APP, THREE_APPS):
+        seed.upload_objects(client, name, [f for f in seed.plan_dataset(spec) if f.in_s3])
     return name
 
 
@@ -144,6 +157,15 @@ def one_app(logical_conn, s3_client, bucket) -> tuple[str, list[seed.SeededFile]
 
 
 @pytest.fixture
+def three_apps(logical_conn, s3_client, bucket) -> tuple[list[str], list[seed.SeededFile]]:
+    files = seed.plan_dataset(THREE_APPS)
+    seed.insert_files(logical_conn, s3_client, bucket, files)
+    keys = sorted({f.app_id.hex[:2] for f in files})
+    assert len(keys) == 3
+    return keys, files
+
+
+@pytest.fixture
 def slot(logical_conn) -> str:
     """A logical slot, as InstantDB's invalidator reads the WAL through (made after `one_app` where a
     test asks for both, in that order)."""
@@ -153,7 +175,7 @@ def slot(logical_conn) -> str:
 
 def _slot_lag(conn, name: str = SLOT) -> int:
     return int(conn.execute(
-        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn) FROM pg_replication_slots "
+        "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), confirmed_flush_lsn) FROM pg_replication_slots "
         "WHERE slot_name = %s", (name,),
     ).fetchone()[0])
 
@@ -207,15 +229,46 @@ def _assert_every_file_right(conn, s3_client, bucket, files) -> None:
             assert sorted(values, key=str) == sorted([etag, last_modified], key=str)
 
 
+@pytest.fixture
+def wal_at_writes(logical_conn):
+    """Notes, in each write transaction of the pipeline, how far the slot lagged the WAL inserted when its
+    first INSERT into triples began (before it wrote anything), and where the WAL was when it last
+    wrote its progress rows (its last statement before the commit)."""
+    logical_conn.execute("""
+        CREATE TABLE wal_at_write (txid bigint, event text, lag bigint, lsn pg_lsn);
+        CREATE FUNCTION note_wal() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          INSERT INTO wal_at_write
+          SELECT txid_current(), TG_ARGV[0],
+                 (SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), confirmed_flush_lsn)::bigint
+                  FROM pg_replication_slots WHERE slot_name = 'invalidator_test'),
+                 pg_current_wal_insert_lsn();
+          RETURN NULL;
+        END $$;
+        CREATE TRIGGER note_write_start BEFORE INSERT ON triples FOR EACH STATEMENT EXECUTE FUNCTION note_wal('start');
+        CREATE TRIGGER note_write_end AFTER INSERT OR UPDATE ON config FOR EACH STATEMENT EXECUTE FUNCTION note_wal('end');
+    """)
+    return logical_conn
+
+
+def _write_transactions(conn) -> tuple[list[int], int]:
+    """The slot's lag as each write transaction began to write, and the most WAL one transaction wrote
+    (from its first INSERT to its last progress row: with other transactions' WAL in between, if any,
+    so no less than its own)."""
+    rows = conn.execute("""
+        SELECT (array_agg(lag ORDER BY lsn) FILTER (WHERE event = 'start'))[1],
+               pg_wal_lsn_diff(max(lsn) FILTER (WHERE event = 'end'), min(lsn) FILTER (WHERE event = 'start'))
+        FROM wal_at_write GROUP BY txid HAVING count(*) FILTER (WHERE event = 'start') > 0
+    """).fetchall()
+    return [int(lag) for lag, _ in rows], int(max(wal for _, wal in rows))
+
+
 def test_the_backfill_waits_for_a_lagging_slot_and_resumes_once_it_is_read(
-    logical_db, logical_conn, s3_endpoint, s3_client, bucket, one_app, slot
+    logical_db, logical_conn, s3_endpoint, s3_client, bucket, one_app, slot, wal_at_writes
 ):
     key, files = one_app
     limits = ReplicationLimits(max_lag_mb=0.25, **FAST_POLLS)
     limit_bytes = int(limits.max_lag_mb * 1024 * 1024)
-    created_at_lsn = logical_conn.execute(
-        "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = %s", (slot,)
-    ).fetchone()[0]
     log = RecordingLog()
     worker, outcome = _start_backfill(
         logical_db, bucket, s3_endpoint, key, backfill.BackfillSettings(replication=limits), log
@@ -242,13 +295,66 @@ def test_the_backfill_waits_for_a_lagging_slot_and_resumes_once_it_is_read(
     assert waiting.endswith(" MB behind (limit 0.25 MB)")
     assert log.said("info", "replication caught up after ")
     _assert_every_file_right(logical_conn, s3_client, bucket, files)
-    # Checked before each write transaction: the slot lags past the limit by one transaction at
-    # most (they differ in size; twice the mean allows for that, and for autovacuum's WAL).
-    wal_per_batch = logical_conn.execute(
-        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", (created_at_lsn,)
-    ).fetchone()[0] / report.counts.batches
+    # One partition: each write transaction began right after a measurement that found the slot within
+    # its limit; so did every write, whatever the size of the one before it.
+    began_at, _ = _write_transactions(logical_conn)
     assert max(lags) > limit_bytes
-    assert max(lags) <= limit_bytes + 2 * wal_per_batch, (max(lags), wal_per_batch)
+    assert max(began_at) <= limit_bytes + SERVER_OWN_WAL, (max(began_at), limit_bytes)
+
+
+class Heard(partition_range.NoListener):
+    """What a run's listener hears of its waits (from the thread that runs it)."""
+
+    def __init__(self):
+        self.waits: list[str] = []
+
+    def waiting(self, text):
+        if text is not None:
+            self.waits.append(text)
+
+
+def _run_partitions(url, bucket, endpoint, keys, limits, log, heard, at_once) -> list:
+    """A run over `keys`, `at_once` partitions at a time, as the asset runs one; the outcomes."""
+
+    @contextlib.contextmanager
+    def connect():
+        with connection.connect(url) as conn:
+            yield conn
+
+    settings = backfill.BackfillSettings(replication=limits)
+    with ObjectStore(S3Settings(bucket, endpoint_url=endpoint)) as store, partition_range.PartitionWork(
+        keys, job=partition_range.BACKFILL, connect=connect, store=store, settings=settings, log=log,
+        listener=heard, range_settings=partition_range.RangeSettings(partitions_at_once=at_once),
+    ) as work:
+        outcomes = []
+        while not work.finished:
+            outcomes += work.wait(timeout=1)
+        return outcomes
+
+
+def test_with_partitions_worked_at_once_the_slot_lags_the_limit_plus_one_transaction_each_at_most(
+    logical_db, logical_conn, s3_endpoint, s3_client, bucket, three_apps, slot, wal_at_writes
+):
+    """The gate is the run's: a write transaction begins only after a measurement found the slot
+    within its limit, so when one begins, the WAL past the limit is at most that of the transactions
+    of the other partitions already under way: one each."""
+    keys, files = three_apps
+    limits = ReplicationLimits(max_lag_mb=0.25, **FAST_POLLS)
+    limit_bytes = int(limits.max_lag_mb * 1024 * 1024)
+    log, heard = RecordingLog(), Heard()
+    worker, outcome = _start(
+        lambda: _run_partitions(logical_db, bucket, s3_endpoint, keys, limits, log, heard, at_once=len(keys))
+    )
+    lags = []
+    _read_the_slot_once_waited_for(worker, log, logical_conn, lags)
+    if "error" in outcome:
+        raise outcome["error"]
+    assert [o.ended for o in outcome["report"]] == [partition_range.Ended.SUCCEEDED] * len(keys)
+    _assert_every_file_right(logical_conn, s3_client, bucket, files)
+    assert heard.waits and max(lags) > limit_bytes  # the gate held the run
+    began_at, most_per_transaction = _write_transactions(logical_conn)
+    bound = limit_bytes + (len(keys) - 1) * most_per_transaction + SERVER_OWN_WAL
+    assert max(began_at) <= bound, (max(began_at), limit_bytes, most_per_transaction)
 
 
 @pytest.mark.parametrize("names", [{"ignore_slots": (SLOT,)}, {"watch_slots": ("another_slot",)}], ids=str)
@@ -369,6 +475,67 @@ def test_a_replica_the_role_cannot_see_is_warned_of_once_and_the_slots_still_wat
     _assert_every_file_right(logical_conn, s3_client, bucket, files)
 
 
+def test_a_hidden_replica_is_warned_of_once_per_run_not_per_partition(
+    logical_server, logical_db, logical_conn, s3_endpoint, s3_client, bucket, three_apps
+):
+    keys, files = three_apps
+    role = f"s3attrs_{logical_conn.info.dbname}"[:60]
+    _least_privileged_role(logical_conn, role)
+    restricted_url = logical_db.replace("postgresql://postgres", f"postgresql://{role}", 1)
+    log = RecordingLog()
+    with psycopg.connect(logical_server, autocommit=True, replication="true", application_name="standby_1"):
+        outcomes = _run_partitions(
+            restricted_url, bucket, s3_endpoint, keys, ReplicationLimits(**FAST_POLLS), log, Heard(), at_once=1
+        )
+    assert [o.ended for o in outcomes] == [partition_range.Ended.SUCCEEDED] * len(keys)
+    assert len(log.said("warning", "cannot see how far 1 streaming replica(s) lag")) == 1
+    _assert_every_file_right(logical_conn, s3_client, bucket, files)
+
+
+def test_a_replication_wait_shows_in_the_cli_and_the_run_log_and_sigterm_ends_it(
+    logical_db, logical_conn, s3_endpoint, bucket, one_app, slot, dagster_home, monkeypatch
+):
+    """An abandoned slot past its limit: `s3-attrs run` says what it waits for at once, the run's log
+    says it too, and SIGTERM ends the wait (and the run) within seconds."""
+    key, _ = one_app
+    logical_conn.execute("SELECT pg_logical_emit_message(true, 'test', repeat('x', 1100000))")  # ~1 MB behind
+    env = os.environ | {
+        "INSTANT_DATABASE_URL": logical_db, "AWS_ENDPOINT_URL": s3_endpoint, "INSTANT_S3_BUCKET": bucket,
+        replication.MAX_LAG_MB_ENV: "0.5",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "s3_attrs_pipeline.cli", "run", "--partition", key],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any("waiting for replication: slot" in line for line in lines):
+            assert process.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.1)
+        asked = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+        took = time.monotonic() - asked
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    reader.join(10)
+    out = "".join(lines)
+    assert f"waiting for replication: slot {SLOT} (inactive: nothing reads it) is " in out
+    assert process.returncode == cli.EXIT_INTERRUPTED, out
+    # The wait looks at the stop every 0.2 s; then the run records its partition and its end.
+    assert took < 20, f"SIGTERM took {took:.1f}s to end the run"
+    assert new_attr_triples(logical_conn) == {}
+    instance = runs.dagster_instance()
+    [run] = instance.get_runs()
+    said = [entry.user_message for entry in instance.all_logs(run.run_id)]
+    assert any(line.startswith(f"waiting for replication: slot {SLOT}") for line in said)
+
+
 def test_a_role_that_may_not_read_the_views_is_warned_of_once_and_writes_on(logical_db, logical_conn, slot):
     role = f"s3attrs_noviews_{logical_conn.info.dbname}"[:60]
     _least_privileged_role(logical_conn, role)
@@ -377,9 +544,9 @@ def test_a_role_that_may_not_read_the_views_is_warned_of_once_and_writes_on(logi
         restricted_url = logical_db.replace("postgresql://postgres", f"postgresql://{role}", 1)
         with psycopg.connect(restricted_url, autocommit=True) as conn:
             log = RecordingLog()
-            gate = ReplicationGate(conn, ReplicationLimits(max_lag_mb=0.0001, **FAST_POLLS), log)
+            gate = ReplicationGate(ReplicationLimits(max_lag_mb=0.0001, **FAST_POLLS), log)
             for _ in range(3):
-                gate.before_write()
+                gate.before_write(conn)
     finally:
         logical_conn.execute("GRANT SELECT ON pg_replication_slots TO PUBLIC")
     assert gate.waited_s == 0
@@ -391,10 +558,10 @@ def test_the_check_costs_one_query_when_nothing_lags(logical_conn, slot, monkeyp
     queries = []
     measure = replication.measure_replication_lag
     monkeypatch.setattr(replication, "measure_replication_lag", lambda *a, **k: queries.append(1) or measure(*a, **k))
-    gate = ReplicationGate(logical_conn, ReplicationLimits(), RecordingLog())
+    gate = ReplicationGate(ReplicationLimits(), RecordingLog())
     started = time.perf_counter()
     for _ in range(200):
-        gate.before_write()
+        gate.before_write(logical_conn)
     per_check_ms = (time.perf_counter() - started) / 200 * 1000
     assert len(queries) == 200 and gate.waited_s == 0
     assert per_check_ms < 5, f"{per_check_ms:.2f} ms a check"

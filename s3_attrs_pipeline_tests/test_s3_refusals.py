@@ -11,9 +11,17 @@ import boto3
 import dagster as dg
 import pytest
 
-from s3_attrs_pipeline import backfill
+from s3_attrs_pipeline import backfill, cli, runs
+from s3_attrs_pipeline.instant.file_attrs import json_text
 from s3_attrs_pipeline.local import s3_server, seed
-from s3_attrs_pipeline.s3.store import HEAD_REFUSALS_IN_A_ROW, ObjectStore, S3AccessError, S3Refused, S3Settings
+from s3_attrs_pipeline.s3.store import (
+    HEAD_REFUSALS_IN_A_ROW,
+    REFUSED_APPS_IN_A_ROW,
+    ObjectStore,
+    S3AccessError,
+    S3Refused,
+    S3Settings,
+)
 from s3_attrs_pipeline_tests.fault_proxy import FaultProxy, FaultRule
 from s3_attrs_pipeline_tests.helpers import head_values, new_attr_triples
 
@@ -56,11 +64,12 @@ def test_credentials_expiring_mid_run_stop_the_partition_within_a_batch(conn, s3
             window = 2 * max(settings.batch_size, store.settings.max_in_flight)
         refusals = proxy.stats()["s3_error"]
     message = str(refused.value)
-    assert re.match(r"S3 refused \d+ HEAD requests in a row with 400, the last for s3://", message)
+    assert re.match(r"S3 refused \d+ HEAD requests in a row \(the last, for s3://.+, with 400\) and HEAD bucket too", message)
     assert "the session credentials expired: refresh them" in message and "rerun the failed partitions" in message
-    # The requests already in flight when the credentials expired, and hardly more: none of the
-    # HEADs queued behind them was sent.
-    assert HEAD_REFUSALS_IN_A_ROW <= refusals <= store.settings.max_in_flight + HEAD_REFUSALS_IN_A_ROW < window
+    # The requests already in flight when the credentials expired, and a HEAD bucket for every three of
+    # them refused in a row: none of the HEADs queued behind them was sent.
+    in_flight = store.settings.max_in_flight
+    assert HEAD_REFUSALS_IN_A_ROW < refusals <= in_flight + in_flight // HEAD_REFUSALS_IN_A_ROW + 1 < window
     written = _assert_written_right(conn, s3_client, bucket, files)
     assert settings.batch_size <= written < sum(f.in_s3 and not f.prepopulated for f in files)
 
@@ -83,6 +92,56 @@ def test_a_few_refused_heads_are_failed_files_not_a_stop(conn, s3_endpoint, s3_c
     }
     written = _assert_written_right(conn, s3_client, bucket, files)
     assert written == sum(f.in_s3 and not f.prepopulated for f in files) - len(refused)
+
+
+def test_objects_encrypted_with_a_customer_key_in_a_row_are_failed_files_not_a_stop(
+    conn, s3_endpoint, s3_client, bucket, one_app
+):
+    """SSE-C objects answer 400 to a HEAD without their key. Several in a row make the store ask HEAD
+    bucket, which S3 answers: so they are those files' failures, and the partition's other files are
+    written."""
+    key, files = one_app
+    in_head_order = sorted((f for f in files if f.in_s3 and not f.prepopulated), key=lambda f: json_text(f.location_id))
+    refused = in_head_order[10:10 + 2 * HEAD_REFUSALS_IN_A_ROW]
+    with FaultProxy(s3_endpoint) as proxy:
+        for file in refused:
+            proxy.add_rule(FaultRule("s3_error", method="HEAD", key_pattern=re.escape(file.key), status=400))
+        # One request at a time: the refused HEADs come in a row.
+        with ObjectStore(S3Settings(bucket, endpoint_url=proxy.url, max_in_flight=1)) as store:
+            with pytest.raises(backfill.PartitionFailed) as failed:
+                backfill.backfill_partition(conn, store, key, backfill.BackfillSettings(), LOG)
+            # HEAD bucket, a HEAD per file to do, and a HEAD bucket after each three refused in a row.
+            headed = sum(not f.prepopulated for f in files)
+            assert store.requests_sent == 1 + headed + len(refused) // HEAD_REFUSALS_IN_A_ROW
+    assert failed.value.report.counts.failed == len(refused)
+    reasons = {p.entity_id: p.reason for p in failed.value.report.problems if p.reason.startswith("failed")}
+    assert set(reasons) == {str(f.entity_id) for f in refused}
+    assert all("S3 refused the HEAD with 400" in reason for reason in reasons.values())
+    assert _assert_written_right(conn, s3_client, bucket, files) == (
+        sum(f.in_s3 and not f.prepopulated for f in files) - len(refused)
+    )
+
+
+def test_heads_refused_for_the_objects_of_several_apps_while_the_bucket_answers_stop_the_run(
+    conn, s3_endpoint, s3_client, bucket, seeded_files, dagster_home, monkeypatch, capsys
+):
+    """A policy without s3:GetObject: HEAD bucket answers, every HEAD of an object is refused. The
+    refusals come from the objects of apps after apps: the run stops, saying what the policy lacks."""
+    keys = sorted({f.app_id.hex[:2] for f in seeded_files})
+    one_run = [key for key in runs.all_partition_keys() if keys[0] <= key <= keys[-1]]
+    with FaultProxy(s3_endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        proxy.add_rule(FaultRule("access_denied", method="HEAD", key_pattern=f"^/{bucket}/.+"))
+        status = cli.main(["run", "--parallel", "1"] + [arg for key in one_run for arg in ("--partition", key)])
+        refused = proxy.stats()["access_denied"]
+    out = capsys.readouterr().out
+    assert status == cli.EXIT_FAILED
+    assert f"objects of {REFUSED_APPS_IN_A_ROW} apps in a row" in out and "must allow s3:GetObject" in out
+    assert f"partition {keys[REFUSED_APPS_IN_A_ROW]} STOPPED" not in out  # not started: only the summary names it
+    # The first apps' HEADs, up to the third app's first refusal; no partition after it was started.
+    first_apps = [f for f in seeded_files if f.app_id.hex[:2] in keys[:REFUSED_APPS_IN_A_ROW - 1] and not f.prepopulated]
+    assert refused <= len(first_apps) + S3Settings("x").max_in_flight
+    assert new_attr_triples(conn).keys() == {(f.app_id, f.entity_id) for f in seeded_files if f.prepopulated}
 
 
 def test_an_expired_token_on_a_listing_is_named_and_stops_the_partition(conn, s3_endpoint, bucket, one_app):

@@ -81,7 +81,7 @@ def _listing_outcome(proxy_url: str, bucket: str, *, through_boto3: bool, monkey
             except (ListingFailed, S3AccessError) as error:
                 # The signed request's URL has the same query, in canonical order.
                 return type(error).__name__, re.sub(r'URL: "[^"]*"', "URL: <the listing's>", str(error)), store.requests_sent
-            return "pages", [[entry.key for entry in page] for page in pages], store.requests_sent
+            return "pages", [[entry.key for entry in page.objects] for page in pages], store.requests_sent
 
 
 @pytest.mark.parametrize(

@@ -141,7 +141,7 @@ def _install_timers() -> None:
         started = time.perf_counter()
         held = list_app(conn, store, app, *args, **kwargs)
         _LISTED_APPS.append({"app_id": str(app.app_id), "files": app.pending, "seconds": time.perf_counter() - started,
-                             "listed": held})
+                             "listed": held is backfill._ALL_LISTED})
         return held
 
     timed_prefetched.bench_timed = True

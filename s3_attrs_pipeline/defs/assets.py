@@ -103,8 +103,6 @@ def report_metadata(report: PartitionReport) -> dict[str, dg.MetadataValue]:
         replication_wait_seconds=float(report.replication_wait_s),
         files_per_second=float(report.files_per_second),
     )
-    if report.concurrent_run:
-        metadata["skipped"] = dg.MetadataValue.text("another run was backfilling this partition at the same time")
     if report.problems:
         metadata["problem_files"] = table(FileProblem, report.problems)
     return metadata

@@ -33,10 +33,12 @@ verify_after_backfill = dg.AutomationConditionSensorDefinition(
 def daily_reverification(context: dg.ScheduleEvaluationContext, instant_db: InstantDatabaseResource):
     tick = context.scheduled_execution_time.isoformat()
     with instant_db.connect() as conn:
-        gaps = database_report(conn, PARTITION_WIDTH).gap_partition_keys
+        gaps = database_report(conn, PARTITION_WIDTH).partitions_to_heal
     if not gaps:
         return [dg.RunRequest(run_key=f"verify:{tick}", asset_selection=[], asset_check_keys=CHECK_KEYS)]
-    context.log.info(f"{len(gaps)} partitions have files lacking hash: {' '.join(gaps)}")
+    context.log.info(
+        f"{len(gaps)} partitions have files lacking hash, or values left on deleted files: {' '.join(gaps)}"
+    )
     return [
         dg.RunRequest(
             run_key=f"heal:{tick}",

@@ -51,7 +51,11 @@ CHECK_SPECS = [
         "Every file has hash and lastModified, except those whose object is known to be missing or whose data is "
         "known to be invalid.",
     ),
-    _spec("consistency", "A random sample of populated files has the ETag and Last-Modified S3 reports now."),
+    _spec(
+        "consistency",
+        "A random sample of populated files has the ETag and Last-Modified S3 reports now, and no hash or "
+        "lastModified is left on a file deleted while they were written (orphaned_values).",
+    ),
     _spec(
         "well_formed",
         "hash is a non-empty string, lastModified a positive integer of ms, both or neither per file, and every "
@@ -98,6 +102,7 @@ def _check_results(report: VerificationReport) -> list[dg.AssetCheckResult]:
                 sample_missing_now=report.sample_missing_now,
                 sample_unreadable=report.sample_unreadable,
                 sample_stale=report.sample_stale,
+                orphaned_values=report.orphaned_values,
             )
             | mismatches,
         ),

@@ -2,11 +2,18 @@
 a UI backfill: the assets' backfill policy is a single run), planned and worked by partition_range.
 
 Each partition that ends well gets its own materialization, as it ends; partitions with nothing to do
-get theirs from the plan. A run with failed partitions then fails, and Dagster marks failed exactly
-the partitions of the run that were not materialized: each failed partition shows failed alone and
-reruns alone."""
+get theirs from the plan, in whichever attempt of the step plans them. A run with failed partitions
+then fails, and Dagster marks failed exactly the partitions of the run that were not materialized:
+each failed partition shows failed alone and reruns alone. A partition another run is working on is
+left to that run: neither materialized nor failed by this one, unless this run fails for others.
+
+While the step hands materializations to Dagster its workers commit nothing (run_control says why):
+so when the run is terminated, nothing is written once Dagster shows it ended. An interrupt that
+reaches the step stops the workers within a batch and waits for them before the run ends.
+"""
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterator
 
 import dagster as dg
@@ -15,8 +22,13 @@ from s3_attrs_pipeline import partition_range
 from s3_attrs_pipeline.defs.metadata import numbers
 from s3_attrs_pipeline.defs.partitions import PARTITION_WIDTH, app_id_prefix_partitions
 from s3_attrs_pipeline.defs.resources import FileBucketResource, InstantDatabaseResource
+from s3_attrs_pipeline.partition_range import Ended, PartitionOutcome
 
 FAILED_PARTITIONS_SHOWN = 20  # in the failure's description; the metadata names them all
+# Materializations handed over at once, the workers' commits paused meanwhile (~12 ms each).
+HANDED_OVER_AT_ONCE = 32
+RUN_STATUS_POLL_S = 2.0  # how often the run looks whether it was marked canceled without being told
+_ENDED_RUN_STATUSES = (dg.DagsterRunStatus.CANCELING, dg.DagsterRunStatus.CANCELED)
 
 
 def nothing_to_do(job: partition_range.Job) -> dict[str, dg.MetadataValue]:
@@ -49,7 +61,13 @@ def materialize_range(
         f"({plan.files_to_do} files), {len(plan.without_work)} nothing to do"
     )
     listener.planned(plan)
-    failed: list[partition_range.PartitionOutcome] = []
+    empty = _not_materialized_by_this_run(context, plan.without_work)
+
+    def materialization(key: str, metadata: dict) -> dg.AssetMaterialization:
+        return dg.AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=metadata)
+
+    ended: list[PartitionOutcome] = []
+    handed_over: set[str] = set()
     with file_bucket.open_store() as store, partition_range.PartitionWork(
         plan.with_work,
         job=job,
@@ -60,34 +78,99 @@ def materialize_range(
         listener=listener,
         range_settings=range_settings,
     ) as work:
-        # Recorded while the partitions with work are worked. A retry's plan finds the partitions done
-        # in the attempts before it without work: they already have their materialization.
-        if context.retry_number == 0:
-            for key in plan.without_work:
-                yield dg.AssetMaterialization(asset_key=context.asset_key, partition=key, metadata=nothing_to_do(job))
-        for outcome in work.outcomes():
-            if outcome.succeeded:
-                yield dg.AssetMaterialization(
-                    asset_key=context.asset_key, partition=outcome.partition_key, metadata=metadata_of(outcome.report)
-                )
-            else:
-                failed.append(outcome)
-                context.log.error(f"partition {outcome.partition_key} failed: {outcome.error}")
-    if failed:
-        raise _failure(failed, plan, job)
+        control = work.control
+        try:
+            polled = time.monotonic()
+            while not work.finished or empty:
+                outcomes = work.wait(timeout=0 if empty else RUN_STATUS_POLL_S)
+                ended += outcomes
+                if time.monotonic() - polled >= RUN_STATUS_POLL_S:
+                    polled = time.monotonic()
+                    if _marked_ended(context):
+                        control.stop("the run was marked canceled")
+                handed = [materialization(o.partition_key, metadata_of(o.report)) for o in outcomes if o.succeeded]
+                handed += [materialization(key, nothing_to_do(job)) for key in empty[:HANDED_OVER_AT_ONCE]]
+                del empty[:HANDED_OVER_AT_ONCE]
+                if handed:
+                    with control.commits_paused():
+                        for event in handed:
+                            yield event
+                            handed_over.add(event.partition)
+        except GeneratorExit:
+            raise  # Dagster ended the step while it held the thread: the workers' commits stay paused
+        except BaseException:
+            # Terminate, Ctrl-C, SIGTERM: every partition stops within a batch and records where it got to
+            # before the run is reported ended; those that finished meanwhile are materialized.
+            control.stop("the run was interrupted")
+            context.log.warning("the run was interrupted: its partitions stop within a batch")
+            work.join()
+            while not work.finished:
+                ended += work.wait(timeout=0)
+            for outcome in ended:
+                if outcome.succeeded and outcome.partition_key not in handed_over:
+                    yield materialization(outcome.partition_key, metadata_of(outcome.report))
+            cut_short = sorted(o.partition_key for o in ended if o.ended is Ended.STOPPED)
+            context.log.warning(
+                f"the run was interrupted; {len(cut_short)} partitions stopped before they were finished, their "
+                f"progress recorded as 'stopped' (the next run works them again): {' '.join(cut_short)}"
+            )
+            raise
+    _say_how_it_ended(context, job, ended, control)
+    unfinished = [o for o in ended if o.ended in (Ended.FAILED, Ended.STOPPED)]
+    if unfinished:
+        # A run that stopped (refused, past its failure threshold, canceled) is not retried.
+        retry = not control.stopping and all(o.retryable for o in unfinished)
+        raise _failure(unfinished, [o for o in ended if o.ended is Ended.LEFT], plan, job, allow_retries=retry)
 
 
-def _failure(failed: list[partition_range.PartitionOutcome], plan: partition_range.Plan, job) -> dg.Failure:
+def _not_materialized_by_this_run(context: dg.AssetExecutionContext, keys: list[str]) -> list[str]:
+    """`keys` but those this run already materialized, in an earlier attempt of its step."""
+    if context.retry_number == 0 or not keys:
+        return list(keys)
+    run = context.instance.get_run_record_by_id(context.run.run_id)
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(
+            asset_key=context.asset_key, asset_partitions=keys, after_timestamp=run.create_timestamp.timestamp()
+        ),
+        limit=len(keys) * 2 + 100,
+    ).records
+    done = {record.partition_key for record in records if record.run_id == context.run.run_id}
+    return [key for key in keys if key not in done]
+
+
+def _marked_ended(context: dg.AssetExecutionContext) -> bool:
+    """Whether the run was marked canceling or canceled (a force termination tells the run nothing)."""
+    run = context.instance.get_run_by_id(context.run.run_id)
+    return run is not None and run.status in _ENDED_RUN_STATUSES
+
+
+def _say_how_it_ended(context, job: partition_range.Job, ended: list[PartitionOutcome], control) -> None:
+    left = sorted(o.partition_key for o in ended if o.ended is Ended.LEFT)
+    if left:
+        context.log.warning(
+            f"left {len(left)} partitions to the runs working on them (neither materialized nor failed by this "
+            f"run; the checks and the daily heal look at them again): {' '.join(left)}"
+        )
+    if control.replication.waited_s:
+        context.log.info(f"the {job.name} waited {control.replication.waited_s:.1f}s in all for replication")
+
+
+def _failure(
+    failed: list[PartitionOutcome], left: list[PartitionOutcome], plan: partition_range.Plan, job, *, allow_retries: bool
+) -> dg.Failure:
     shown = "; ".join(f"{o.partition_key}: {o.error}" for o in failed[:FAILED_PARTITIONS_SHOWN])
     more = f"; and {len(failed) - FAILED_PARTITIONS_SHOWN} more" if len(failed) > FAILED_PARTITIONS_SHOWN else ""
     counts = job.counts_type()
     for outcome in failed:
-        if outcome.report is not None:
-            counts += outcome.report.counts
+        counts += outcome.report.counts
+    metadata = numbers(**dataclasses.asdict(counts)) | {
+        "failed_partitions": dg.MetadataValue.text(" ".join(o.partition_key for o in failed))
+    }
+    if left:
+        metadata["left_to_another_run"] = dg.MetadataValue.text(" ".join(o.partition_key for o in left))
     return dg.Failure(
         description=f"{len(failed)} of {plan.partition_count} partitions failed (each can be rerun alone): "
         + shown + more,
-        metadata=numbers(**dataclasses.asdict(counts))
-        | {"failed_partitions": dg.MetadataValue.text(" ".join(o.partition_key for o in failed))},
-        allow_retries=all(o.retryable for o in failed),
+        metadata=metadata,
+        allow_retries=allow_retries,
     )

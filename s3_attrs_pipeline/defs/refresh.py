@@ -22,8 +22,6 @@ def refresh_metadata(report: RefreshReport) -> dict[str, dg.MetadataValue]:
         duration_seconds=float(report.duration_s),
         replication_wait_seconds=float(report.replication_wait_s),
     )
-    if report.concurrent_run:
-        metadata["skipped"] = dg.MetadataValue.text("another run was working on this partition at the same time")
     if report.problems:
         metadata["problem_files"] = table(FileProblem, report.problems)
     return metadata

@@ -7,6 +7,16 @@ import dataclasses
 import psycopg
 
 APPLICATION_NAME = "s3-attrs-pipeline"
+# A session's partition lock lives as long as the session. When the machine running it is lost (a node
+# gone, a network cut), the server only learns so from TCP: with the kernel's defaults after two
+# hours. Probing an idle connection after 30 s, every 10 s, and giving up after 3 unanswered probes
+# (or 60 s of unacknowledged data) ends such a session, and frees its locks, within about a minute.
+# The server probes the client (tcp_keepalives_*, which free the locks); libpq probes the server, so
+# that the pipeline also notices a lost database. Unix-socket sessions need neither.
+KEEPALIVE_IDLE_S = 30
+KEEPALIVE_INTERVAL_S = 10
+KEEPALIVE_COUNT = 3
+_UNACKNOWLEDGED_MS = (KEEPALIVE_IDLE_S + KEEPALIVE_INTERVAL_S * KEEPALIVE_COUNT) * 1000
 
 
 class DatabaseUrlError(ValueError):
@@ -53,6 +63,13 @@ def connect(url: str, limits: SessionLimits = SessionLimits()) -> psycopg.Connec
         # rest of the partition per page; bound values keep every page an index range.
         options=(
             f"-c statement_timeout={limits.statement_timeout_ms} -c lock_timeout={limits.lock_timeout_ms} "
-            "-c plan_cache_mode=force_custom_plan"
+            "-c plan_cache_mode=force_custom_plan "
+            f"-c tcp_keepalives_idle={KEEPALIVE_IDLE_S} -c tcp_keepalives_interval={KEEPALIVE_INTERVAL_S} "
+            f"-c tcp_keepalives_count={KEEPALIVE_COUNT} -c tcp_user_timeout={_UNACKNOWLEDGED_MS}"
         ),
+        keepalives=1,
+        keepalives_idle=KEEPALIVE_IDLE_S,
+        keepalives_interval=KEEPALIVE_INTERVAL_S,
+        keepalives_count=KEEPALIVE_COUNT,
+        tcp_user_timeout=_UNACKNOWLEDGED_MS,
     )

@@ -176,6 +176,48 @@ def coverage_by_partition(conn: psycopg.Connection, width: int) -> dict[str, Par
     return {row[0]: PartitionCoverage(*row) for row in conn.execute(_COVERAGE_BY_PARTITION, params).fetchall()}
 
 
+# Files whose `hash` outlived their `location-id` (deleted while their values were written; see
+# writes.py): an entity with no other attribute, which an app's queries would show as a file.
+_ORPHANED_VALUES_BY_PARTITION = """
+SELECT left(h.app_id::text, %(width)s), count(*)
+FROM triples h
+WHERE h.attr_id = %(hash_attr)s AND h.ea
+  AND NOT EXISTS (SELECT 1 FROM triples l
+                  WHERE l.app_id = h.app_id AND l.entity_id = h.entity_id AND l.attr_id = %(location_attr)s AND l.ea)
+GROUP BY 1
+"""
+_APPS_WITH_ORPHANED_VALUES = """
+SELECT t.app_id, count(DISTINCT t.entity_id)
+FROM triples t
+WHERE t.attr_id = ANY(%(attr_ids)s::uuid[]) AND t.ave AND t.ea AND t.app_id BETWEEN %(first_app)s AND %(last_app)s
+  AND NOT EXISTS (SELECT 1 FROM triples l
+                  WHERE l.app_id = t.app_id AND l.entity_id = t.entity_id AND l.attr_id = %(location_attr)s AND l.ea)
+GROUP BY t.app_id
+ORDER BY t.app_id
+"""
+
+
+def orphaned_values_by_partition(conn: psycopg.Connection, width: int) -> dict[str, int]:
+    """Files with `hash` but no `location-id`, by partition (only those that have any)."""
+    params = {"width": width, "hash_attr": HASH.attr_id, "location_attr": LOCATION_ID.attr_id}
+    return dict(conn.execute(_ORPHANED_VALUES_BY_PARTITION, params).fetchall())
+
+
+def apps_with_orphaned_values(conn: psycopg.Connection, app_ids: AppIdRange) -> dict[uuid.UUID, int]:
+    """The range's apps with entities that have `hash` or `lastModified` but no `location-id`: how many each."""
+    params = {
+        "attr_ids": [HASH.attr_id, LAST_MODIFIED.attr_id],
+        "location_attr": LOCATION_ID.attr_id,
+        "first_app": app_ids.first,
+        "last_app": app_ids.last,
+    }
+    return dict(conn.execute(_APPS_WITH_ORPHANED_VALUES, params).fetchall())
+
+
+def may_delete_triples(conn: psycopg.Connection) -> bool:
+    return conn.execute("SELECT has_table_privilege('triples', 'DELETE')").fetchone()[0]
+
+
 # Values a reader of the triples would trip over: wrong JSON type, empty or non-positive values,
 # fractional milliseconds, a value_md5 that is not md5(value::text), flags other than InstantDB's.
 _MALFORMED_NEW_TRIPLES = """

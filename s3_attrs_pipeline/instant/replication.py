@@ -6,7 +6,7 @@ A backfill writes far faster than the app does, so before each of its write tran
 `ReplicationGate` measures both and, when either is past its limit, waits (polling, with backoff)
 until they catch up, saying what it waits for and adding the time to `waited_s`.
 
-What the role needs: `pg_replication_slots`, `pg_current_wal_lsn()` and `pg_wal_lsn_diff()` are
+What the role needs: `pg_replication_slots`, `pg_current_wal_insert_lsn()` and `pg_wal_lsn_diff()` are
 open to every role. `pg_stat_replication` shows a role the lag of only its own walsenders unless
 it is a member of `pg_read_all_stats` (or `pg_monitor`, which includes it); without that the gate
 warns once and watches the slots alone. A role that may not read the views at all (a revoked
@@ -15,14 +15,13 @@ grant) makes it warn once and write without waiting.
 
 import dataclasses
 import os
+import threading
 import time
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import psycopg
-
-if typing.TYPE_CHECKING:
-    from s3_attrs_pipeline.backfill import Log
 
 MAX_LAG_MB_ENV = "S3_ATTRS_MAX_REPLICATION_LAG_MB"
 MAX_REPLAY_LAG_S_ENV = "S3_ATTRS_MAX_REPLAY_LAG_S"
@@ -30,6 +29,12 @@ WATCH_SLOTS_ENV = "S3_ATTRS_REPLICATION_WATCH_SLOTS"
 IGNORE_SLOTS_ENV = "S3_ATTRS_REPLICATION_IGNORE_SLOTS"
 
 _BYTES_PER_MB = 1024 * 1024  # PostgreSQL's MB
+
+
+class Log(Protocol):
+    def info(self, msg: str) -> None: ...
+    def warning(self, msg: str) -> None: ...
+
 # While it waits, the gate says so again this often, with the figures of the moment.
 WAITING_LOG_INTERVAL_S = 60.0
 
@@ -130,10 +135,12 @@ class ReplicaLag:
 
 
 # Logical slots (invalidated ones excepted: they hold no WAL and never catch up), and the
-# walsenders that are not serving a logical slot: streaming replicas. Both in one round trip.
+# walsenders that are not serving a logical slot: streaming replicas. Both in one round trip. A slot's
+# lag runs to the WAL inserted so far, written out or not: with asynchronous commit the written
+# position trails it by what the WAL writer has yet to flush, up to a megabyte.
 _LAG = """
 SELECT 'slot' AS kind, slot_name::text, active,
-       pg_wal_lsn_diff(pg_current_wal_lsn(), coalesce(confirmed_flush_lsn, restart_lsn))::bigint,
+       pg_wal_lsn_diff(pg_current_wal_insert_lsn(), coalesce(confirmed_flush_lsn, restart_lsn))::bigint,
        NULL::float8, true
 FROM pg_replication_slots
 WHERE %(slots)s AND slot_type = 'logical' AND wal_status IS DISTINCT FROM 'lost'
@@ -165,47 +172,85 @@ def measure_replication_lag(
 
 
 class ReplicationGate:
-    """Called before each write transaction: returns at once while replication keeps up, else waits
-    until it does. One query per call while the lag is fine (0.2-0.4 ms with a local server, the
-    round trip included). `waited_s` adds up the time spent waiting."""
+    """Passed before each write transaction of a run, by every partition the run works at once: it
+    returns at once while replication keeps up, else waits until it does.
 
-    def __init__(self, conn: psycopg.Connection, limits: ReplicationLimits, log: "Log"):
-        self._conn = conn
+    One gate serves a whole run. It measures on the connection of the partition asking (outside any
+    transaction), one partition at a time: while one waits for replication, the others queue behind
+    it rather than each polling the server, and what it cannot see is warned of once per run. So a
+    slot lags at most the limit plus one write transaction per partition worked at once: each
+    began after a measurement that found the lag within the limit.
+
+    `sleep(seconds)` is how the gate waits between measurements: the run's, which ends the wait
+    (raising) when the run is told to stop. `on_waiting(text)` hears what it waits for as the wait
+    begins and again every WAITING_LOG_INTERVAL_S, and `on_waiting(None)` when it ends; the same
+    lines go to `log`. One query per pass while the lag is fine (0.2-0.4 ms with a local server).
+    """
+
+    def __init__(
+        self,
+        limits: ReplicationLimits,
+        log: Log,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        on_waiting: Callable[[str | None], None] = lambda text: None,
+    ):
         self._limits = limits
         self._log = log
+        self._sleep = sleep
+        self._on_waiting = on_waiting
+        self._lock = threading.Lock()
         self._watch_slots = limits.max_lag_mb > 0
         self._watch_replicas = limits.max_replay_lag_s > 0
-        self.waited_s = 0.0
+        self._waits = 0  # wait episodes so far: a caller that queued behind one waited too
+        self.waited_s = 0.0  # wall time the run spent waiting, however many partitions waited
 
-    def before_write(self) -> None:
-        """Wait while replication lags. Outside any transaction: a wait must hold no snapshot."""
-        if self._conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+    def before_write(self, conn: psycopg.Connection) -> float:
+        """Wait while replication lags; the seconds this caller was held (0.0 when it was not).
+        Outside any transaction: a wait must hold no snapshot."""
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             raise RuntimeError("the replication gate is passed outside transactions: a wait would hold a snapshot")
-        behind = self._behind()
-        if not behind:
-            return
+        if not (self._watch_slots or self._watch_replicas):
+            return 0.0
+        asked = time.monotonic()
+        waits_before = self._waits
+        with self._lock:
+            behind = self._behind(conn)
+            if behind:
+                self._wait(conn, behind)
+        return time.monotonic() - asked if self._waits != waits_before else 0.0
+
+    def _wait(self, conn: psycopg.Connection, behind: list[str]) -> None:
+        self._waits += 1
         started = last_said = time.monotonic()
-        self._log.info(f"waiting for replication: {'; '.join(behind)}")
+        self._say(f"waiting for replication: {'; '.join(behind)}")
         delay = self._limits.poll_initial_s
-        while behind:
-            time.sleep(delay)
-            delay = min(2 * delay, self._limits.poll_max_s)
-            behind = self._behind()
-            now = time.monotonic()
-            if behind and now - last_said >= WAITING_LOG_INTERVAL_S:
-                last_said = now
-                self._log.info(f"still waiting for replication after {now - started:.0f}s: {'; '.join(behind)}")
-        waited = time.monotonic() - started
-        self.waited_s += waited
+        try:
+            while behind:
+                self._sleep(delay)
+                delay = min(2 * delay, self._limits.poll_max_s)
+                behind = self._behind(conn)
+                now = time.monotonic()
+                if behind and now - last_said >= WAITING_LOG_INTERVAL_S:
+                    last_said = now
+                    self._say(f"still waiting for replication after {now - started:.0f}s: {'; '.join(behind)}")
+        finally:
+            waited = time.monotonic() - started
+            self.waited_s += waited
+            self._on_waiting(None)
         self._log.info(f"replication caught up after {waited:.1f}s of waiting; writing again")
 
-    def _behind(self) -> list[str]:
+    def _say(self, text: str) -> None:
+        self._log.info(text)
+        self._on_waiting(text)
+
+    def _behind(self, conn: psycopg.Connection) -> list[str]:
         """What lags past its limit, in words; empty when nothing does (or nothing can be watched)."""
         if not (self._watch_slots or self._watch_replicas):
             return []
         try:
             slots, replicas = measure_replication_lag(
-                self._conn, self._limits, slots=self._watch_slots, replicas=self._watch_replicas
+                conn, self._limits, slots=self._watch_slots, replicas=self._watch_replicas
             )
         except psycopg.errors.InsufficientPrivilege as error:
             self._watch_slots = self._watch_replicas = False

@@ -1,8 +1,16 @@
 """What the pipeline writes to `triples`: both new triples of a file, as InstantDB encodes them, for
-files that still have the location S3 was asked about; and, for a rollback, their deletion.
+files that still have the location S3 was asked about; their removal from files deleted meanwhile;
+and, for a rollback, their deletion.
 
 Each write runs inside its caller's transaction, so that the caller can record the progress that
 follows from it in the same one: a batch is recorded whole or not at all.
+
+A write checks that each file still has the location-id S3 was asked about, and locks that
+`location-id` row (FOR KEY SHARE) until it commits: a delete of the file (or a re-upload, which
+rewrites the row) waits for the write, and a write that meets a file deleted first writes nothing
+for it. A delete whose statement began before the write committed still misses the new triples
+(its snapshot predates them), leaving `hash` and `lastModified` on an entity without a location-id:
+`remove_orphaned_values` takes those away, and the checks count them.
 """
 
 import dataclasses
@@ -99,11 +107,10 @@ _HEADED_LOCATED = sql.SQL("""
                          %(last_modified_values)s::jsonb[], %(last_modified_md5s)s::text[])
        AS f(app_id, entity_id, location_value, hash_value, hash_md5, last_modified_value, last_modified_md5)
   -- Write only for files that still have the location we asked S3 about: a file deleted or moved
-  -- since it was read gets nothing.
-  WHERE EXISTS (
-    SELECT 1 FROM triples l
-    WHERE l.app_id = f.app_id AND l.entity_id = f.entity_id AND l.attr_id = %(location_attr)s
-      AND l.ea AND l.value = f.location_value)
+  -- since it was read gets nothing; one deleted or moved from now on waits for this write.
+  JOIN triples l ON l.app_id = f.app_id AND l.entity_id = f.entity_id AND l.attr_id = %(location_attr)s
+                AND l.ea AND l.value = f.location_value
+  FOR KEY SHARE OF l
 """)
 _INSERT_TRIPLES = _insert_from(_HEADED_LOCATED)
 
@@ -124,8 +131,11 @@ FROM unnest(%(location_values)s::jsonb[], %(hash_values)s::jsonb[], %(hash_md5s)
      AS f(location_value, hash_value, hash_md5, last_modified_value, last_modified_md5)
 JOIN triples l ON l.app_id = %(app_id)s AND l.attr_id = %(location_attr)s AND l.ave AND l.ea
               AND l.value = f.location_value""")
+_KEY_SHARE = sql.SQL("\nFOR KEY SHARE OF l")
 # The listing strategy's write: those of the files that lack `hash`.
-LISTED_LOCATED = sql.SQL("{listed_at}\nWHERE {lacks_hash}").format(listed_at=_LISTED_AT, lacks_hash=LACKS_HASH)
+LISTED_LOCATED = sql.SQL("{listed_at}\nWHERE {lacks_hash}{lock}").format(
+    listed_at=_LISTED_AT, lacks_hash=LACKS_HASH, lock=_KEY_SHARE
+)
 _INSERT_LISTED_TRIPLES = _insert_from(LISTED_LOCATED)
 
 
@@ -264,7 +274,7 @@ def _refresh_from(located: sql.Composable) -> sql.Composed:
 
 _REFRESH_HEADED = _refresh_from(_HEADED_LOCATED)
 # The refresh compares every file at the listed locations, whatever its values.
-_REFRESH_LISTED = _refresh_from(_LISTED_AT)
+_REFRESH_LISTED = _refresh_from(_LISTED_AT + _KEY_SHARE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +297,28 @@ def refresh_file_attrs(conn: psycopg.Connection, files: Sequence[FileObjectAttrs
 def refresh_listed_attrs(conn: psycopg.Connection, listed: ListedAttrs) -> RefreshOutcome:
     """The same for the files of an app at a listing page's locations."""
     return RefreshOutcome(*conn.execute(_REFRESH_LISTED, listed.params).fetchone())
+
+
+# The values of the app's entities that have no location-id: files deleted while their values were
+# written. One `ave` index range of the app per attr, a location-id probe per row.
+_REMOVE_ORPHANED_VALUES = """
+WITH removed AS (
+  DELETE FROM triples t
+  WHERE t.app_id = %(app_id)s AND t.attr_id = ANY(%(attr_ids)s::uuid[]) AND t.ave AND t.ea
+    AND NOT EXISTS (
+      SELECT 1 FROM triples l
+      WHERE l.app_id = t.app_id AND l.entity_id = t.entity_id AND l.attr_id = %(location_attr)s AND l.ea)
+  RETURNING t.entity_id
+)
+SELECT count(DISTINCT entity_id) FROM removed
+"""
+
+
+def remove_orphaned_values(conn: psycopg.Connection, app_id: uuid.UUID) -> int:
+    """Delete the `hash` and `lastModified` triples of the app's entities that have no `location-id`,
+    in the caller's transaction; how many entities had some. Never touches another attr."""
+    params = {"app_id": app_id, "attr_ids": [spec.attr_id for spec in NEW_ATTRS], "location_attr": LOCATION_ID.attr_id}
+    return conn.execute(_REMOVE_ORPHANED_VALUES, params).fetchone()[0]
 
 
 _DELETE_NEW_ATTR_TRIPLES = """

@@ -5,6 +5,7 @@ invocations, so a second demo is fast and changes nothing; `.demo/env` lets a sh
 use the same database, bucket and Dagster instance.
 """
 
+import dataclasses
 import os
 import pathlib
 import shlex
@@ -22,8 +23,16 @@ def demo_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("S3_ATTRS_DEMO_DIR", ".demo")).resolve()
 
 
-def start_services(root: pathlib.Path) -> dict[str, str]:
-    """Start (or reuse) the services, seed them if empty, and return the environment that points at them."""
+@dataclasses.dataclass(frozen=True)
+class Services:
+    env: dict[str, str]  # what points at them
+    # The S3 server holds its objects in memory: once stopped, a new one gets them uploaded again, with
+    # new Last-Modified times, so the values a backfill wrote before describe other objects now.
+    reuploaded: bool
+
+
+def start_services(root: pathlib.Path) -> Services:
+    """Start (or reuse) the services, seed them if empty, and say what points at them."""
     root.mkdir(parents=True, exist_ok=True)
     server_url = postgres.start_embedded_postgres(root / "pgdata", keep_running=True)
     instant_url = postgres.create_database(server_url, "instant")
@@ -61,7 +70,7 @@ def start_services(root: pathlib.Path) -> dict[str, str]:
         if not seeded:
             print(f"seeding {len(files)} $files in {len({f.app_id for f in files})} apps")
             seed.insert_files(conn, client, DEMO_BUCKET, files)
-    return env
+    return Services(env, reuploaded=s3_is_new and seeded)
 
 
 def stop_services(root: pathlib.Path) -> None:

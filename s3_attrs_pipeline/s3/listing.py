@@ -24,8 +24,8 @@ import queue
 import threading
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import Protocol, TypeVar
 
 import botocore.exceptions
 import urllib3
@@ -35,6 +35,7 @@ from s3_attrs_pipeline.s3.metadata import MalformedObjectMetadata, ObjectMetadat
 from s3_attrs_pipeline.s3.sigv4 import SigV4Signer, canonical_query, host_header
 
 LIST_PAGE_SIZE = 1000  # S3's maximum
+STOP_POLL_S = 0.2  # how often a consumer waiting for a prefetched page is asked whether to go on
 _USER_AGENT = "s3-attrs-pipeline (signed ListObjectsV2)"
 
 
@@ -49,6 +50,8 @@ class ListedObject:
 class ListPage:
     objects: list[ListedObject]
     continuation: str | None  # the token of the next page; None on the last one
+    retries: int = 0  # of the request that got it
+    throttled: int = 0  # answers of S3 that told that request to slow down
 
     @classmethod
     def of(cls, objects: list[ListedObject], truncated: bool, next_token: str | None) -> "ListPage":
@@ -165,6 +168,9 @@ class PageSource(Protocol):
     def list_page(self, prefix: str, page_size: int, continuation: str | None = None) -> ListPage: ...
 
 
+_Page = TypeVar("_Page")
+
+
 def metadata_of(listed: ListedObject) -> ObjectMetadata:
     if listed.last_modified is None:
         raise MalformedObjectMetadata("the listing gives no LastModified")
@@ -180,21 +186,24 @@ def metadata_of(listed: ListedObject) -> ObjectMetadata:
     return ObjectMetadata(parse_etag(listed.etag), seconds * 1000)
 
 
-def list_prefix(store: PageSource, prefix: str) -> Iterator[list[ListedObject]]:
+def list_prefix(store: PageSource, prefix: str) -> Iterator[ListPage]:
     """Every object under `prefix`, a page at a time, in key order."""
     continuation = None
     while True:
         page = store.list_page(prefix, LIST_PAGE_SIZE, continuation)
-        yield page.objects
+        yield page
         continuation = page.continuation
         if continuation is None:
             return
 
 
-def prefetched(pages: Iterator[list[ListedObject]], depth: int = 2) -> Iterator[list[ListedObject]]:
+def prefetched(
+    pages: Iterator[_Page], depth: int = 2, *, check: Callable[[], None] = lambda: None
+) -> Iterator[_Page]:
     """`pages`, produced by a thread that stays up to `depth` pages ahead of the consumer, so that
     S3 answers the next page while the caller writes this one. An error in the producer is raised
-    to the consumer; a consumer that stops early stops the producer."""
+    to the consumer; a consumer that stops early stops the producer. While the consumer waits for a
+    page, `check()` is called every STOP_POLL_S: what it raises ends the wait."""
     handoff: queue.Queue = queue.Queue(maxsize=depth)
     stopped = threading.Event()
     end = object()
@@ -222,7 +231,11 @@ def prefetched(pages: Iterator[list[ListedObject]], depth: int = 2) -> Iterator[
     producer.start()
     try:
         while True:
-            item = handoff.get()
+            try:
+                item = handoff.get(timeout=STOP_POLL_S)
+            except queue.Empty:
+                check()
+                continue
             if item is end:
                 return
             if isinstance(item, BaseException):

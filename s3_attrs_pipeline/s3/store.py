@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import threading
-import time
 import urllib.parse
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,9 +67,15 @@ REFUSAL_ADVICE = {
     "AllAccessDisabled": "all access to this bucket has been disabled: ask its owner (or AWS support)",
     "NoSuchBucket": "the bucket does not exist: check INSTANT_S3_BUCKET (and AWS_ENDPOINT_URL)",
 }
-# A single HEAD may be refused on its own (an object encrypted with a customer-provided key answers
-# 400 to a HEAD without that key); this many in a row are S3 refusing every request.
+# A single object may refuse a HEAD on its own (an object encrypted with a customer-provided key
+# answers 400 to a HEAD without that key; an object's ACL or a bucket policy's condition, 403): that
+# file's failure. This many refusals in a row make the store ask HEAD bucket whether S3 refuses the
+# bucket too (expired or wrong credentials, a skewed clock): then every request would be refused, and
+# the run stops.
 HEAD_REFUSALS_IN_A_ROW = 3
+# Refusals in a row for objects of this many apps, while the bucket answers, are a policy that does
+# not allow s3:GetObject at all: a stop too.
+REFUSED_APPS_IN_A_ROW = 3
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
 # A HEAD error has no body, so its code is the bare status.
 _THROTTLING_CODES = {"503", "SlowDown", "429", "Throttling", "ThrottlingException", "RequestLimitExceeded"}
@@ -103,9 +108,9 @@ class S3Refused(S3AccessError):
     clock, a wrong region, a policy that does not allow it. `code` is S3's error code, or the bare
     status of an answer without a body (HEAD)."""
 
-    def __init__(self, what: str, code: str):
+    def __init__(self, what: str, code: str, *, advice: str | None = None):
         self.code = code
-        self.advice = REFUSAL_ADVICE.get(code) or "S3's message says why"
+        self.advice = advice or REFUSAL_ADVICE.get(code) or "S3's message says why"
         super().__init__(f"{what}: {self.advice}")
 
 
@@ -126,6 +131,10 @@ def _said(error: botocore.exceptions.ClientError) -> str:
 
 class ListingFailed(RuntimeError):
     """A listing request still failed after its retries (or S3 sent a page that cannot be parsed)."""
+
+
+class StoreStopped(RuntimeError):
+    """The store was stopped (its run is stopping): no further request is sent."""
 
 
 
@@ -166,7 +175,17 @@ class HeadOutcome:
     failure: str | None = None
     malformed: bool = False
     retries: int = 0
+    throttled: int = 0  # answers of S3 that told this request to slow down
 
+
+@dataclasses.dataclass(frozen=True)
+class _Answer:
+    """A request's last answer: the response, or the error once retrying is futile or spent."""
+
+    response: object | None
+    error: Exception | None
+    retries: int
+    throttled: int
 
 
 def _error_code(error: botocore.exceptions.ClientError) -> str:
@@ -260,12 +279,21 @@ class ObjectStore:
         self._signed_head: SignedHead | None = None
         self._signed_listing: SignedListing | None = None
         self._access_error: S3AccessError | None = None  # once S3 refuses us, queued HEADs are not sent
-        self._head_refusals_in_a_row = 0
+        self._refused_in_a_row = 0  # HEADs S3 refused since it last answered one otherwise
+        self._refused_apps: set[str] = set()  # the apps of their objects
         self._head_refusals_lock = threading.Lock()
         self._bucket_checked = False
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        """Send no further request: the queued HEADs are dropped, a request between its retries gives
+        up, and each call raises StoreStopped. Requests on the wire end by themselves."""
+        self._stopped.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        # A stopped run does not wait for requests on the wire: their answers are not wanted.
+        self._pool.shutdown(wait=not self._stopped.is_set(), cancel_futures=True)
         if self._signed_head is not None:
             self._signed_head.close()
         if self._signed_listing is not None:
@@ -278,11 +306,13 @@ class ObjectStore:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _request(self, operation, **params) -> tuple[dict | None, Exception | None, int]:
-        """(response, None, retries), or (None, the last error, retries) once retrying is futile or spent.
-        Errors other than S3's answers and network faults propagate."""
-        retries = 0
+    def _request(self, operation, **params) -> _Answer:
+        """The response, or the last error once retrying is futile or spent. Errors other than S3's
+        answers and network faults propagate; StoreStopped once the store is stopped."""
+        retries = throttled = 0
         while True:
+            if self._stopped.is_set():
+                raise StoreStopped("the store was stopped: its run is stopping")
             self.rate_limiter.acquire()
             with self._requests_sent_lock:
                 self.requests_sent += 1
@@ -292,16 +322,17 @@ class ObjectStore:
                 code = _error_code(error)
                 if code in _THROTTLING_CODES:
                     self.rate_limiter.throttled()
+                    throttled += 1
                 last_error, retryable = error, code in _RETRYABLE_CODES
             except _NETWORK_ERRORS as error:
                 last_error, retryable = error, True
             else:
                 self.rate_limiter.succeeded()
-                return response, None, retries
+                return _Answer(response, None, retries, throttled)
             if not retryable or retries >= self.settings.max_retries:
-                return None, last_error, retries
+                return _Answer(None, last_error, retries, throttled)
             retries += 1
-            time.sleep(backoff_delay(retries))
+            self._stopped.wait(backoff_delay(retries))
 
     def check_bucket(self) -> None:
         """Fail fast, before any file is read, if the bucket is missing or unreadable. Asked once per
@@ -309,13 +340,18 @@ class ObjectStore:
         shows on the next object request as an S3AccessError all the same."""
         if self._bucket_checked:
             return
+        self._head_bucket()
+        self._bucket_checked = True
+
+    def _head_bucket(self) -> None:
+        """HEAD bucket: returns if S3 answers it, else raises what it means."""
         bucket = self.settings.bucket
         try:
-            _, error, retries = self._request(self._client.head_bucket, Bucket=bucket)
+            answer = self._request(self._client.head_bucket, Bucket=bucket)
         except botocore.exceptions.NoCredentialsError:
             raise S3AccessError("no AWS credentials were found (environment, config files or instance role)") from None
+        error, retries = answer.error, answer.retries
         if error is None:
-            self._bucket_checked = True
             return
         code = _error_code(error) if isinstance(error, botocore.exceptions.ClientError) else type(error).__name__
         if code in _MISSING_CODES or code == "NoSuchBucket":
@@ -368,51 +404,71 @@ class ObjectStore:
             params["ContinuationToken"] = continuation
         where = f"s3://{self.settings.bucket}/{prefix}"
         try:
-            page, error, retries = self._request(self._list_operation(), **params)
+            answer = self._request(self._list_operation(), **params)
         except ValueError as unparseable:
             raise ListingFailed(f"listing {where} sent an unparseable page: {unparseable}") from None
+        error = answer.error
         if error is None:
-            return page
+            return dataclasses.replace(answer.response, retries=answer.retries, throttled=answer.throttled)
         if _refused(error):
             raise S3Refused(f"S3 answered {_error_code(error)} to listing {where}{_said(error)}", _error_code(error))
-        raise ListingFailed(f"listing {where} failed after {retries} retries: {_failure(error)}")
+        raise ListingFailed(f"listing {where} failed after {answer.retries} retries: {_failure(error)}")
 
     def head(self, key: str) -> HeadOutcome:
+        """What a HEAD of `key` finds. S3Refused when S3 refuses it as it would refuse every request
+        (see HEAD_REFUSALS_IN_A_ROW); a refusal of this object alone is its failure."""
         try:
-            response, error, retries = self._request(self._head_operation(), Key=key)
+            answer = self._request(self._head_operation(), Key=key)
         except botocore.exceptions.NoCredentialsError:
             raise S3AccessError("no AWS credentials were found (environment, config files or instance role)") from None
         except ValueError as error:
             # boto3's head_object (the fallback) could not parse a header (a Last-Modified that is no date).
             return HeadOutcome(key, failure=f"unparseable response: {error}", malformed=True)
-        code = _error_code(error) if isinstance(error, botocore.exceptions.ClientError) else None
-        if code == "400":
-            return self._refused_head(key, retries)
-        if error is None or code is not None:  # S3 answered, and not with a 400
+        error, retries, throttled = answer.error, answer.retries, answer.throttled
+        if error is not None and _refused(error):
+            return self._refused_head(key, _error_code(error), retries, throttled)
+        if error is None or isinstance(error, botocore.exceptions.ClientError):  # S3 answered, not refusing
             with self._head_refusals_lock:
-                self._head_refusals_in_a_row = 0
+                self._refused_in_a_row, self._refused_apps = 0, set()
         if error is None:
             try:
-                metadata = object_metadata_from_headers(response["ResponseMetadata"].get("HTTPHeaders", {}))
+                metadata = object_metadata_from_headers(answer.response["ResponseMetadata"].get("HTTPHeaders", {}))
             except MalformedObjectMetadata as malformed:
-                return HeadOutcome(key, failure=str(malformed), malformed=True, retries=retries)
-            return HeadOutcome(key, metadata=metadata, retries=retries)
-        if code in _MISSING_CODES:
-            return HeadOutcome(key, missing=True, retries=retries)
-        if _refused(error):
-            raise S3Refused(f"S3 answered {code} for s3://{self.settings.bucket}/{key}", code)
+                return HeadOutcome(key, failure=str(malformed), malformed=True, retries=retries, throttled=throttled)
+            return HeadOutcome(key, metadata=metadata, retries=retries, throttled=throttled)
+        if isinstance(error, botocore.exceptions.ClientError) and _error_code(error) in _MISSING_CODES:
+            return HeadOutcome(key, missing=True, retries=retries, throttled=throttled)
         suffix = f" after {retries} retries" if retries else ""
-        return HeadOutcome(key, failure=_failure(error) + suffix, retries=retries)
+        return HeadOutcome(key, failure=_failure(error) + suffix, retries=retries, throttled=throttled)
 
-    def _refused_head(self, key: str, retries: int) -> HeadOutcome:
-        """A HEAD answered 400: that file's failure, or, the HEAD_REFUSALS_IN_A_ROW-th in a row, S3Refused."""
+    def _refused_head(self, key: str, code: str, retries: int, throttled: int) -> HeadOutcome:
+        """A HEAD S3 refused: that file's failure, unless S3 refuses the bucket too, or refuses the
+        objects of REFUSED_APPS_IN_A_ROW apps in a row: then S3Refused."""
         with self._head_refusals_lock:
-            self._head_refusals_in_a_row += 1
-            in_a_row = self._head_refusals_in_a_row
+            self._refused_in_a_row += 1
+            self._refused_apps.add(key.split("/", 1)[0])
+            in_a_row, apps = self._refused_in_a_row, len(self._refused_apps)
         where = f"s3://{self.settings.bucket}/{key}"
-        if in_a_row >= HEAD_REFUSALS_IN_A_ROW:
-            raise S3Refused(f"S3 refused {in_a_row} HEAD requests in a row with 400, the last for {where}", "400")
-        return HeadOutcome(key, failure="S3 refused the HEAD with 400 (no error code)", retries=retries)
+        if in_a_row % HEAD_REFUSALS_IN_A_ROW == 0:
+            try:
+                self._head_bucket()
+            except S3Refused as refused:
+                raise S3Refused(
+                    f"S3 refused {in_a_row} HEAD requests in a row (the last, for {where}, with {code}) and "
+                    f"HEAD bucket too (with {refused.code})",
+                    refused.code,
+                ) from None
+        if apps >= REFUSED_APPS_IN_A_ROW:
+            raise S3Refused(
+                f"S3 refused HEAD object for {in_a_row} objects of {apps} apps in a row (the last, for {where}, "
+                f"with {code}) while it answers HEAD bucket",
+                code,
+                advice=_NOT_ALLOWED,
+            )
+        return HeadOutcome(
+            key, failure=f"S3 refused the HEAD with {code} (a HEAD answer names no reason)", retries=retries,
+            throttled=throttled,
+        )
 
     def submit_head(self, key: str) -> Future:
         """HEAD `key` on the store's threads; the future's result is its HeadOutcome."""

@@ -1,0 +1,12 @@
+-- Optional: let the backfill's role remove the hash and lastModified triples it wrote on a file that
+-- was deleted while they were being written (a delete whose statement began before the write
+-- committed misses rows newer than its snapshot). An app would list such an entity as a file with no
+-- path; the `consistency` check counts them (orphaned_values) and the next backfill of the partition
+-- (the daily heal runs it) deletes them, one app per transaction with its `transactions` row.
+-- psql -v role=s3attrs -f docs/postgres-grants-heal.sql <instant database>
+--
+-- Postgres cannot limit DELETE to rows of two attrs: a role with it could delete location-id triples,
+-- and InstantDB would then delete the S3 objects. The pipeline's only DELETE names the two attr ids and
+-- requires the entity to have no location-id. Grant it knowingly, or leave it out and remove the
+-- orphaned values with an operator role (`s3-attrs run --partition KEY` as that role).
+GRANT DELETE ON triples TO :role;
