@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo ui test test-ui demo-stop clean
+.PHONY: demo ui test test-fast test-ui demo-stop clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,13 @@ ui: $(INSTALLED)
 	. .demo/env && VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/dg dev -h 127.0.0.1 -p 3000
 
 test: $(INSTALLED)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+# The tests that need no database, S3 server, daemon or browser: seconds, for between edits.
+test-fast: $(INSTALLED)
+	$(BIN)/pytest -m "not db and not daemon and not ui" -q
 
 # The browser test: the real Dagster UI in headless Chromium, driven by Playwright. Installs Debian's
 # chromium (as root, with apt-get) and Playwright into the venv when missing; never `playwright install`.

@@ -73,17 +73,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--world", choices=list(WORLDS), default=None,
-                        help="a world shaped like production: " + "; ".join(
-                            f"{name} = {apps} apps, {files:,} files" for name, (apps, files) in WORLDS.items())
-                        + " (--files/--apps still override it, for small runs while developing)")
+    parser.add_argument(
+        "--world",
+        choices=list(WORLDS),
+        default=None,
+        help="a world shaped like production: "
+        + "; ".join(f"{name} = {apps} apps, {files:,} files" for name, (apps, files) in WORLDS.items())
+        + " (--files/--apps still override it, for small runs while developing)",
+    )
     parser.add_argument("--files", type=int, default=None, help="$files to generate (default: the world's, else 10000)")
-    parser.add_argument("--apps", type=int, default=None,
-                        help="apps (default: the world's, else max(8, files / 800))")
+    parser.add_argument("--apps", type=int, default=None, help="apps (default: the world's, else max(8, files / 800))")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="latency added to every S3 request")
-    parser.add_argument("--parallel", type=int, nargs="+", default=[1],
-                        help="pipeline (HEAD), (LIST+HEAD) and listed-apps runs with this many partition processes "
-                             "each, e.g. --parallel 1 4")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="pipeline (HEAD), (LIST+HEAD) and listed-apps runs with this many partition processes "
+        "each, e.g. --parallel 1 4",
+    )
     parser.add_argument("--batch-size", type=int, default=50, help="the pipeline's batch_size")
     parser.add_argument("--max-in-flight", type=int, default=32, help="S3Settings.max_in_flight of the pipeline")
     parser.add_argument("--ceiling-threads", type=int, default=32, help="threads of the boto3 ceiling loop")
@@ -91,35 +99,84 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--missing-ratio", type=float, default=0.01, help="files whose object is missing")
     parser.add_argument("--prepopulated-ratio", type=float, default=0.02, help="files that already have hash")
     parser.add_argument("--seed", type=int, default=4)
-    parser.add_argument("--strategies", nargs="+", default=[k for k in STRATEGY_ORDER if k not in END_TO_END],
-                        choices=list(STRATEGY_ORDER),
-                        help="what to measure (the end-to-end rows, " + ", ".join(END_TO_END) + ", only when named)")
-    parser.add_argument("--max-seconds", type=float, default=900.0,
-                        help="time budget of each strategy; one that runs out stops early and says so")
-    parser.add_argument("--naive-max-seconds", type=float, default=60.0,
-                        help="time budget of the naive baseline (its rate is steady: a sample is enough)")
-    parser.add_argument("--max-seconds-for", nargs="+", default=[], metavar="STRATEGY=SECONDS",
-                        help="time budgets of single strategies, e.g. pipeline-head=240 listed-head=180 at 1M files "
-                             "(a pipeline run stops within ~10 s of its budget, at a batch boundary)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="run every strategy this many times, interleaved, and report each one's median run")
-    parser.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
-                        help="also run the pipeline (1 process) under py-spy --gil and write its stacks to DIR")
-    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                        help="before each strategy, wait up to this long for the machine to be idle "
-                             "(other processes below 0.15 CPU over 2 s): for shared machines")
-    parser.add_argument("--ui-startup-seconds", type=float, default=300.0,
-                        help="ui-backfill: how long dagster dev may take to answer, load the code location and "
-                             "start its daemons (not timed)")
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=[k for k in STRATEGY_ORDER if k not in END_TO_END],
+        choices=list(STRATEGY_ORDER),
+        help="what to measure (the end-to-end rows, " + ", ".join(END_TO_END) + ", only when named)",
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=900.0,
+        help="time budget of each strategy; one that runs out stops early and says so",
+    )
+    parser.add_argument(
+        "--naive-max-seconds",
+        type=float,
+        default=60.0,
+        help="time budget of the naive baseline (its rate is steady: a sample is enough)",
+    )
+    parser.add_argument(
+        "--max-seconds-for",
+        nargs="+",
+        default=[],
+        metavar="STRATEGY=SECONDS",
+        help="time budgets of single strategies, e.g. pipeline-head=240 listed-head=180 at 1M files "
+        "(a pipeline run stops within ~10 s of its budget, at a batch boundary)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every strategy this many times, interleaved, and report each one's median run",
+    )
+    parser.add_argument(
+        "--profile",
+        type=pathlib.Path,
+        default=None,
+        metavar="DIR",
+        help="also run the pipeline (1 process) under py-spy --gil and write its stacks to DIR",
+    )
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each strategy, wait up to this long for the machine to be idle "
+        "(other processes below 0.15 CPU over 2 s): for shared machines",
+    )
+    parser.add_argument(
+        "--ui-startup-seconds",
+        type=float,
+        default=300.0,
+        help="ui-backfill: how long dagster dev may take to answer, load the code location and "
+        "start its daemons (not timed)",
+    )
     parser.add_argument("--json", type=pathlib.Path, default=None, help="also write every result to this file")
-    parser.add_argument("--compare", type=pathlib.Path, nargs=2, default=None, metavar=("SMALL.json", "LARGE.json"),
-                        help="run nothing: compare two --json outputs (peak RSS of the same strategies, "
-                             "e.g. 100k and 1M files) and print the RSS floor")
-    parser.add_argument("--rclone-log-level", default="DEBUG", choices=["DEBUG", "NOTICE"],
-                        help="DEBUG logs a line per request, which is how S3 requests are counted; NOTICE "
-                             "only to measure what that logging costs rclone (requests are then not counted)")
-    parser.add_argument("--workdir", type=pathlib.Path, default=None,
-                        help="where the temporary directory goes (default: the system's temp dir)")
+    parser.add_argument(
+        "--compare",
+        type=pathlib.Path,
+        nargs=2,
+        default=None,
+        metavar=("SMALL.json", "LARGE.json"),
+        help="run nothing: compare two --json outputs (peak RSS of the same strategies, "
+        "e.g. 100k and 1M files) and print the RSS floor",
+    )
+    parser.add_argument(
+        "--rclone-log-level",
+        default="DEBUG",
+        choices=["DEBUG", "NOTICE"],
+        help="DEBUG logs a line per request, which is how S3 requests are counted; NOTICE "
+        "only to measure what that logging costs rclone (requests are then not counted)",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=pathlib.Path,
+        default=None,
+        help="where the temporary directory goes (default: the system's temp dir)",
+    )
     args = parser.parse_args(argv)
     # The world's sizes unless --files/--apps say otherwise; the summary then says it is not the world.
     world_apps, world_files = WORLDS[args.world] if args.world else (None, None)
@@ -132,7 +189,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for item in args.max_seconds_for:
         key, _, seconds = item.partition("=")
         if key not in STRATEGY_ORDER or not seconds:
-            parser.error(f"--max-seconds-for {item!r}: expected STRATEGY=SECONDS with STRATEGY one of {', '.join(STRATEGY_ORDER)}")
+            parser.error(
+                f"--max-seconds-for {item!r}: expected STRATEGY=SECONDS with STRATEGY one of {', '.join(STRATEGY_ORDER)}"
+            )
         args.budgets[key] = float(seconds)
     return args
 
@@ -180,9 +239,12 @@ def pipeline_version() -> str:
     """The pipeline code a strategy process imports: the last commit that changed s3_attrs_pipeline/,
     and any uncommitted change under it (another change landing during a long benchmark shows up as
     a second version)."""
+
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
@@ -193,8 +255,7 @@ def pipeline_version() -> str:
         return commit
     import hashlib
 
-    digest = hashlib.sha1(git("diff", "HEAD", "--", "s3_attrs_pipeline").encode()
-                          + changed.encode()).hexdigest()[:8]
+    digest = hashlib.sha1(git("diff", "HEAD", "--", "s3_attrs_pipeline").encode() + changed.encode()).hexdigest()[:8]
     return f"{commit}+uncommitted:{digest} ({len(changed.splitlines())} files)"
 
 
@@ -237,9 +298,23 @@ def run_strategy(label: str, strategy: str, cfg: dict, svc: Services, *, profile
         if profile is not None:
             started.wait(60)
             profiler = subprocess.Popen(
-                [str(pathlib.Path(sys.executable).parent / "py-spy"), "record", "--pid", str(process.pid), "--gil",
-                 "--nonblocking", "--rate", "200", "--format", "raw", "-o", str(profile)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [
+                    str(pathlib.Path(sys.executable).parent / "py-spy"),
+                    "record",
+                    "--pid",
+                    str(process.pid),
+                    "--gil",
+                    "--nonblocking",
+                    "--rate",
+                    "200",
+                    "--format",
+                    "raw",
+                    "-o",
+                    str(profile),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
         timeout = cfg["max_seconds"] + cfg["grace_seconds"] + cfg.get("startup_seconds", 0.0) + 120
         try:
@@ -315,13 +390,23 @@ def _notes(result: dict, total_pending: int) -> str:
     notes += result.get("e2e_notes") or []
     if report.get("apps_listed"):
         notes.append(f"{report['apps_listed']} apps listed")
-    for field in ("missing", "failed", "invalid_location_id", "malformed_object_metadata", "vanished_during_run",
-                  "failed_partitions", "s3_retries"):
+    for field in (
+        "missing",
+        "failed",
+        "invalid_location_id",
+        "malformed_object_metadata",
+        "vanished_during_run",
+        "failed_partitions",
+        "s3_retries",
+    ):
         if report.get(field):
             notes.append(f"{field} {report[field]}")
-    if result.get("client_requests") is not None and result.get("requests_counted"):
-        if result["client_requests"] != _requests(result):
-            notes.append(f"ObjectStore.requests_sent {result['client_requests']} ≠ rclone's {_requests(result)}")
+    if (
+        result.get("client_requests") is not None
+        and result.get("requests_counted")
+        and result["client_requests"] != _requests(result)
+    ):
+        notes.append(f"ObjectStore.requests_sent {result['client_requests']} ≠ rclone's {_requests(result)}")
     if result.get("verified"):
         notes.append(result["verified"])
     if result.get("imported_from") and result.get("repo_package") and result["imported_from"] != result["repo_package"]:
@@ -343,8 +428,9 @@ def median_runs(results: list[dict]) -> list[dict]:
         ordered = sorted(runs, key=_rate)
         median = dict(ordered[(len(ordered) - 1) // 2])
         if len(runs) > 1:
-            median["repeats"] = (f"median of {len(runs)} runs: "
-                                 + ", ".join(f"{_rate(r):,.0f}" for r in runs) + " files/s")
+            median["repeats"] = (
+                f"median of {len(runs)} runs: " + ", ".join(f"{_rate(r):,.0f}" for r in runs) + " files/s"
+            )
         chosen.append(median)
     return chosen
 
@@ -408,22 +494,34 @@ def statements_table(result: dict, limit: int = 14) -> str:
     store = result.get("store_seconds") or {}
     workers = len(result.get("workers") or []) or 1
     if result["strategy"] == "naive":
-        lines = [f"`{result['label']}`: {total:.1f} s of {result['elapsed_s']:.1f} s waiting for PostgreSQL "
-                 f"({batches} batches, {sum(result['db'].values())} round trips).", ""]
+        lines = [
+            f"`{result['label']}`: {total:.1f} s of {result['elapsed_s']:.1f} s waiting for PostgreSQL "
+            f"({batches} batches, {sum(result['db'].values())} round trips).",
+            "",
+        ]
     else:
         elsewhere = max(0.0, result["elapsed_s"] * workers - total - sum(store.values()))
-        lines = [f"Where `{result['label']}` spent its {result['elapsed_s']:.1f} s"
-                 + (f" (× {workers} processes, summed)" if workers > 1 else "") + ", in its main thread: "
-                 f"{store.get('head_wait', 0.0):.1f} s waiting for HEAD answers (Future.result of the window's oldest), "
-                 f"{store.get('list_wait', 0.0):.1f} s waiting for listing pages, "
-                 f"{store.get('check_bucket', 0.0):.1f} s in check_bucket (one HEAD bucket per partition), "
-                 f"{total:.1f} s waiting for PostgreSQL ({batches} batches, {sum(result['db'].values())} round trips), "
-                 f"{elsewhere:.1f} s elsewhere (Python: keys, submitting, parsing, building batches).", ""]
-    lines += ["| count | per batch | total s | mean ms | statement (first 60 characters) |", "|---:|---:|---:|---:|---|"]
+        lines = [
+            f"Where `{result['label']}` spent its {result['elapsed_s']:.1f} s"
+            + (f" (× {workers} processes, summed)" if workers > 1 else "")
+            + ", in its main thread: "
+            f"{store.get('head_wait', 0.0):.1f} s waiting for HEAD answers (Future.result of the window's oldest), "
+            f"{store.get('list_wait', 0.0):.1f} s waiting for listing pages, "
+            f"{store.get('check_bucket', 0.0):.1f} s in check_bucket (one HEAD bucket per partition), "
+            f"{total:.1f} s waiting for PostgreSQL ({batches} batches, {sum(result['db'].values())} round trips), "
+            f"{elsewhere:.1f} s elsewhere (Python: keys, submitting, parsing, building batches).",
+            "",
+        ]
+    lines += [
+        "| count | per batch | total s | mean ms | statement (first 60 characters) |",
+        "|---:|---:|---:|---:|---|",
+    ]
     for text, count in sorted(result["db"].items(), key=lambda kv: -seconds.get(kv[0], 0.0) - kv[1] * 1e-9)[:limit]:
         per_batch = f"{count / batches:.2f}" if batches else "—"
         spent = seconds.get(text, 0.0)
-        lines.append(f"| {count} | {per_batch} | {spent:.2f} | {1000 * spent / count:.2f} | `{text.replace('|', '¦')}` |")
+        lines.append(
+            f"| {count} | {per_batch} | {spent:.2f} | {1000 * spent / count:.2f} | `{text.replace('|', '¦')}` |"
+        )
     return "\n".join(lines)
 
 
@@ -440,9 +538,11 @@ def listed_apps_in_run(result: dict, listed_apps: list[str]) -> str | None:
     if listed:
         files = sum(a["files"] for a in listed)
         seconds = sum(a["seconds"] for a in listed)
-        return (f"{result['label']}: the {len(listed)} listed apps took {seconds:.1f} s for {files} files = "
-                f"{files / seconds if seconds else 0:,.0f} files/s (backfill._list_app, timed), "
-                f"{requests} S3 requests naming them = {requests / files if files else 0:.4f}/file")
+        return (
+            f"{result['label']}: the {len(listed)} listed apps took {seconds:.1f} s for {files} files = "
+            f"{files / seconds if seconds else 0:,.0f} files/s (backfill._list_app, timed), "
+            f"{requests} S3 requests naming them = {requests / files if files else 0:.4f}/file"
+        )
     if requests and result.get("requests_counted"):
         return f"{result['label']}: {requests} S3 requests named the listed apps (one HEAD per file)"
     return None
@@ -458,35 +558,49 @@ def floors(results: list[dict], latency_ms: float, data) -> list[str]:
         if ceiling:
             share = _rate(r) / _rate(ceiling) if _rate(ceiling) else 0.0
             verdict = "PASS" if share >= CEILING_FLOOR else "FAIL"
-            lines.append(f"- HEAD ≥ {CEILING_FLOOR:.0%} of boto3's raw HEAD ceiling: {r['label']} {_rate(r):,.0f} files/s = "
-                         f"{share:.0%} of {_rate(ceiling):,.0f}/s: **{verdict}**")
+            lines.append(
+                f"- HEAD ≥ {CEILING_FLOOR:.0%} of boto3's raw HEAD ceiling: {r['label']} {_rate(r):,.0f} files/s = "
+                f"{share:.0%} of {_rate(ceiling):,.0f}/s: **{verdict}**"
+            )
         if naive:
             factor = _rate(r) / _rate(naive) if _rate(naive) else float("inf")
             verdict = "PASS" if factor >= NAIVE_FLOOR else "FAIL"
-            context = "" if latency_ms == 20 else f" (the floor is stated for --latency-ms 20; this run has {latency_ms:g})"
-            lines.append(f"- HEAD ≥ {NAIVE_FLOOR:.0f}x naive: {r['label']} {_rate(r):,.0f} files/s = {factor:.1f}x the naive "
-                         f"baseline's {_rate(naive):,.1f}/s: **{verdict}**{context}")
+            context = (
+                "" if latency_ms == 20 else f" (the floor is stated for --latency-ms 20; this run has {latency_ms:g})"
+            )
+            lines.append(
+                f"- HEAD ≥ {NAIVE_FLOOR:.0f}x naive: {r['label']} {_rate(r):,.0f} files/s = {factor:.1f}x the naive "
+                f"baseline's {_rate(naive):,.1f}/s: **{verdict}**{context}"
+            )
     listed_list, listed_head = _by_key(results, "listed-list"), _by_key(results, "listed-head")
-    scope = (f"{len(data.listed_apps)} apps of 1000+ files to do ({data.listed_apps_files} files, "
-             f"partitions {' '.join(data.listed_apps_partitions)})")
+    scope = (
+        f"{len(data.listed_apps)} apps of 1000+ files to do ({data.listed_apps_files} files, "
+        f"partitions {' '.join(data.listed_apps_partitions)})"
+    )
     if listed_list and listed_list["files"] and listed_list.get("requests_counted"):
         per_file = _requests(listed_list) / listed_list["files"]
         verdict = "PASS" if per_file <= LIST_REQUESTS_FLOOR else "FAIL"
         kinds = ", ".join(f"{k}: {v}" for k, v in sorted(listed_list["http"].items()))
-        lines.append(f"- LIST ≤ {LIST_REQUESTS_FLOOR} S3 requests per file on {scope}: {_requests(listed_list)} requests "
-                     f"({kinds}) for {listed_list['files']} files = {per_file:.4f}/file: **{verdict}**")
+        lines.append(
+            f"- LIST ≤ {LIST_REQUESTS_FLOOR} S3 requests per file on {scope}: {_requests(listed_list)} requests "
+            f"({kinds}) for {listed_list['files']} files = {per_file:.4f}/file: **{verdict}**"
+        )
     if listed_list and listed_head:
         factor = _rate(listed_list) / _rate(listed_head) if _rate(listed_head) else float("inf")
         verdict = "PASS" if factor >= LIST_SPEEDUP_FLOOR else "FAIL"
         capped = " (HEAD run time-capped: its rate is of the files it did)" if listed_head.get("capped") else ""
-        lines.append(f"- LIST ≥ {LIST_SPEEDUP_FLOOR:.0f}x HEAD files/s on the same apps: {_rate(listed_list):,.0f} vs "
-                     f"{_rate(listed_head):,.0f} files/s = {factor:.1f}x: **{verdict}**{capped}")
+        lines.append(
+            f"- LIST ≥ {LIST_SPEEDUP_FLOOR:.0f}x HEAD files/s on the same apps: {_rate(listed_list):,.0f} vs "
+            f"{_rate(listed_head):,.0f} files/s = {factor:.1f}x: **{verdict}**{capped}"
+        )
     for processes in sorted({r.get("processes", 1) for r in results} - {1}):
         many_list, many_head = _by_key(results, "listed-list", processes), _by_key(results, "listed-head", processes)
         if many_list and many_head and _rate(many_head):
-            lines.append(f"  (the same with {processes} processes each, partitions in parallel: "
-                         f"{_rate(many_list):,.0f} vs {_rate(many_head):,.0f} files/s = "
-                         f"{_rate(many_list) / _rate(many_head):.1f}x)")
+            lines.append(
+                f"  (the same with {processes} processes each, partitions in parallel: "
+                f"{_rate(many_list):,.0f} vs {_rate(many_head):,.0f} files/s = "
+                f"{_rate(many_list) / _rate(many_head):.1f}x)"
+            )
     lines.append(f"- Peak RSS at 1M ≤ {RSS_FLOOR}x at 100k: compare two runs' --json with --compare (see README)")
     return lines
 
@@ -510,57 +624,84 @@ def end_to_end_summary(results: list[dict], args: argparse.Namespace, data) -> l
     if args.latency_ms != FLOOR_LATENCY_MS:
         caveats.append(f"the floors are stated for --latency-ms {FLOOR_LATENCY_MS:g}, this run had {args.latency_ms:g}")
     if args.partition_width != FLOOR_PARTITION_WIDTH:
-        caveats.append(f"{partitions} partitions (--partition-width {args.partition_width}), not "
-                       f"{len(partition_keys(FLOOR_PARTITION_WIDTH))}")
-    lines = [f"## End to end: world {world} ({shape}), +{args.latency_ms:g} ms per S3 request, {partitions} partitions",
-             "",
-             "Files/s of the end-to-end rows: files written (hash and lastModified) / wall seconds; the naive "
-             "baseline's: files it looked at / its seconds (it may be a time-capped sample: its rate is steady).",
-             "",
-             "| world | s3-attrs run end to end | naive | ratio |",
-             "|---|---:|---:|---:|"]
+        caveats.append(
+            f"{partitions} partitions (--partition-width {args.partition_width}), not "
+            f"{len(partition_keys(FLOOR_PARTITION_WIDTH))}"
+        )
+    lines = [
+        f"## End to end: world {world} ({shape}), +{args.latency_ms:g} ms per S3 request, {partitions} partitions",
+        "",
+        "Files/s of the end-to-end rows: files written (hash and lastModified) / wall seconds; the naive "
+        "baseline's: files it looked at / its seconds (it may be a time-capped sample: its rate is steady).",
+        "",
+        "| world | s3-attrs run end to end | naive | ratio |",
+        "|---|---:|---:|---:|",
+    ]
     ratio = _rate(cli) / _rate(naive) if cli and naive and _rate(naive) else None
-    cli_cell = (f"{_rate(cli):,.0f} files/s ({cli['files']:,} files written in {cli['elapsed_s']:.1f} s, "
-                f"exit {cli.get('exit_code')})" if cli else "— (not run)")
-    naive_cell = (f"{_rate(naive):,.1f} files/s ({naive['files']:,} files in {naive['elapsed_s']:.1f} s"
-                  f"{', time-capped' if naive.get('capped') else ''})" if naive else "— (not run)")
+    cli_cell = (
+        f"{_rate(cli):,.0f} files/s ({cli['files']:,} files written in {cli['elapsed_s']:.1f} s, "
+        f"exit {cli.get('exit_code')})"
+        if cli
+        else "— (not run)"
+    )
+    naive_cell = (
+        f"{_rate(naive):,.1f} files/s ({naive['files']:,} files in {naive['elapsed_s']:.1f} s"
+        f"{', time-capped' if naive.get('capped') else ''})"
+        if naive
+        else "— (not run)"
+    )
     lines.append(f"| {world} ({shape}) | {cli_cell} | {naive_cell} | {f'{ratio:.1f}x' if ratio else '—'} |")
     if ui:
         got = ui["partitions"]
-        lines += ["",
-                  "| UI backfill (dagster dev, all partitions) | launch → last partition status, s | "
-                  "partitions materialized / failed / total | files written | files/s |",
-                  "|---|---:|---:|---:|---:|",
-                  f"| {world} ({shape}) | {ui['elapsed_s']:.1f}{' (time-capped)' if ui['capped'] else ''} | "
-                  f"{got['materialized']} / {got['failed']} / {got['total']} | {ui['files']:,} | {_rate(ui):,.0f} |"]
+        lines += [
+            "",
+            "| UI backfill (dagster dev, all partitions) | launch → last partition status, s | "
+            "partitions materialized / failed / total | files written | files/s |",
+            "|---|---:|---:|---:|---:|",
+            f"| {world} ({shape}) | {ui['elapsed_s']:.1f}{' (time-capped)' if ui['capped'] else ''} | "
+            f"{got['materialized']} / {got['failed']} / {got['total']} | {ui['files']:,} | {_rate(ui):,.0f} |",
+        ]
     lines += ["", "Floors:"]
     if cli:
         floor = CLI_NAIVE_FLOORS.get(args.world)
-        claim = f"- `s3-attrs run` end to end ≥ {floor:.0f}x naive on the {world} world" if floor else \
-            "- `s3-attrs run` end to end vs naive"
+        claim = (
+            f"- `s3-attrs run` end to end ≥ {floor:.0f}x naive on the {world} world"
+            if floor
+            else "- `s3-attrs run` end to end vs naive"
+        )
         if not floor:
             lines.append(f"{claim}: {f'{ratio:.1f}x' if ratio else '—'}: — (no floor for a custom world: use --world)")
         elif ratio is None:
             lines.append(f"{claim}: — (no naive row: add `naive` to --strategies)")
         else:
-            problems = [p for p in (
-                "time-capped" if cli.get("capped") else None,
-                f"exit {cli.get('exit_code')}" if cli.get("exit_code") != 0 else None,
-                "the database check failed" if not str(cli.get("verified", "")).startswith("ok") else None,
-            ) if p]
+            problems = [
+                p
+                for p in (
+                    "time-capped" if cli.get("capped") else None,
+                    f"exit {cli.get('exit_code')}" if cli.get("exit_code") != 0 else None,
+                    "the database check failed" if not str(cli.get("verified", "")).startswith("ok") else None,
+                )
+                if p
+            ]
             verdict = "PASS" if ratio >= floor and not problems else "FAIL"
-            lines.append(f"{claim}: {_rate(cli):,.0f} vs {_rate(naive):,.1f} files/s = {ratio:.1f}x: **{verdict}**"
-                         + (f" ({', '.join(problems)})" if problems else ""))
+            lines.append(
+                f"{claim}: {_rate(cli):,.0f} vs {_rate(naive):,.1f} files/s = {ratio:.1f}x: **{verdict}**"
+                + (f" ({', '.join(problems)})" if problems else "")
+            )
     if ui:
         got = ui["partitions"]
         complete = not ui["capped"] and got["materialized"] == got["total"]
         verdict = "PASS" if complete and ui["elapsed_s"] <= UI_BACKFILL_FLOOR_S else "FAIL"
-        lines.append(f"- UI backfill of every partition ≤ {UI_BACKFILL_FLOOR_S:.0f} s from launch to the last "
-                     f"partition's status, every partition materialized: {ui['elapsed_s']:.1f} s"
-                     f"{' (time-capped)' if ui['capped'] else ''}, {got['materialized']} of {got['total']} "
-                     f"materialized, {got['failed']} failed: **{verdict}**")
+        lines.append(
+            f"- UI backfill of every partition ≤ {UI_BACKFILL_FLOOR_S:.0f} s from launch to the last "
+            f"partition's status, every partition materialized: {ui['elapsed_s']:.1f} s"
+            f"{' (time-capped)' if ui['capped'] else ''}, {got['materialized']} of {got['total']} "
+            f"materialized, {got['failed']} failed: **{verdict}**"
+        )
     if caveats:
-        lines.append("- Not the issue's conditions (" + "; ".join(caveats) + "): the verdicts above are indicative only.")
+        lines.append(
+            "- Not the issue's conditions (" + "; ".join(caveats) + "): the verdicts above are indicative only."
+        )
     return lines
 
 
@@ -574,15 +715,25 @@ def compare_runs(small_path: pathlib.Path, large_path: pathlib.Path) -> int:
         rss = "VmHWM" if run.get("rss_measure") == "VmHWM" else "ru_maxrss (includes the benchmark's own peak)"
         say(f"- {name} run: pipeline code {', '.join(versions)}; peak RSS measured as {rss}")
     say()
-    say("Peak RSS is the strategy process's own (VmHWM; --json files written before the benchmark measured "
-        "VmHWM hold ru_maxrss, which includes the benchmark's own peak: compare only runs of the same version).")
+    say(
+        "Peak RSS is the strategy process's own (VmHWM; --json files written before the benchmark measured "
+        "VmHWM hold ru_maxrss, which includes the benchmark's own peak: compare only runs of the same version)."
+    )
     say()
-    say("| strategy | files done (small) | peak RSS MiB (small) | files done (large) | peak RSS MiB (large) | ratio | floor |")
+    say(
+        "| strategy | files done (small) | peak RSS MiB (small) | files done (large) | peak RSS MiB (large) | ratio | floor |"
+    )
     say("|---|---:|---:|---:|---:|---:|---|")
     failed = 0
     for r_large in median_runs([r for r in large["results"] if not r.get("profiled")]):
-        r_small = next((r for r in median_runs([r for r in small["results"] if not r.get("profiled")])
-                        if r["key"] == r_large["key"] and r.get("processes", 1) == r_large.get("processes", 1)), None)
+        r_small = next(
+            (
+                r
+                for r in median_runs([r for r in small["results"] if not r.get("profiled")])
+                if r["key"] == r_large["key"] and r.get("processes", 1) == r_large.get("processes", 1)
+            ),
+            None,
+        )
         if r_small is None:
             continue
         ratio = _peak_rss(r_large) / _peak_rss(r_small)
@@ -592,12 +743,16 @@ def compare_runs(small_path: pathlib.Path, large_path: pathlib.Path) -> int:
             failed += verdict == "FAIL"
         else:
             verdict = "— (not the pipeline)"
-        say(f"| {r_large['label']} | {r_small['files']}{' (capped)' if r_small.get('capped') else ''} | "
+        say(
+            f"| {r_large['label']} | {r_small['files']}{' (capped)' if r_small.get('capped') else ''} | "
             f"{_peak_rss(r_small):.0f} | {r_large['files']}{' (capped)' if r_large.get('capped') else ''} | "
-            f"{_peak_rss(r_large):.0f} | {ratio:.2f} | {verdict} |")
+            f"{_peak_rss(r_large):.0f} | {ratio:.2f} | {verdict} |"
+        )
     say()
-    say(f"Floor: the pipeline's peak RSS with {large['args']['files']} files within {RSS_FLOOR}x of that with "
-        f"{small['args']['files']}, on complete runs: **{'FAIL' if failed else 'PASS'}**")
+    say(
+        f"Floor: the pipeline's peak RSS with {large['args']['files']} files within {RSS_FLOOR}x of that with "
+        f"{small['args']['files']}, on complete runs: **{'FAIL' if failed else 'PASS'}**"
+    )
     return 1 if failed else 0
 
 
@@ -637,9 +792,13 @@ def summarize_profile(path: pathlib.Path, seconds: float, rate: int = 200, top: 
     if not total:
         return "(py-spy recorded no samples)"
     held = total / (rate * seconds) if seconds else 0.0
-    out = [f"GIL held during about {held:.0%} of the process's {seconds:.1f} s "
-           f"({total} samples at {rate}/s, py-spy --gil --nonblocking)", "",
-           "| share of GIL samples | where the GIL holder was (any frame) |", "|---:|---|"]
+    out = [
+        f"GIL held during about {held:.0%} of the process's {seconds:.1f} s "
+        f"({total} samples at {rate}/s, py-spy --gil --nonblocking)",
+        "",
+        "| share of GIL samples | where the GIL holder was (any frame) |",
+        "|---:|---|",
+    ]
     out += [f"| {n / total:.1%} | {name} |" for name, n in inclusive.most_common()]
     out += ["", "| share | top self frames (function, file) |", "|---:|---|"]
     out += [f"| {n / total:.1%} | `{name}` |" for name, n in by_function.most_common(top)]
@@ -655,8 +814,11 @@ def _s3_client(endpoint_url: str, threads: int = 16):
     import boto3
     import botocore.config
 
-    return boto3.client("s3", endpoint_url=endpoint_url,
-                        config=botocore.config.Config(max_pool_connections=threads, retries={"mode": "standard"}))
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        config=botocore.config.Config(max_pool_connections=threads, retries={"mode": "standard"}),
+    )
 
 
 def verify_objects(endpoint_url: str, data: dataset_module.Dataset) -> list[str]:
@@ -666,7 +828,7 @@ def verify_objects(endpoint_url: str, data: dataset_module.Dataset) -> list[str]
     import botocore.exceptions
 
     from s3_attrs_pipeline.s3 import listing
-    from s3_attrs_pipeline.s3.metadata import object_metadata_from_headers
+    from s3_attrs_pipeline.s3.object_metadata import object_metadata_from_headers
     from s3_attrs_pipeline.s3.store import ObjectStore, S3Settings
 
     client = _s3_client(endpoint_url)
@@ -684,11 +846,14 @@ def verify_objects(endpoint_url: str, data: dataset_module.Dataset) -> list[str]
             raise RuntimeError(f"HEAD {sample.key} found an object that was never written")
         metadata = object_metadata_from_headers(headers)
         if (metadata.hash, metadata.last_modified_ms) != (sample.md5, sample.last_modified_ms):
-            raise RuntimeError(f"HEAD {sample.key} gave {metadata}, expected ETag {sample.md5} and "
-                               f"Last-Modified {sample.last_modified_ms} ms: the S3 server is not usable here")
+            raise RuntimeError(
+                f"HEAD {sample.key} gave {metadata}, expected ETag {sample.md5} and "
+                f"Last-Modified {sample.last_modified_ms} ms: the S3 server is not usable here"
+            )
         checked += 1
-    lines = [f"{checked} sampled objects: ETag = MD5 of the body, Last-Modified = the mtime's whole second, "
-             "missing ones 404"]
+    lines = [
+        f"{checked} sampled objects: ETag = MD5 of the body, Last-Modified = the mtime's whole second, missing ones 404"
+    ]
     app = data.listed_apps[0] if data.listed_apps else None
     if app:
         with ObjectStore(S3Settings(data.spec.bucket, endpoint_url=endpoint_url)) as store:
@@ -696,7 +861,8 @@ def verify_objects(endpoint_url: str, data: dataset_module.Dataset) -> list[str]
 
         def head(key: str):
             return object_metadata_from_headers(
-                client.head_object(Bucket=data.spec.bucket, Key=key)["ResponseMetadata"]["HTTPHeaders"])
+                client.head_object(Bucket=data.spec.bucket, Key=key)["ResponseMetadata"]["HTTPHeaders"]
+            )
 
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             heads = list(pool.map(head, [entry.key for entry in entries]))
@@ -704,15 +870,19 @@ def verify_objects(endpoint_url: str, data: dataset_module.Dataset) -> list[str]
         sub_second = sum(bool(entry.last_modified.partition(".")[2].rstrip("Z").strip("0")) for entry in entries)
         differ = [
             (entry.key, entry.last_modified, cut, by_head)
-            for entry, by_head in zip(entries, heads)
+            for entry, by_head in zip(entries, heads, strict=True)
             if (cut := listing.metadata_of(entry)) != by_head
         ]
         if differ:
-            raise RuntimeError(f"{len(differ)} of {len(entries)} listed objects of app {app} differ from their HEAD "
-                               f"once cut to the second, e.g. {differ[0]}")
-        lines.append(f"listing vs HEAD, first page of app {app}: {len(entries)} objects, {sub_second} of them listed "
-                     f"with a fraction of a second (e.g. {entries[0].last_modified}); HEAD gives whole "
-                     f"seconds; cut as the pipeline cuts it, every listed ETag and LastModified equals HEAD's")
+            raise RuntimeError(
+                f"{len(differ)} of {len(entries)} listed objects of app {app} differ from their HEAD "
+                f"once cut to the second, e.g. {differ[0]}"
+            )
+        lines.append(
+            f"listing vs HEAD, first page of app {app}: {len(entries)} objects, {sub_second} of them listed "
+            f"with a fraction of a second (e.g. {entries[0].last_modified}); HEAD gives whole "
+            f"seconds; cut as the pipeline cuts it, every listed ETag and LastModified equals HEAD's"
+        )
     return lines
 
 
@@ -753,43 +923,100 @@ def _runs(args: argparse.Namespace, data: dataset_module.Dataset) -> list[tuple[
         elif key == "store-window":
             runs.append(("ObjectStore.submit_head, sliding window, no DB", key, key, {}, None))
         elif key == "pipeline-db":
-            runs.append(("pipeline (HEAD), HEADs answered in-process (DB side only)", key, "pipeline",
-                         {"without_s3": True, "list_threshold": 0}, TEMPLATE_DB))
+            runs.append(
+                (
+                    "pipeline (HEAD), HEADs answered in-process (DB side only)",
+                    key,
+                    "pipeline",
+                    {"without_s3": True, "list_threshold": 0},
+                    TEMPLATE_DB,
+                )
+            )
         elif key in ("pipeline-head", "pipeline-list"):
             threshold = 0 if key == "pipeline-head" else args.list_threshold
             name = "pipeline (HEAD)" if key == "pipeline-head" else "pipeline (LIST+HEAD, default threshold)"
             for processes in args.parallel:
                 suffix = f", {processes} processes" if processes > 1 else ""
-                runs.append((name + suffix, key, "pipeline",
-                             {"parallel": processes, "processes": processes, "list_threshold": threshold}, TEMPLATE_DB))
+                runs.append(
+                    (
+                        name + suffix,
+                        key,
+                        "pipeline",
+                        {"parallel": processes, "processes": processes, "list_threshold": threshold},
+                        TEMPLATE_DB,
+                    )
+                )
         elif key in ("listed-head", "listed-list") and data.listed_apps:
             threshold = 0 if key == "listed-head" else args.list_threshold
             name = "pipeline (HEAD)" if key == "listed-head" else "pipeline (LIST)"
             for processes in args.parallel:
                 suffix = f", {processes} processes" if processes > 1 else ""
-                runs.append((f"{name}, listed apps only ({len(data.listed_apps)} apps of 1000+ files){suffix}", key,
-                             "pipeline", {"list_threshold": threshold, "partitions": listed_partitions,
-                                          "to_do": data.listed_apps_files, "parallel": processes,
-                                          "processes": processes}, LISTED_TEMPLATE_DB))
+                runs.append(
+                    (
+                        f"{name}, listed apps only ({len(data.listed_apps)} apps of 1000+ files){suffix}",
+                        key,
+                        "pipeline",
+                        {
+                            "list_threshold": threshold,
+                            "partitions": listed_partitions,
+                            "to_do": data.listed_apps_files,
+                            "parallel": processes,
+                            "processes": processes,
+                        },
+                        LISTED_TEMPLATE_DB,
+                    )
+                )
         elif key == "naive":
-            runs.append(("naive: HEAD, then INSERT per triple", key, "naive", {"max_seconds": args.naive_max_seconds},
-                         TEMPLATE_DB))
+            runs.append(
+                (
+                    "naive: HEAD, then INSERT per triple",
+                    key,
+                    "naive",
+                    {"max_seconds": args.naive_max_seconds},
+                    TEMPLATE_DB,
+                )
+            )
         elif key == "cli-run":
             runs.append(("s3-attrs run --quiet, end to end (process start to exit)", key, key, {}, TEMPLATE_DB))
         elif key == "ui-backfill":
-            runs.append(("dagster dev: UI backfill of every partition (launch to last partition status)", key, key,
-                         {"startup_seconds": args.ui_startup_seconds}, TEMPLATE_DB))
+            runs.append(
+                (
+                    "dagster dev: UI backfill of every partition (launch to last partition status)",
+                    key,
+                    key,
+                    {"startup_seconds": args.ui_startup_seconds},
+                    TEMPLATE_DB,
+                )
+            )
     # Interleaved, so a noisy minute hurts one run of several strategies rather than every run of one;
     # the naive baseline is latency-bound and slow, and the UI backfill minutes long, so they run once.
     repeated = [run for run in runs if run[1] not in RUN_ONCE]
     runs = repeated * max(1, args.repeat) + [run for run in runs if run[1] in RUN_ONCE]
     if args.profile:
-        runs.append(("pipeline (HEAD), 1 process, under py-spy", "pipeline-head", "pipeline",
-                     {"parallel": 1, "list_threshold": 0, "profiled": True}, TEMPLATE_DB))
+        runs.append(
+            (
+                "pipeline (HEAD), 1 process, under py-spy",
+                "pipeline-head",
+                "pipeline",
+                {"parallel": 1, "list_threshold": 0, "profiled": True},
+                TEMPLATE_DB,
+            )
+        )
         if data.listed_apps:
-            runs.append(("pipeline (LIST), listed apps only, under py-spy", "listed-list", "pipeline",
-                         {"list_threshold": args.list_threshold, "partitions": listed_partitions,
-                          "to_do": data.listed_apps_files, "profiled": True}, LISTED_TEMPLATE_DB))
+            runs.append(
+                (
+                    "pipeline (LIST), listed apps only, under py-spy",
+                    "listed-list",
+                    "pipeline",
+                    {
+                        "list_threshold": args.list_threshold,
+                        "partitions": listed_partitions,
+                        "to_do": data.listed_apps_files,
+                        "profiled": True,
+                    },
+                    LISTED_TEMPLATE_DB,
+                )
+            )
     return runs
 
 
@@ -800,12 +1027,14 @@ def main(argv: list[str] | None = None) -> int:
     args.list_threshold = dataset_module.DatasetSpec(files=1, apps=1).list_threshold
     for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
         os.environ.pop(name, None)
-    os.environ.update({
-        "AWS_ACCESS_KEY_ID": services.ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": services.SECRET_KEY,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    })
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": services.ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": services.SECRET_KEY,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+    )
     signal.signal(signal.SIGINT, _raise_interrupt)  # also when started in the background, where SIGINT is ignored
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
@@ -830,24 +1059,34 @@ def main(argv: list[str] | None = None) -> int:
             install_instant_schema(template_url)
             settings_differ = counting.session_settings_differ(template_url)
             if settings_differ:
-                raise SystemExit(f"the benchmark's counting connection no longer matches database.connect: {settings_differ}")
+                raise SystemExit(
+                    f"the benchmark's counting connection no longer matches instant.connection.connect: {settings_differ}"
+                )
 
             spec = dataset_module.DatasetSpec(
-                files=args.files, apps=args.apps, missing_ratio=args.missing_ratio,
-                prepopulated_ratio=args.prepopulated_ratio, seed=args.seed, partition_width=args.partition_width,
+                files=args.files,
+                apps=args.apps,
+                missing_ratio=args.missing_ratio,
+                prepopulated_ratio=args.prepopulated_ratio,
+                seed=args.seed,
+                partition_width=args.partition_width,
             )
             say(f"== generating {spec.files} files in {spec.apps} apps (Zipf sizes)")
             s3_root = workdir / "s3"
             data = dataset_module.generate(template_url, s3_root, workdir, spec, say=say)
-            say(f"   done in {data.seconds:.1f} s: {data.triples} triples, {data.objects} objects, "
+            say(
+                f"   done in {data.seconds:.1f} s: {data.triples} triples, {data.objects} objects, "
                 f"database {data.database_bytes / 2**20:.0f} MiB; {data.apps_of_1000_files} apps of 1000+ files, "
-                f"{len(data.listed_apps)} of them listed by the default threshold ({data.listed_apps_files} files to do)")
+                f"{len(data.listed_apps)} of them listed by the default threshold ({data.listed_apps_files} files to do)"
+            )
             if any(key.startswith("listed-") for key in args.strategies) and data.listed_apps:
                 started = time.monotonic()
                 listed_url = pg.copy_database(TEMPLATE_DB, LISTED_TEMPLATE_DB)
                 dataset_module.keep_only_apps(listed_url, data.listed_apps)
-                say(f"== {LISTED_TEMPLATE_DB}: the template with only the {len(data.listed_apps)} listed apps' files, "
-                    f"in {time.monotonic() - started:.1f} s")
+                say(
+                    f"== {LISTED_TEMPLATE_DB}: the template with only the {len(data.listed_apps)} listed apps' files, "
+                    f"in {time.monotonic() - started:.1f} s"
+                )
 
             rclone = services.RcloneS3(s3_root, workdir / "rclone.log", args.rclone_log_level).start()
             cleanup.callback(rclone.stop)
@@ -858,7 +1097,9 @@ def main(argv: list[str] | None = None) -> int:
             notes += checks
             started = time.monotonic()
             warm_directories(rclone.endpoint_url, data)
-            say(f"   directory cache warmed ({len(data.one_key_per_directory)} HEADs) in {time.monotonic() - started:.1f} s")
+            say(
+                f"   directory cache warmed ({len(data.one_key_per_directory)} HEADs) in {time.monotonic() - started:.1f} s"
+            )
             proxy = None
             if args.latency_ms > 0:
                 proxy = services.DelayProxy(rclone.port, args.latency_ms / 1000).start()
@@ -872,19 +1113,33 @@ def main(argv: list[str] | None = None) -> int:
             explain_url = pg.copy_database(TEMPLATE_DB, "bench_explain")
             plan_note = explain.custom_plans_forced(explain_url, data.largest_partition, args.batch_size)
             plans += explain.explain_fresh(
-                explain_url, data.largest_partition, data.median_partition, data.smallest_partition,
-                data.listed_apps[0] if data.listed_apps else None, args.batch_size, label="fresh data")
+                explain_url,
+                data.largest_partition,
+                data.median_partition,
+                data.smallest_partition,
+                data.listed_apps[0] if data.listed_apps else None,
+                args.batch_size,
+                label="fresh data",
+            )
             pg.drop_database("bench_explain")
             say(f"   {plan_note}")
 
             base = {
-                "bucket": spec.bucket, "endpoint_url": svc.endpoint_url, "keys_path": str(data.keys_path),
-                "batch_size": args.batch_size, "max_in_flight": args.max_in_flight,
-                "partition_width": args.partition_width, "threads": args.ceiling_threads,
-                "max_seconds": args.max_seconds, "grace_seconds": 120.0, "parallel": 1,
+                "bucket": spec.bucket,
+                "endpoint_url": svc.endpoint_url,
+                "keys_path": str(data.keys_path),
+                "batch_size": args.batch_size,
+                "max_in_flight": args.max_in_flight,
+                "partition_width": args.partition_width,
+                "threads": args.ceiling_threads,
+                "max_seconds": args.max_seconds,
+                "grace_seconds": 120.0,
+                "parallel": 1,
                 "list_threshold": args.list_threshold,
                 # the end-to-end rows: the env an operator gives the pipeline
-                "access_key": services.ACCESS_KEY, "secret_key": services.SECRET_KEY, "repo_root": str(REPO_ROOT),
+                "access_key": services.ACCESS_KEY,
+                "secret_key": services.SECRET_KEY,
+                "repo_root": str(REPO_ROOT),
             }
             for number, (label, key, strategy, extra, template) in enumerate(_runs(args, data)):
                 cfg = base | extra
@@ -915,15 +1170,22 @@ def main(argv: list[str] | None = None) -> int:
                     explained_after_run = any(p.title.startswith("after a complete run") for p in plans)
                     if key.startswith("pipeline-") and not explained_after_run and not result["profiled"]:
                         plans += explain.explain_after_run(
-                            cfg["database_url"], data.largest_partition,
-                            data.listed_apps[0] if data.listed_apps else None, args.batch_size)
+                            cfg["database_url"],
+                            data.largest_partition,
+                            data.listed_apps[0] if data.listed_apps else None,
+                            args.batch_size,
+                        )
                 if profile_path is not None and profile_path.exists():
-                    profile_summaries.append((label, summarize_profile(profile_path, result["lifetime_s"]), profile_path))
+                    profile_summaries.append(
+                        (label, summarize_profile(profile_path, result["lifetime_s"]), profile_path)
+                    )
                 requests = f", {_requests(result)} S3 requests" if result["requests_counted"] else ""
-                say(f"   {result['files']} files in {result['elapsed_s']:.1f} s = {_rate(result):,.0f} files/s{requests}"
+                say(
+                    f"   {result['files']} files in {result['elapsed_s']:.1f} s = {_rate(result):,.0f} files/s{requests}"
                     + (f" [{result['verified']}]" if result.get("verified") else "")
                     + (" [time-capped]" if result.get("capped") else "")
-                    + (f" [{'; '.join(result['e2e_notes'])}]" if result.get("e2e_notes") else ""))
+                    + (f" [{'; '.join(result['e2e_notes'])}]" if result.get("e2e_notes") else "")
+                )
                 results.append(result)
                 if template:
                     pg.drop_database(dbname)
@@ -940,21 +1202,27 @@ def main(argv: list[str] | None = None) -> int:
         r["other_version"] = r["pipeline_version"] != main_version
     say()
     world = f"world {args.world}{' (sizes overridden)' if args.world_overridden else ''}, " if args.world else ""
-    say(f"## S3 attrs backfill benchmark: {world}{args.files} files in {args.apps} apps, "
-        f"+{args.latency_ms:g} ms per S3 request")
+    say(
+        f"## S3 attrs backfill benchmark: {world}{args.files} files in {args.apps} apps, "
+        f"+{args.latency_ms:g} ms per S3 request"
+    )
     say()
-    say(f"Machine: {os.cpu_count()} CPUs, Python {platform.python_version()}; S3: rclone serve s3 (local "
+    say(
+        f"Machine: {os.cpu_count()} CPUs, Python {platform.python_version()}; S3: rclone serve s3 (local "
         f"directory) {'behind a delay proxy' if args.latency_ms else 'direct'}; PostgreSQL: embedded, "
         f"synchronous_commit off. batch_size {args.batch_size}, max_in_flight {args.max_in_flight}, "
         f"{len(partition_keys(args.partition_width))} partitions. S3 requests counted from rclone's log "
         f"(every request it received). Whole benchmark: {time.monotonic() - began:.0f} s. Pipeline code: "
-        f"{main_version}" + (" (rows that ran another version say so)" if len(versions) > 1 else "") + ".")
-    say(f"Data: {data.files} files in {data.apps_with_files} apps (Zipf sizes, largest {data.largest_app_files} files, "
+        f"{main_version}" + (" (rows that ran another version say so)" if len(versions) > 1 else "") + "."
+    )
+    say(
+        f"Data: {data.files} files in {data.apps_with_files} apps (Zipf sizes, largest {data.largest_app_files} files, "
         f"{data.apps_of_1000_files} of 1000+), {data.pending} lacking hash ({data.pending - data.pending_in_s3} of them "
         f"without an object), {data.prepopulated} prepopulated; {data.partitions_with_files} partitions with work, largest "
         f"{data.largest_partition} ({data.largest_partition_pending} files); {data.triples} triples, "
         f"{data.database_bytes / 2**20:.0f} MiB; generated in {data.seconds:.1f} s. Listed by the default threshold: "
-        f"{len(data.listed_apps)} apps, {data.listed_apps_files} files to do, in {len(data.listed_apps_partitions)} partitions.")
+        f"{len(data.listed_apps)} apps, {data.listed_apps_files} files to do, in {len(data.listed_apps_partitions)} partitions."
+    )
     say()
     say(results_table(measured, data.pending))
     say()
@@ -968,8 +1236,10 @@ def main(argv: list[str] | None = None) -> int:
         if line:
             say(f"- {line}")
     say()
-    say("CPU seconds over each strategy's whole process lifetime (setup included), on a machine with "
-        f"{os.cpu_count()} CPUs; 'other processes' is everything else the machine ran meanwhile:")
+    say(
+        "CPU seconds over each strategy's whole process lifetime (setup included), on a machine with "
+        f"{os.cpu_count()} CPUs; 'other processes' is everything else the machine ran meanwhile:"
+    )
     say()
     say(server_table(measured))
     for r in measured:
@@ -987,14 +1257,18 @@ def main(argv: list[str] | None = None) -> int:
     say()
     say(f"Custom plans: {plan_note}.")
     say()
-    say("| plan | files it may touch (partition or listing page) | shared buffers | buffers/file it may touch | "
-        "buffers/file a page returns | triples in the table | ms | check |")
+    say(
+        "| plan | files it may touch (partition or listing page) | shared buffers | buffers/file it may touch | "
+        "buffers/file a page returns | triples in the table | ms | check |"
+    )
     say("|---|---:|---:|---:|---:|---:|---:|---|")
     for plan in plans:
         ok = not plan.seq_scan and plan.cost_bounded
         per_returned = f"{plan.buffers / plan.returns:.1f}" if plan.returns else "—"
-        say(f"| {plan.title} | {plan.bound_files} | {plan.buffers} | {plan.buffers / max(1, plan.bound_files):.2f} | "
-            f"{per_returned} | {plan.table_triples} | {plan.execution_ms:.1f} | {'ok' if ok else 'FAIL'} |")
+        say(
+            f"| {plan.title} | {plan.bound_files} | {plan.buffers} | {plan.buffers / max(1, plan.bound_files):.2f} | "
+            f"{per_returned} | {plan.table_triples} | {plan.execution_ms:.1f} | {'ok' if ok else 'FAIL'} |"
+        )
     for plan in plans:
         say()
         say(f"#### {plan.title}")
@@ -1005,10 +1279,12 @@ def main(argv: list[str] | None = None) -> int:
     say()
     seq_scans = sum(plan.seq_scan for plan in plans)
     unbounded = sum(not plan.cost_bounded for plan in plans)
-    say(f"EXPLAIN check: {'FAIL, ' + str(seq_scans) + ' plan(s) with' if seq_scans else 'PASS, no plan shows'} "
+    say(
+        f"EXPLAIN check: {'FAIL, ' + str(seq_scans) + ' plan(s) with' if seq_scans else 'PASS, no plan shows'} "
         f"`{explain.SEQ_SCAN}`; {'FAIL, ' + str(unbounded) + ' plan(s) touch' if unbounded else 'PASS, every plan touches'} "
         f"{'more than' if unbounded else 'at most'} {explain.BUFFERS_PER_FILE} buffers per file it may touch "
-        f"(+{explain.BUFFERS_FIXED}), whatever the table's size")
+        f"(+{explain.BUFFERS_FIXED}), whatever the table's size"
+    )
     # Last, where an operator looks: the end-to-end rows of the issue and their floors.
     summary = end_to_end_summary(measured, args, data)
     if summary:
@@ -1016,16 +1292,26 @@ def main(argv: list[str] | None = None) -> int:
         for line in summary:
             say(line)
     if args.json:
-        args.json.write_text(json.dumps({
-            "args": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
-            "dataset": {k: v for k, v in dataclasses.asdict(data).items() if k not in ("samples", "one_key_per_directory")}
-            | {"keys_path": str(data.keys_path)},
-            "notes": notes + [plan_note],
-            "rss_measure": "VmHWM",
-            "results": [{k: v for k, v in r.items() if k != "http_per_app"} for r in results],
-            "plans": [dataclasses.asdict(p) | {"seq_scan": p.seq_scan, "buffers": p.buffers} for p in plans],
-            "end_to_end_summary": summary,
-        }, indent=2, default=str))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
+                    "dataset": {
+                        k: v
+                        for k, v in dataclasses.asdict(data).items()
+                        if k not in ("samples", "one_key_per_directory")
+                    }
+                    | {"keys_path": str(data.keys_path)},
+                    "notes": notes + [plan_note],
+                    "rss_measure": "VmHWM",
+                    "results": [{k: v for k, v in r.items() if k != "http_per_app"} for r in results],
+                    "plans": [dataclasses.asdict(p) | {"seq_scan": p.seq_scan, "buffers": p.buffers} for p in plans],
+                    "end_to_end_summary": summary,
+                },
+                indent=2,
+                default=str,
+            )
+        )
     return 0
 
 

@@ -19,10 +19,6 @@ class _Counts:
     def __add__(self, other: Self) -> Self:
         return type(self)(**{name: getattr(self, name) + getattr(other, name) for name in self.names()})
 
-    @classmethod
-    def from_metadata(cls, values: dict) -> Self:
-        return cls(**{name: int(values.get(name, 0)) for name in cls.names()})
-
 
 @dataclasses.dataclass(frozen=True)
 class FileCounts(_Counts):
@@ -43,6 +39,11 @@ class FileCounts(_Counts):
     batches: int = 0  # write transactions
     # files deleted while their values were written, whose hash and lastModified were removed
     orphaned_values_removed: int = 0
+
+    @property
+    def files(self) -> int:
+        """The files the task tried: the backfill's `processed`."""
+        return self.processed
 
     def as_config(self) -> dict[str, int]:
         return {config_key(name): getattr(self, name) for name in self.names()}
@@ -76,3 +77,8 @@ class RefreshCounts(_Counts):
     apps_listed: int = 0
     s3_retries: int = 0
     s3_throttled: int = 0  # S3 answers that told the run to slow down
+
+    @property
+    def files(self) -> int:
+        """The files the task tried: the refresh's `checked`."""
+        return self.checked

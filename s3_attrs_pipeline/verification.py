@@ -1,11 +1,11 @@
 """Proof that the backfill is complete and right: counts from the database, and a random sample of
-populated files re-HEADed in S3. Like backfill.py, this knows nothing of Dagster."""
+populated files re-HEADed in S3. No Dagster here."""
 
 import dataclasses
 
 import psycopg
 
-from s3_attrs_pipeline.instant import progress, reads
+from s3_attrs_pipeline.instant import progress_rows, reads
 from s3_attrs_pipeline.instant.app_id_ranges import partition_keys
 from s3_attrs_pipeline.instant.object_keys import InvalidLocationId, object_key
 from s3_attrs_pipeline.s3.store import ObjectStore
@@ -96,7 +96,7 @@ class VerificationReport:
 def database_report(conn: psycopg.Connection, partition_width: int) -> VerificationReport:
     """Everything the database alone can tell: coverage, gaps by partition, malformed triples."""
     coverage = reads.coverage_by_partition(conn, partition_width)
-    state = progress.read_progress(conn)
+    state = progress_rows.read_progress(conn)
     report = VerificationReport()
     for key in partition_keys(partition_width):
         part = coverage.get(key)
@@ -107,11 +107,11 @@ def database_report(conn: psycopg.Connection, partition_width: int) -> Verificat
         report.with_last_modified += part.with_last_modified
         report.with_both += part.with_both
         report.with_neither += part.files - part.with_hash - part.with_last_modified + part.with_both
-        missing = min(progress.known_missing(state, key), part.lacking_hash)
-        invalid = min(progress.known_invalid(state, key), part.lacking_hash - missing)
+        missing = min(progress_rows.known_missing(state, key), part.lacking_hash)
+        invalid = min(progress_rows.known_invalid(state, key), part.lacking_hash - missing)
         report.known_missing += missing
         report.known_invalid += invalid
-        gap = progress.unexplained_gap(part, state, key)
+        gap = progress_rows.unexplained_gap(part, state, key)
         report.remaining += gap
         if gap:
             report.partitions_with_gaps.append(
@@ -138,7 +138,7 @@ def verify(conn: psycopg.Connection, store: ObjectStore, partition_width: int, s
         except InvalidLocationId:
             report.sample_unreadable += 1  # a populated file whose location is invalid: counted, not HEADed
     report.sample_size = len(sample)
-    for (populated, key), outcome in zip(keyed, store.head_many([key for _, key in keyed])):
+    for (populated, key), outcome in zip(keyed, store.head_many([key for _, key in keyed]), strict=True):
         if outcome.missing:
             report.sample_missing_now += 1
             report.sample_stale += 1
@@ -154,7 +154,10 @@ def verify(conn: psycopg.Connection, store: ObjectStore, partition_width: int, s
             if populated.last_modified != outcome.metadata.last_modified_ms:
                 report.sample_last_modified_mismatches += 1
                 _note(
-                    report, populated, key, f"lastModified {populated.last_modified!r}",
+                    report,
+                    populated,
+                    key,
+                    f"lastModified {populated.last_modified!r}",
                     f"Last-Modified {outcome.metadata.last_modified_ms}",
                 )
     return report

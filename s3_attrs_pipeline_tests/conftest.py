@@ -15,13 +15,9 @@ import psycopg
 import pytest
 import yaml
 
-# The asset's step retry policy is made when its module is imported, below: a test's failed step
-# fails at once rather than being retried 30 s later.
-os.environ["S3_ATTRS_STEP_RETRIES"] = "0"
-
-from s3_attrs_pipeline import runs  # noqa: E402
-from s3_attrs_pipeline.local import postgres, s3_server, seed  # noqa: E402
-from s3_attrs_pipeline.s3 import store as object_store  # noqa: E402
+from s3_attrs_pipeline.cli import dagster_runs
+from s3_attrs_pipeline.local import postgres, s3_server, seed
+from s3_attrs_pipeline.s3 import store as object_store
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -36,6 +32,21 @@ _AWS_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
     "S3_ATTRS_STEP_RETRIES": "0",
 }
+
+
+# The fixtures that bring up the real parts, and those that start Dagster's daemon: a test using one
+# is in the tier it names.
+_DB_FIXTURES = {"pg_server_url", "s3_endpoint"}
+_DAEMON_FIXTURES = {"daemon"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & _DB_FIXTURES:
+            item.add_marker(pytest.mark.db)
+        if fixtures & _DAEMON_FIXTURES:
+            item.add_marker(pytest.mark.daemon)
 
 
 @pytest.fixture(scope="session")
@@ -123,9 +134,9 @@ def dagster_home(tmp_path, pg_server_url, monkeypatch):
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.setenv("DAGSTER_POSTGRES_URL", url.replace("postgresql://", "postgresql+psycopg2://", 1))
-    runs.dagster_instance.cache_clear()
+    dagster_runs._instance.cache_clear()
     yield home
-    runs.dagster_instance.cache_clear()
+    dagster_runs._instance.cache_clear()
     postgres.drop_database(pg_server_url, name)
 
 

@@ -15,6 +15,7 @@ with a body (GET, PUT, ...) the code comes from the XML body: "SlowDown", "Inter
 lets a rule's first matching requests through, so credentials can "expire" mid-run.
 """
 
+import contextlib
 import dataclasses
 import email.utils
 import http.client
@@ -33,7 +34,14 @@ import urllib.parse
 logger = logging.getLogger(__name__)
 
 FAULT_KINDS = (
-    "latency", "slowdown", "internal_error", "access_denied", "s3_error", "reset", "stall", "malformed_headers",
+    "latency",
+    "slowdown",
+    "internal_error",
+    "access_denied",
+    "s3_error",
+    "reset",
+    "stall",
+    "malformed_headers",
 )
 
 # (status, S3 error code, message) as S3 documents them.
@@ -110,7 +118,7 @@ class FaultProxy:
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self._rules: list[_ActiveRule] = []
-        self._counters: dict[str, int] = {"requests": 0, "forwarded": 0} | {kind: 0 for kind in FAULT_KINDS}
+        self._counters: dict[str, int] = {"requests": 0, "forwarded": 0} | dict.fromkeys(FAULT_KINDS, 0)
         self._request_times: list[float] = []
         self._stopping = threading.Event()
         self._server: http.server.ThreadingHTTPServer | None = None
@@ -143,10 +151,9 @@ class FaultProxy:
         with self._lock:
             open_connections = list(self._open_connections.items())
         for connection, _ in open_connections:
-            try:
+            # Its handler may have closed it in the meantime (a "reset" fault, or the client left).
+            with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # its handler closed it in the meantime (a "reset" fault, or the client left)
         deadline = time.monotonic() + _STOP_JOIN_TIMEOUT_S
         for _, thread in open_connections:
             thread.join(max(0.0, deadline - time.monotonic()))

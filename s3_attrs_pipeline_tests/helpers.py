@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 
+from s3_attrs_pipeline.instant.app_id_ranges import partition_of_app
 from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED, LOCATION_ID
 
 NEW_ATTR_IDS = (HASH.attr_id, LAST_MODIFIED.attr_id)
@@ -137,3 +138,26 @@ def terminate(context, run_id: str) -> None:
 
     result = execute_dagster_graphql(context, TERMINATE_RUN, {"runId": run_id}).data["terminateRun"]
     assert result["__typename"] == "TerminateRunSuccess", result
+
+
+def code_location_assets():
+    """`files_s3_attrs` and `files_s3_attrs_refresh` as the code location defines them with today's
+    environment (the test's settings included)."""
+    from s3_attrs_pipeline import deployment, environment
+    from s3_attrs_pipeline.defs.assets import partitioned_assets
+
+    return partitioned_assets(deployment.current(environment.read()))
+
+
+# The tests' partitions are the default width's: 256, `00`..`ff`.
+PARTITION_WIDTH = 2
+
+
+def partition_of(file) -> str:
+    """The key of the partition that holds `file` (a seeded file, or anything with an app_id)."""
+    return partition_of_app(file.app_id, PARTITION_WIDTH)
+
+
+def partitions_of(files) -> list[str]:
+    """The keys of the partitions that hold `files`, in order."""
+    return sorted({partition_of(file) for file in files})

@@ -6,32 +6,36 @@ import re
 import psycopg
 import pytest
 
-from s3_attrs_pipeline import cli, runs
-from s3_attrs_pipeline.instant import partition_locks, progress, reads
-from s3_attrs_pipeline_tests.helpers import NEW_ATTR_IDS, all_triples, new_attr_triples, swept_locations
-
-
-def _data_partitions(files) -> list[str]:
-    return sorted({f.app_id.hex[:2] for f in files})
+from s3_attrs_pipeline import cli
+from s3_attrs_pipeline.cli import dagster_runs
+from s3_attrs_pipeline.instant import partition_locks, progress_rows, reads
+from s3_attrs_pipeline_tests.helpers import (
+    NEW_ATTR_IDS,
+    all_triples,
+    new_attr_triples,
+    partition_of,
+    partitions_of,
+    swept_locations,
+)
 
 
 def test_run_then_stats_then_rollback(conn, bucket, seeded_files, dagster_home, capsys):
     before = all_triples(conn)
     prepopulated_triples = {t for t in before if t[2] in NEW_ATTR_IDS}
     args = ["run", "--parallel", "2"]
-    for key in _data_partitions(seeded_files):
+    for key in partitions_of(seeded_files):
         args += ["--partition", key]
     assert cli.main(args) == 0
-    count = len(_data_partitions(seeded_files))
+    count = len(partitions_of(seeded_files))
     assert f"{count} of {count} done: {count} worked, 0 with nothing to do, 0 failed" in capsys.readouterr().out
 
     import dagster as dg
 
-    from s3_attrs_pipeline.runs import dagster_instance
+    from s3_attrs_pipeline.cli.dagster_runs import dagster_instance
 
     instance = dagster_instance()
     materialized = instance.get_materialized_partitions(dg.AssetKey("files_s3_attrs"))
-    assert materialized == set(_data_partitions(seeded_files))
+    assert materialized == set(partitions_of(seeded_files))
 
     assert cli.main(["stats", "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
@@ -47,7 +51,7 @@ def test_run_then_stats_then_rollback(conn, bucket, seeded_files, dagster_home, 
     after = all_triples(conn)
     assert after == before - prepopulated_triples
     assert new_attr_triples(conn) == {}
-    assert progress.read_progress(conn) == {}
+    assert progress_rows.read_progress(conn) == {}
     assert swept_locations(conn) == 0
 
 
@@ -56,7 +60,7 @@ def test_run_of_every_partition_is_one_run_that_works_only_those_with_files(
 ):
     import dagster as dg
 
-    every, with_files = runs.all_partition_keys(), _data_partitions(seeded_files)
+    every, with_files = dagster_runs.all_partition_keys(), partitions_of(seeded_files)
     assert cli.main(["run"]) == 0
     out = capsys.readouterr().out
     assert f"{len(with_files)} of {len(every)} partitions have work" in out
@@ -64,51 +68,52 @@ def test_run_of_every_partition_is_one_run_that_works_only_those_with_files(
     # Per-file problems (the seed has missing objects) are in the run's log, not on the terminal.
     assert "missing file" not in out
 
-    instance = runs.dagster_instance()
+    instance = dagster_runs.dagster_instance()
     assert len(instance.get_runs()) == 1
     assert instance.get_materialized_partitions(dg.AssetKey("files_s3_attrs")) == set(every)
-    assert progress.read_progress(conn)["completed"] is True
+    assert progress_rows.read_progress(conn)["completed"] is True
     assert new_attr_triples(conn).keys() == {(f.app_id, f.entity_id) for f in seeded_files if f.in_s3}
 
 
 def test_run_skips_partitions_with_nothing_new(conn, bucket, seeded_files, dagster_home, capsys):
     assert cli.main(["run", "--quiet"]) == 0
     before = all_triples(conn)
-    state = progress.read_progress(conn)
+    state = progress_rows.read_progress(conn)
     capsys.readouterr()
 
     assert cli.main(["run", "--quiet"]) == 0
-    assert f"0 of {len(runs.all_partition_keys())} partitions have work" in capsys.readouterr().out
+    assert f"0 of {len(dagster_runs.all_partition_keys())} partitions have work" in capsys.readouterr().out
     assert all_triples(conn) == before
-    assert progress.read_progress(conn)["total-processed"] == state["total-processed"]
+    assert progress_rows.read_progress(conn)["total-processed"] == state["total-processed"]
 
 
 def test_verbose_shows_the_problem_files(conn, bucket, seeded_files, dagster_home, capsys):
     missing = next(f for f in seeded_files if not f.in_s3 and not f.prepopulated)
-    assert cli.main(["run", "--verbose", "--partition", missing.app_id.hex[:2]]) == 0
+    assert cli.main(["run", "--verbose", "--partition", partition_of(missing)]) == 0
     assert f"missing file app={missing.app_id}" in capsys.readouterr().err
 
 
 def test_reset_clears_only_the_progress_row(conn, bucket, seeded_files, dagster_home):
-    assert cli.main(["run", "--parallel", "1", "--partition", _data_partitions(seeded_files)[0]]) == 0
+    assert cli.main(["run", "--parallel", "1", "--partition", partitions_of(seeded_files)[0]]) == 0
     triples = all_triples(conn)
-    assert progress.read_progress(conn) != {}
+    assert progress_rows.read_progress(conn) != {}
     assert cli.main(["reset", "--yes"]) == 0
-    assert progress.read_progress(conn) == {}
+    assert progress_rows.read_progress(conn) == {}
     assert all_triples(conn) == triples
 
 
 def test_destructive_commands_refuse_without_confirmation(conn, seeded_files, monkeypatch, capsys):
-    monkeypatch.setattr("sys.stdin", open("/dev/null"))
     before = all_triples(conn)
-    assert cli.main(["rollback"]) == cli.EXIT_FAILED
+    with open("/dev/null") as no_terminal:
+        monkeypatch.setattr("sys.stdin", no_terminal)
+        assert cli.main(["rollback"]) == cli.EXIT_FAILED
     assert "pass --yes" in capsys.readouterr().err
     assert all_triples(conn) == before
 
 
 def test_a_failed_partition_makes_run_exit_non_zero(conn, seeded_files, dagster_home, monkeypatch, capsys):
     monkeypatch.setenv("INSTANT_S3_BUCKET", "no-such-bucket-here")
-    key = _data_partitions(seeded_files)[0]
+    key = partitions_of(seeded_files)[0]
     assert cli.main(["run", "--parallel", "1", "--partition", key]) == cli.EXIT_FAILED
     out = capsys.readouterr().out
     assert f"partition {key} FAILED" in out and "does not exist" in out
@@ -152,7 +157,7 @@ def test_a_partition_another_session_holds_is_left_to_it_neither_materialized_no
 ):
     import dagster as dg
 
-    keys = _data_partitions(seeded_files)
+    keys = partitions_of(seeded_files)
     held = keys[0]
     args = ["run", "--parallel", "2"] + [arg for key in keys for arg in ("--partition", key)]
     with psycopg.connect(instant_db_url, autocommit=True) as other_run:
@@ -161,13 +166,15 @@ def test_a_partition_another_session_holds_is_left_to_it_neither_materialized_no
     out = capsys.readouterr().out
     assert f"partition {held} left to the run working on it" in out
     assert f"left to the runs working on them: {held}" in out and "0 failed, 0 stopped, 1 left to other runs" in out
-    instance = runs.dagster_instance()
+    instance = dagster_runs.dagster_instance()
     assert instance.get_materialized_partitions(dg.AssetKey("files_s3_attrs")) == set(keys) - {held}
-    assert not {(f.app_id, f.entity_id) for f in seeded_files if f.app_id.hex[:2] == held and not f.prepopulated} & (
+    assert not {(f.app_id, f.entity_id) for f in seeded_files if partition_of(f) == held and not f.prepopulated} & (
         new_attr_triples(conn).keys()
     )
     # The lock holder gone, the next run works it (the checks and the daily heal find it by its gap).
-    assert held in progress.partitions_with_work(keys, reads.coverage_by_partition(conn, 2), progress.read_progress(conn))
+    assert held in progress_rows.partitions_with_work(
+        keys, reads.coverage_by_partition(conn, 2), progress_rows.read_progress(conn)
+    )
     assert cli.main(["run", "--quiet", "--partition", held]) == 0
     assert held in instance.get_materialized_partitions(dg.AssetKey("files_s3_attrs"))
 
@@ -182,9 +189,11 @@ def test_sessions_let_the_server_notice_a_lost_machine_within_about_a_minute(ins
     assert params["keepalives"] == "1" and lost_after_s <= 90
     # The server's side, which ends the session (and frees its partition lock) when the client is gone:
     server = dict(re.findall(r"-c (tcp_\w+)=(\d+)", params["options"]))
-    assert int(server["tcp_keepalives_idle"]) + int(server["tcp_keepalives_interval"]) * int(
-        server["tcp_keepalives_count"]
-    ) == lost_after_s
+    assert (
+        int(server["tcp_keepalives_idle"])
+        + int(server["tcp_keepalives_interval"]) * int(server["tcp_keepalives_count"])
+        == lost_after_s
+    )
     assert int(server["tcp_user_timeout"]) <= 90_000
 
 
@@ -209,8 +218,8 @@ def test_a_retried_step_materializes_the_partitions_without_work_too(
     monkeypatch.setattr(FileBucketResource, "open_store", fails_the_first_time)
     assert cli.main(["run", "--quiet"]) == 0
     assert len(opened) == 2
-    instance = runs.dagster_instance()
-    every = runs.all_partition_keys()
+    instance = dagster_runs.dagster_instance()
+    every = dagster_runs.all_partition_keys()
     assert instance.get_materialized_partitions(dg.AssetKey("files_s3_attrs")) == set(every)
     records = instance.fetch_materializations(dg.AssetKey("files_s3_attrs"), limit=1000).records
     assert len(records) == len(every)

@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from s3_attrs_pipeline_tests.conftest import REPO_ROOT
 
 PRODUCT = REPO_ROOT / "s3_attrs_pipeline"
@@ -21,6 +23,7 @@ def _dg(args: list[str], dagster_home: pathlib.Path) -> subprocess.CompletedProc
     )
 
 
+@pytest.mark.daemon
 def test_dg_check_defs_passes_and_lists_the_asset_with_its_checks(tmp_path):
     (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     checked = _dg(["check", "defs"], tmp_path)
@@ -32,11 +35,16 @@ def test_dg_check_defs_passes_and_lists_the_asset_with_its_checks(tmp_path):
     definitions = json.loads(listed.stdout)
     assert sorted(asset["asset_key"] for asset in definitions["assets"]) == ["files_s3_attrs", "files_s3_attrs_refresh"]
     assert sorted((check["asset_key"], check["name"]) for check in definitions["asset_checks"]) == [
-        ("files_s3_attrs", "app_queries_use_indexes"), ("files_s3_attrs", "completeness"),
-        ("files_s3_attrs", "consistency"), ("files_s3_attrs", "well_formed"),
+        ("files_s3_attrs", "app_queries_use_indexes"),
+        ("files_s3_attrs", "completeness"),
+        ("files_s3_attrs", "consistency"),
+        ("files_s3_attrs", "well_formed"),
     ]
     assert [sensor["name"] for sensor in definitions["sensors"]] == ["verify_after_backfill"]
-    assert sorted(schedule["name"] for schedule in definitions["schedules"]) == ["daily_reverification", "weekly_refresh"]
+    assert sorted(schedule["name"] for schedule in definitions["schedules"]) == [
+        "daily_reverification",
+        "weekly_refresh",
+    ]
 
 
 def test_the_product_uses_only_public_dagster_apis():

@@ -67,9 +67,12 @@ def test_forwards_multipart_upload(proxy, s3_client, ready_bucket):
     parts = [b"a" * 5000, b"b" * 3000]
     upload_id = client.create_multipart_upload(Bucket=ready_bucket, Key="big.bin")["UploadId"]
     uploaded = [
-        {"PartNumber": number, "ETag": client.upload_part(
-            Bucket=ready_bucket, Key="big.bin", UploadId=upload_id, PartNumber=number, Body=data
-        )["ETag"]}
+        {
+            "PartNumber": number,
+            "ETag": client.upload_part(
+                Bucket=ready_bucket, Key="big.bin", UploadId=upload_id, PartNumber=number, Body=data
+            )["ETag"],
+        }
         for number, data in enumerate(parts, start=1)
     ]
     client.complete_multipart_upload(
@@ -135,9 +138,11 @@ def test_error_faults_as_botocore_reports_them(proxy, s3_client, ready_bucket, k
 def test_an_s3_error_rule_answers_its_status_and_code_after_the_requests_it_lets_by(proxy, s3_client, ready_bucket):
     s3_client.put_object(Bucket=ready_bucket, Key="object", Body=b"payload")
     client = proxied_client(proxy)
-    proxy.add_rule(FaultRule(
-        "s3_error", status=400, code="ExpiredToken", message="The provided token has expired.", after_requests=2
-    ))
+    proxy.add_rule(
+        FaultRule(
+            "s3_error", status=400, code="ExpiredToken", message="The provided token has expired.", after_requests=2
+        )
+    )
     client.head_object(Bucket=ready_bucket, Key="object")
     client.get_object(Bucket=ready_bucket, Key="object")
 

@@ -8,30 +8,44 @@ import uuid
 import dagster as dg
 import pytest
 
-from s3_attrs_pipeline import backfill, cli
+from s3_attrs_pipeline import cli
+from s3_attrs_pipeline.instant.app_id_ranges import partition_of_app
 from s3_attrs_pipeline.instant.live_updates import LiveUpdates
 from s3_attrs_pipeline.local import seed
 from s3_attrs_pipeline.s3.store import ObjectStore, S3Settings
+from s3_attrs_pipeline.tasks import backfill
+from s3_attrs_pipeline.tasks.task import TaskSettings
 from s3_attrs_pipeline_tests.conftest import BOTH_SCHEMAS
-from s3_attrs_pipeline_tests.helpers import NEW_ATTR_IDS, new_attr_triples
+from s3_attrs_pipeline_tests.helpers import (
+    NEW_ATTR_IDS,
+    PARTITION_WIDTH,
+    new_attr_triples,
+    partition_of,
+    partitions_of,
+)
 
 LOG = dg.get_dagster_logger()
 
 
 def _backfill_all(conn, endpoint, bucket, files, **settings) -> None:
     with ObjectStore(S3Settings(bucket, endpoint_url=endpoint)) as store:
-        for key in sorted({f.app_id.hex[:2] for f in files}):
-            backfill.backfill_partition(conn, store, key, backfill.BackfillSettings(batch_size=7, **settings), LOG)
+        for key in partitions_of(files):
+            backfill.backfill_partition(conn, store, key, TaskSettings(batch_size=7, **settings), LOG)
 
 
 def _with_neighbour_apps(conn, s3_client, bucket, seeded_files) -> list[seed.SeededFile]:
     """The seeded files and two more apps of 5 files in the first one's partition, so that pages
     and batches span apps."""
-    key = seeded_files[0].app_id.hex[:2]
+    key = partition_of(seeded_files[0])
     neighbours = [
         seed.SeededFile(
-            uuid.UUID(f"{key}00000{n}-0000-4000-8000-000000000000"), uuid.uuid4(), str(uuid.uuid4()),
-            f"neighbour/{n}/{i}.txt", True, False, False,
+            uuid.UUID(f"{key}00000{n}-0000-4000-8000-000000000000"),
+            uuid.uuid4(),
+            str(uuid.uuid4()),
+            f"neighbour/{n}/{i}.txt",
+            True,
+            False,
+            False,
         )
         for n in (1, 2)
         for i in range(5)
@@ -79,12 +93,8 @@ def test_at_off_the_writes_are_raw_inserts(conn, s3_endpoint, bucket, seeded_fil
     assert conn.execute("SELECT count(*) FROM transactions").fetchone()[0] == 0
 
 
-def test_at_entities_the_triggers_emit_every_written_file_as_an_entity_message(
-    conn, s3_endpoint, bucket, seeded_files
-):
-    _backfill_all(
-        conn, s3_endpoint, bucket, seeded_files, live_updates=LiveUpdates.ENTITIES, wal_msg_log_to_table=True
-    )
+def test_at_entities_the_triggers_emit_every_written_file_as_an_entity_message(conn, s3_endpoint, bucket, seeded_files):
+    _backfill_all(conn, s3_endpoint, bucket, seeded_files, live_updates=LiveUpdates.ENTITIES, wal_msg_log_to_table=True)
     written = {entity_id for (_, entity_id) in new_attr_triples(conn)} - {
         f.entity_id for f in seeded_files if f.prepopulated
     }
@@ -106,13 +116,13 @@ def test_at_entities_the_triggers_emit_every_written_file_as_an_entity_message(
 def test_the_cli_takes_the_level_and_refuses_a_bad_one(conn, bucket, seeded_files, dagster_home, monkeypatch, capsys):
     monkeypatch.setenv("S3_ATTRS_LIVE_UPDATES", "loud")
     assert cli.main(["run", "--quiet"]) == cli.EXIT_USAGE
-    assert "S3_ATTRS_LIVE_UPDATES='loud' is not a live-updates level" in capsys.readouterr().err
-    key = seeded_files[0].app_id.hex[:2]
+    assert "S3_ATTRS_LIVE_UPDATES='loud' is not one of off, queries, entities" in capsys.readouterr().err
+    key = partition_of(seeded_files[0])
     assert cli.main(["run", "--quiet", "--partition", key, "--live-updates", "off"]) == 0
     assert conn.execute("SELECT count(*) FROM transactions").fetchone()[0] == 0
-    assert any(app_id.hex[:2] == key for app_id, _ in new_attr_triples(conn))
+    assert any(partition_of_app(app_id, PARTITION_WIDTH) == key for app_id, _ in new_attr_triples(conn))
 
 
 def test_settings_refuse_an_unknown_level():
     with pytest.raises(ValueError, match="live_updates must be one of off, queries, entities, not 'loud'"):
-        backfill.BackfillSettings(live_updates="loud")
+        TaskSettings(live_updates="loud")

@@ -2,6 +2,10 @@
 
 import os
 
+import pytest
+
+pytestmark = pytest.mark.db
+
 
 def test_the_local_s3_server_keeps_small_objects_in_memory_not_in_open_files():
     """Each object moto spools to a temporary file holds a descriptor for the server's life: a test

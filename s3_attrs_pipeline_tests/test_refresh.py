@@ -10,32 +10,37 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from s3_attrs_pipeline import backfill, cli, refresh
-from s3_attrs_pipeline.defs.refresh import files_s3_attrs_refresh, weekly_refresh
+from s3_attrs_pipeline import cli
+from s3_attrs_pipeline.defs.assets import FILES_S3_ATTRS_REFRESH
 from s3_attrs_pipeline.defs.resources import InstantDatabaseResource
+from s3_attrs_pipeline.defs.schedules import weekly_refresh
 from s3_attrs_pipeline.instant.file_attrs import LOCATION_ID, json_text, value_md5
 from s3_attrs_pipeline.instant.object_keys import object_key
 from s3_attrs_pipeline.s3.store import ObjectStore, S3Settings
+from s3_attrs_pipeline.tasks import backfill, refresh
+from s3_attrs_pipeline.tasks.task import TaskSettings
 from s3_attrs_pipeline_tests.conftest import BOTH_SCHEMAS, REPO_ROOT
-from s3_attrs_pipeline_tests.helpers import NEW_ATTR_IDS, head_values, new_attr_triples
+from s3_attrs_pipeline_tests.helpers import (
+    NEW_ATTR_IDS,
+    head_values,
+    new_attr_triples,
+    partition_of,
+    partitions_of,
+)
 
 LOG = dg.get_dagster_logger()
 
 
-def _partitions(files) -> list[str]:
-    return sorted({f.app_id.hex[:2] for f in files})
-
-
 def _backfill(conn, endpoint, bucket, files) -> None:
     with ObjectStore(S3Settings(bucket, endpoint_url=endpoint)) as store:
-        for key in _partitions(files):
-            backfill.backfill_partition(conn, store, key, backfill.BackfillSettings(), LOG)
+        for key in partitions_of(files):
+            backfill.backfill_partition(conn, store, key, TaskSettings(), LOG)
 
 
 def _refresh(conn, endpoint, bucket, files, list_threshold: int):
-    settings = backfill.BackfillSettings(batch_size=7, list_threshold=list_threshold)
+    settings = TaskSettings(batch_size=7, list_threshold=list_threshold)
     with ObjectStore(S3Settings(bucket, endpoint_url=endpoint)) as store:
-        return [refresh.refresh_partition(conn, store, key, settings, LOG) for key in _partitions(files)]
+        return [refresh.refresh_partition(conn, store, key, settings, LOG) for key in partitions_of(files)]
 
 
 def _reupload(conn, s3_client, bucket, file) -> str:
@@ -66,10 +71,13 @@ def _new_attr_rows(conn) -> dict:
 
 
 def _other_triples(conn) -> set:
-    return set(conn.execute(
-        "SELECT app_id, entity_id, attr_id, value::text, value_md5, xmin::text FROM triples WHERE NOT attr_id = ANY(%s)",
-        (list(NEW_ATTR_IDS),),
-    ).fetchall())
+    return set(
+        conn.execute(
+            "SELECT app_id, entity_id, attr_id, value::text, value_md5, xmin::text FROM triples "
+            "WHERE NOT attr_id = ANY(%s)",
+            (list(NEW_ATTR_IDS),),
+        ).fetchall()
+    )
 
 
 @BOTH_SCHEMAS
@@ -144,7 +152,7 @@ def test_refresh_runs_from_the_cli_with_only_the_refresh_grants(
     assert cli.main(["refresh", "--quiet", "--parallel", "1"]) == 0
     out = capsys.readouterr().out
     summary = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
-    assert f"{len(_partitions(seeded_files))} of 256 partitions have work" in out
+    assert f"{len(partitions_of(seeded_files))} of 256 partitions have work" in out
     assert summary["refreshed"] == ["1"] and summary["failed"] == ["0"]
 
 
@@ -153,14 +161,14 @@ def test_the_weekly_schedule_refreshes_every_partition_with_values(
 ):
     context = dg.build_schedule_context(
         resources={"instant_db": InstantDatabaseResource(url=instant_db_url)},
-        scheduled_execution_time=datetime.datetime(2026, 11, 29, 5, tzinfo=datetime.timezone.utc),
+        scheduled_execution_time=datetime.datetime(2026, 11, 29, 5, tzinfo=datetime.UTC),
     )
     # One run over the range from the first partition with values to the last; its plan works only those.
-    with_values = sorted({f.app_id.hex[:2] for f in seeded_files if f.prepopulated})
+    with_values = sorted({partition_of(f) for f in seeded_files if f.prepopulated})
     request = weekly_refresh(context)
     assert request.partition_key_range == dg.PartitionKeyRange(with_values[0], with_values[-1])
     _backfill(conn, s3_endpoint, bucket, seeded_files)
     request = weekly_refresh(context)
-    partitions = _partitions(seeded_files)
+    partitions = partitions_of(seeded_files)
     assert request.partition_key_range == dg.PartitionKeyRange(partitions[0], partitions[-1])
-    assert request.asset_selection == [files_s3_attrs_refresh.key]
+    assert request.asset_selection == [FILES_S3_ATTRS_REFRESH]

@@ -9,12 +9,10 @@ from dagster._serdes import serialize_value
 from psycopg import sql
 
 from s3_attrs_pipeline import cli
-from s3_attrs_pipeline.defs.assets import files_s3_attrs
-from s3_attrs_pipeline.defs.automation import CHECK_KEYS
-from s3_attrs_pipeline.defs.checks import verify_files_s3_attrs
+from s3_attrs_pipeline.defs.checks import CHECK_KEYS, verify_files_s3_attrs
 from s3_attrs_pipeline.defs.resources import resources_from_env
 from s3_attrs_pipeline_tests.conftest import BOTH_SCHEMAS, REPO_ROOT
-from s3_attrs_pipeline_tests.helpers import new_attr_triples
+from s3_attrs_pipeline_tests.helpers import code_location_assets, new_attr_triples, partitions_of
 
 DB_PASSWORD = "db-pw-5ecret-7731"
 AWS_SECRET = "aws-5ecret-key-9924"
@@ -37,17 +35,23 @@ def _restricted_url(instant_db_url: str, role: str) -> str:
 def _materialize_all(files) -> list[dg.ExecuteInProcessResult]:
     results = []
     with dg.instance_for_test() as instance:
-        for key in sorted({f.app_id.hex[:2] for f in files}):
+        for key in partitions_of(files):
             results.append(
                 dg.materialize(
-                    [files_s3_attrs], partition_key=key, instance=instance, resources=resources_from_env(),
+                    [code_location_assets()[0]],
+                    partition_key=key,
+                    instance=instance,
+                    resources=resources_from_env(),
                     raise_on_error=False,
                 )
             )
         results.append(
             dg.materialize(
-                [files_s3_attrs, verify_files_s3_attrs], selection=dg.AssetSelection.checks(*CHECK_KEYS), instance=instance,
-                resources=resources_from_env(), raise_on_error=False,
+                [code_location_assets()[0], verify_files_s3_attrs],
+                selection=dg.AssetSelection.checks(*CHECK_KEYS),
+                instance=instance,
+                resources=resources_from_env(),
+                raise_on_error=False,
             )
         )
     return results
@@ -60,9 +64,11 @@ def test_the_whole_pipeline_runs_with_only_the_documented_grants(
     role = f"s3attrs_{conn.info.dbname}"[:60]
     _grant_least_privilege(conn, role, instant_schema)
     monkeypatch.setenv("INSTANT_DATABASE_URL", _restricted_url(instant_db_url, role))
-    with psycopg.connect(_restricted_url(instant_db_url, role)) as restricted:
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            restricted.execute("DELETE FROM triples")
+    with (
+        psycopg.connect(_restricted_url(instant_db_url, role)) as restricted,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        restricted.execute("DELETE FROM triples")
 
     results = _materialize_all(seeded_files)
     assert all(result.success for result in results)
@@ -91,15 +97,21 @@ def test_no_secret_reaches_logs_metadata_or_errors(
     if not bucket_exists:
         monkeypatch.setenv("INSTANT_S3_BUCKET", "no-such-bucket-for-secrets")
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
-        for key in sorted({f.app_id.hex[:2] for f in seeded_files})[:2]:
+        for key in partitions_of(seeded_files)[:2]:
             result = dg.materialize(
-                [files_s3_attrs], partition_key=key, instance=instance, resources=resources_from_env(),
+                [code_location_assets()[0]],
+                partition_key=key,
+                instance=instance,
+                resources=resources_from_env(),
                 raise_on_error=False,
             )
             assert result.success == bucket_exists
         recorded = _everything_dagster_recorded(instance)
-    compute_logs = "\n".join(p.read_text(errors="replace") for p in pathlib.Path(tmp_path).rglob("*") if p.is_file()
-                             and p.suffix in (".out", ".err", ".log", ".txt"))
+    compute_logs = "\n".join(
+        p.read_text(errors="replace")
+        for p in pathlib.Path(tmp_path).rglob("*")
+        if p.is_file() and p.suffix in (".out", ".err", ".log", ".txt")
+    )
     # A database that cannot be reached: the error names the host, never the password.
     monkeypatch.setenv("INSTANT_DATABASE_URL", f"postgresql://u:{DB_PASSWORD}@127.0.0.1:1/db?connect_timeout=2")
     assert cli.main(["stats"]) == cli.EXIT_FAILED

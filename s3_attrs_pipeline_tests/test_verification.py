@@ -7,30 +7,34 @@ import uuid
 
 import dagster as dg
 
-from s3_attrs_pipeline import backfill
 from s3_attrs_pipeline.definitions import defs
-from s3_attrs_pipeline.defs.assets import files_s3_attrs
-from s3_attrs_pipeline.defs.automation import CHECK_KEYS, HEAL_TAG, daily_reverification, verify_after_backfill
-from s3_attrs_pipeline.defs.checks import CHECK_SPECS, VERIFY_AFTER_BACKFILL, verify_files_s3_attrs
+from s3_attrs_pipeline.defs.assets import FILES_S3_ATTRS
+from s3_attrs_pipeline.defs.checks import CHECK_KEYS, CHECK_SPECS, VERIFY_AFTER_BACKFILL, verify_files_s3_attrs
 from s3_attrs_pipeline.defs.resources import InstantDatabaseResource, resources_from_env
+from s3_attrs_pipeline.defs.schedules import HEAL_TAG, daily_reverification
+from s3_attrs_pipeline.defs.sensors import verify_after_backfill
+from s3_attrs_pipeline.instant.app_id_ranges import partition_of_app
 from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED, json_text, value_md5
 from s3_attrs_pipeline.local import seed
 from s3_attrs_pipeline.s3.store import ObjectStore, S3Settings
+from s3_attrs_pipeline.tasks import backfill
+from s3_attrs_pipeline.tasks.task import TaskSettings
 from s3_attrs_pipeline.verification import verify
+from s3_attrs_pipeline_tests.helpers import PARTITION_WIDTH, code_location_assets, partitions_of
 
 
 def test_definitions_load_with_the_checks_on_the_asset_they_judge():
     loaded = defs()
     dg.Definitions.validate_loadable(loaded)
     graph = loaded.resolve_asset_graph()
-    assert graph.get_check_keys_for_assets({files_s3_attrs.key}) == set(CHECK_KEYS)
+    assert graph.get_check_keys_for_assets({FILES_S3_ATTRS}) == set(CHECK_KEYS)
     assert {key.name for key in CHECK_KEYS} == {"completeness", "consistency", "well_formed", "app_queries_use_indexes"}
 
 
 def _backfill_all(conn, endpoint, bucket, files):
     with ObjectStore(S3Settings(bucket, endpoint_url=endpoint)) as store:
-        for key in sorted({f.app_id.hex[:2] for f in files}):
-            backfill.backfill_partition(conn, store, key, backfill.BackfillSettings(), dg.get_dagster_logger())
+        for key in partitions_of(files):
+            backfill.backfill_partition(conn, store, key, TaskSettings(), dg.get_dagster_logger())
 
 
 def _verify(conn, endpoint, bucket, sample_size=1000):
@@ -45,7 +49,7 @@ def _checks(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
 def _run_checks(sample_size=1000) -> dg.ExecuteInProcessResult:
     with dg.instance_for_test() as instance:
         return dg.materialize(
-            [files_s3_attrs, verify_files_s3_attrs],
+            [code_location_assets()[0], verify_files_s3_attrs],
             selection=dg.AssetSelection.checks(*CHECK_KEYS),
             instance=instance,
             resources=resources_from_env(),
@@ -62,7 +66,10 @@ def test_a_clean_backfill_verifies_and_passes_every_check(conn, s3_endpoint, buc
     report = _verify(conn, s3_endpoint, bucket)
     in_s3 = sum(f.in_s3 for f in seeded_files)
     assert (report.total_files, report.with_hash, report.with_last_modified, report.with_both) == (
-        len(seeded_files), in_s3, in_s3, in_s3,
+        len(seeded_files),
+        in_s3,
+        in_s3,
+        in_s3,
     )
     assert report.with_neither == report.known_missing == len(seeded_files) - in_s3
     assert report.remaining == 0 and report.partitions_with_gaps == []
@@ -70,7 +77,10 @@ def test_a_clean_backfill_verifies_and_passes_every_check(conn, s3_endpoint, buc
 
     result = _run_checks()
     assert _checks(result) == {
-        "completeness": True, "consistency": True, "well_formed": True, "app_queries_use_indexes": True
+        "completeness": True,
+        "consistency": True,
+        "well_formed": True,
+        "app_queries_use_indexes": True,
     }
     assert not result.get_asset_materialization_events(), "running the checks materializes nothing"
     metadata = _check_metadata(result)
@@ -92,8 +102,13 @@ def test_checks_fail_on_planted_inconsistencies(conn, s3_endpoint, bucket, seede
     )
     conn.execute(
         "UPDATE triples SET value = %s::jsonb, value_md5 = %s WHERE app_id = %s AND entity_id = %s AND attr_id = %s",
-        (json_text("0123456789abcdef0123456789abcdef"), value_md5("0123456789abcdef0123456789abcdef"),
-         wrong_etag.app_id, wrong_etag.entity_id, HASH.attr_id),
+        (
+            json_text("0123456789abcdef0123456789abcdef"),
+            value_md5("0123456789abcdef0123456789abcdef"),
+            wrong_etag.app_id,
+            wrong_etag.entity_id,
+            HASH.attr_id,
+        ),
     )
     conn.execute(
         "UPDATE triples SET value_md5 = 'not-an-md5' WHERE app_id = %s AND entity_id = %s AND attr_id = %s",
@@ -108,7 +123,10 @@ def test_checks_fail_on_planted_inconsistencies(conn, s3_endpoint, bucket, seede
     assert report.complete  # every file still has its hash
 
     assert _checks(_run_checks()) == {
-        "completeness": True, "consistency": False, "well_formed": False, "app_queries_use_indexes": True
+        "completeness": True,
+        "consistency": False,
+        "well_formed": False,
+        "app_queries_use_indexes": True,
     }
 
 
@@ -138,7 +156,7 @@ def _add_files(conn, s3_client, bucket, app_ids, count_each=3):
 def _schedule_requests(instant_db_url) -> list[dg.RunRequest]:
     context = dg.build_schedule_context(
         resources={"instant_db": InstantDatabaseResource(url=instant_db_url)},
-        scheduled_execution_time=datetime.datetime(2026, 11, 24, 4, tzinfo=datetime.timezone.utc),
+        scheduled_execution_time=datetime.datetime(2026, 11, 24, 4, tzinfo=datetime.UTC),
     )
     return list(daily_reverification(context))
 
@@ -154,15 +172,19 @@ def test_new_files_make_the_schedule_heal_exactly_their_partitions(
     _add_files(conn, s3_client, bucket, [existing_app, new_app])
     [request] = _schedule_requests(instant_db_url)
     # One run over the range from the first partition with a gap to the last; its plan works only those.
-    gaps = sorted({existing_app.hex[:2], "c0"})
+    gaps = sorted({partition_of_app(existing_app, PARTITION_WIDTH), "c0"})
     assert request.partition_key_range == dg.PartitionKeyRange(gaps[0], gaps[-1])
-    assert request.asset_selection == [files_s3_attrs.key] and request.asset_check_keys == []
+    assert request.asset_selection == [FILES_S3_ATTRS] and request.asset_check_keys == []
     assert HEAL_TAG in request.tags
     assert _verify(conn, s3_endpoint, bucket, sample_size=0).remaining == 6
 
-    _backfill_all(conn, s3_endpoint, bucket, [f for f in seeded_files if f.app_id == existing_app] + [
-        seed.SeededFile(new_app, uuid.uuid4(), "x", "x", True, False, False)
-    ])
+    _backfill_all(
+        conn,
+        s3_endpoint,
+        bucket,
+        [f for f in seeded_files if f.app_id == existing_app]
+        + [seed.SeededFile(new_app, uuid.uuid4(), "x", "x", True, False, False)],
+    )
     assert [(r.asset_selection, r.asset_check_keys) for r in _schedule_requests(instant_db_url)] == [([], CHECK_KEYS)]
 
 
@@ -170,7 +192,7 @@ def _stub_definitions(run_partition) -> dg.Definitions:
     """files_s3_attrs and its checks, with the checks' own automation condition, over a stub body: the
     condition is judged on what Dagster records of real runs, not on what the asset does."""
 
-    @dg.asset(name=files_s3_attrs.key.path[-1], partitions_def=dg.StaticPartitionsDefinition(["00", "01", "02"]))
+    @dg.asset(name=FILES_S3_ATTRS.path[-1], partitions_def=dg.StaticPartitionsDefinition(["00", "01", "02"]))
     def stub(context: dg.AssetExecutionContext) -> None:
         run_partition(context.partition_key)
 
@@ -188,7 +210,7 @@ def _stub_definitions(run_partition) -> dg.Definitions:
 
 def _run_stub_checks(stub_defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
     (stub_checks,) = stub_defs.asset_checks
-    stub = stub_defs.resolve_assets_def(files_s3_attrs.key)
+    stub = stub_defs.resolve_assets_def(FILES_S3_ATTRS)
     result = dg.materialize([stub, stub_checks], selection=dg.AssetSelection.checks_for_assets(stub), instance=instance)
     assert len(result.get_asset_check_evaluations()) == len(CHECK_SPECS)
 
@@ -211,7 +233,7 @@ def test_the_checks_run_once_after_runs_that_partly_failed_and_not_while_one_is_
             raise RuntimeError("S3 failed after its retries")
 
     stub_defs = _stub_definitions(run_partition)
-    stub = stub_defs.resolve_assets_def(files_s3_attrs.key)
+    stub = stub_defs.resolve_assets_def(FILES_S3_ATTRS)
 
     def materialize(key: str) -> bool:
         return dg.materialize([stub], partition_key=key, instance=instance, raise_on_error=False).success

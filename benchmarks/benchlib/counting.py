@@ -7,6 +7,7 @@ sends, transaction commands included. S3 requests are not counted here but by th
 """
 
 import collections
+import contextlib
 import ctypes
 import re
 import resource
@@ -86,32 +87,38 @@ def _timed(generator, label: str):
         _count_db(label, 1, time.perf_counter() - started)
 
 
-def counting_connect(url: str, *, statement_timeout_ms: int = 30_000, lock_timeout_ms: int = 5_000) -> psycopg.Connection:
-    """Like s3_attrs_pipeline.instant.database.connect (autocommit, same session settings, custom plans
+def counting_connect(
+    url: str, *, statement_timeout_ms: int = 30_000, lock_timeout_ms: int = 5_000
+) -> psycopg.Connection:
+    """Like s3_attrs_pipeline.instant.connection.connect (autocommit, same session settings, custom plans
     forced), but counting. `session_settings_differ` checks that the two still agree."""
     return CountingConnection.connect(
         url,
         autocommit=True,
         connect_timeout=10,
         application_name="s3-attrs-pipeline",
-        options=(f"-c statement_timeout={statement_timeout_ms} -c lock_timeout={lock_timeout_ms} "
-                 "-c plan_cache_mode=force_custom_plan"),
+        options=(
+            f"-c statement_timeout={statement_timeout_ms} -c lock_timeout={lock_timeout_ms} "
+            "-c plan_cache_mode=force_custom_plan"
+        ),
         cursor_factory=CountingCursor,
     )
 
 
-_SESSION_SETTINGS = "SELECT current_setting('statement_timeout'), current_setting('lock_timeout'), " \
-                    "current_setting('plan_cache_mode'), current_setting('application_name')"
+_SESSION_SETTINGS = (
+    "SELECT current_setting('statement_timeout'), current_setting('lock_timeout'), "
+    "current_setting('plan_cache_mode'), current_setting('application_name')"
+)
 
 
 def session_settings_differ(url: str) -> str | None:
-    """None if a counting connection's session has the settings of one from database.connect; else what differs."""
+    """None if a counting connection's session has the settings of one from instant.connection.connect; else what differs."""
     from s3_attrs_pipeline.instant import connection
 
     with connection.connect(url) as pipeline_conn, counting_connect(url) as counting_conn:
         want = pipeline_conn.execute(_SESSION_SETTINGS).fetchone()
         have = counting_conn.execute(_SESSION_SETTINGS).fetchone()
-    return None if want == have else f"database.connect gives {want}, the benchmark's connection {have}"
+    return None if want == have else f"instant.connection.connect gives {want}, the benchmark's connection {have}"
 
 
 def db_counts() -> dict[str, int]:
@@ -155,8 +162,6 @@ _PR_SET_PDEATHSIG = 1
 
 def die_with_parent() -> None:
     """Ask Linux to SIGTERM this process when its parent dies (even by SIGKILL); leave Ctrl-C to the parent."""
-    try:
+    with contextlib.suppress(OSError):  # not Linux: the benchmark stops its children itself
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)

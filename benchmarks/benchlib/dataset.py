@@ -196,11 +196,14 @@ def generate(database_url: str, s3_root: pathlib.Path, work_dir: pathlib.Path, s
     sample_every = max(1, spec.files // 200)
     non_ascii_samples = missing_samples = 0
 
-    with psycopg.connect(database_url, autocommit=True) as conn, \
-            psycopg.connect(database_url, autocommit=True) as expected_conn, \
-            open(dataset.keys_path, "w", encoding="utf-8") as keys:
+    with (
+        psycopg.connect(database_url, autocommit=True) as conn,
+        psycopg.connect(database_url, autocommit=True) as expected_conn,
+        open(dataset.keys_path, "w", encoding="utf-8") as keys,
+    ):
         expected_conn.execute(
-            "CREATE TABLE bench_expected (app_id uuid, entity_id uuid, md5 text, last_modified_ms bigint, in_s3 bool)")
+            "CREATE TABLE bench_expected (app_id uuid, entity_id uuid, md5 text, last_modified_ms bigint, in_s3 bool)"
+        )
         expected_copy_cm = expected_conn.cursor().copy("COPY bench_expected FROM STDIN")
         expected_copy = expected_copy_cm.__enter__()
         writer = _ObjectWriter()
@@ -295,10 +298,12 @@ def generate(database_url: str, s3_root: pathlib.Path, work_dir: pathlib.Path, s
         dataset.smallest_partition, dataset.smallest_partition_pending = pending_per_partition.most_common()[-1]
         ranked = pending_per_partition.most_common()
         dataset.median_partition, dataset.median_partition_pending = ranked[len(ranked) // 2]
-    from s3_attrs_pipeline.backfill import apps_to_list
+    from s3_attrs_pipeline.tasks.listed_apps import apps_to_list
 
-    counts = [reads.AppFileCount(app_id, files_per_app[app_id], prepopulated_per_app[app_id])
-              for app_id in sorted(files_per_app)]
+    counts = [
+        reads.AppFileCount(app_id, files_per_app[app_id], prepopulated_per_app[app_id])
+        for app_id in sorted(files_per_app)
+    ]
     listed = apps_to_list(counts, spec.list_threshold)
     dataset.listed_apps = [str(app.app_id) for app in listed]
     dataset.listed_apps_files = sum(app.pending for app in listed)
@@ -313,8 +318,10 @@ def keep_only_apps(database_url: str, app_ids: list[str]) -> None:
     """Delete the `$files` triples of every app but `app_ids` (a copy of the template for the runs that
     measure the listed apps alone), and their expected values."""
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("DELETE FROM triples WHERE app_id <> ALL(%s::uuid[]) AND app_id <> %s",
-                     (app_ids, file_attrs.SYSTEM_CATALOG_APP_ID))
+        conn.execute(
+            "DELETE FROM triples WHERE app_id <> ALL(%s::uuid[]) AND app_id <> %s",
+            (app_ids, file_attrs.SYSTEM_CATALOG_APP_ID),
+        )
         conn.execute("DELETE FROM bench_expected WHERE app_id <> ALL(%s::uuid[])", (app_ids,))
         conn.execute("VACUUM (ANALYZE) triples")
         conn.execute("ANALYZE bench_expected")
@@ -348,7 +355,8 @@ def check_populated(database_url: str) -> str:
     checked, with one join against `bench_expected`."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         in_s3, exact, lacking, half, wrong, phantom, example = conn.execute(
-            _CHECK_POPULATED, {"hash": HASH.attr_id, "last_modified": LAST_MODIFIED.attr_id}).fetchone()
+            _CHECK_POPULATED, {"hash": HASH.attr_id, "last_modified": LAST_MODIFIED.attr_id}
+        ).fetchone()
     problems = []
     if lacking:
         problems.append(f"{lacking} files with an object got no triples")

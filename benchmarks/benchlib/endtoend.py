@@ -82,8 +82,14 @@ class ProcessTree:
         self.stop_s = 0.0
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(
-                command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_child_preexec,
+                command,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_child_preexec,
             )
 
     def log_tail(self, lines: int = 15) -> str:
@@ -106,10 +112,8 @@ class ProcessTree:
         if leader.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 leader.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 leader.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
         for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
             # The group (the leader's pid) outlives the leader while any member lives.
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -145,28 +149,40 @@ def pipeline_env(cfg: dict, dagster_home: pathlib.Path) -> dict:
     INSTANT_* settings are dropped so a run measures the defaults, except the partition width the
     benchmark was given; PYTHONPATH puts this checkout first, so every process (the CLI, dagster dev's
     code server, its run workers) runs the code the benchmark's header names."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("S3_ATTRS_", "INSTANT_", "DAGSTER_")) and k != "PYTHONPATH"}
-    env.update({
-        "INSTANT_DATABASE_URL": cfg["database_url"],
-        "INSTANT_S3_BUCKET": cfg["bucket"],
-        "AWS_ENDPOINT_URL": cfg["endpoint_url"],
-        "AWS_ACCESS_KEY_ID": cfg["access_key"],
-        "AWS_SECRET_ACCESS_KEY": cfg["secret_key"],
-        "AWS_REGION": "us-east-1",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "DAGSTER_HOME": str(dagster_home),
-        "S3_ATTRS_PARTITION_WIDTH": str(cfg["partition_width"]),
-        "PYTHONPATH": cfg["repo_root"] + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
-    })
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("S3_ATTRS_", "INSTANT_", "DAGSTER_")) and k != "PYTHONPATH"
+    }
+    env.update(
+        {
+            "INSTANT_DATABASE_URL": cfg["database_url"],
+            "INSTANT_S3_BUCKET": cfg["bucket"],
+            "AWS_ENDPOINT_URL": cfg["endpoint_url"],
+            "AWS_ACCESS_KEY_ID": cfg["access_key"],
+            "AWS_SECRET_ACCESS_KEY": cfg["secret_key"],
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "DAGSTER_HOME": str(dagster_home),
+            "S3_ATTRS_PARTITION_WIDTH": str(cfg["partition_width"]),
+            "PYTHONPATH": cfg["repo_root"]
+            + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
+        }
+    )
     return env
 
 
 def _imported_from(env: dict, cwd: str) -> str:
     """Where the pipeline's processes import s3_attrs_pipeline from (checked once, not timed)."""
-    out = subprocess.run([sys.executable, "-c", "import s3_attrs_pipeline; print(s3_attrs_pipeline.__file__)"],
-                         cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", "import s3_attrs_pipeline; print(s3_attrs_pipeline.__file__)"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return out.stdout.strip() or out.stderr.strip()[-300:]
 
 
@@ -335,8 +351,10 @@ def _wait_until(condition, what: str, tree: ProcessTree, deadline: float):
     last_error = None
     while True:
         if tree.process.poll() is not None:
-            raise RuntimeError(f"dagster dev exited ({tree.process.returncode}) while waiting for {what}; "
-                               f"its log ends:\n{tree.log_tail(30)}")
+            raise RuntimeError(
+                f"dagster dev exited ({tree.process.returncode}) while waiting for {what}; "
+                f"its log ends:\n{tree.log_tail(30)}"
+            )
         try:
             value = condition()
             if value:
@@ -344,8 +362,9 @@ def _wait_until(condition, what: str, tree: ProcessTree, deadline: float):
         except (OSError, RuntimeError, KeyError, TypeError, ValueError) as error:
             last_error = error
         if time.monotonic() > deadline:
-            raise RuntimeError(f"waited too long for {what} (last error: {last_error}); dagster dev's log "
-                               f"ends:\n{tree.log_tail(30)}")
+            raise RuntimeError(
+                f"waited too long for {what} (last error: {last_error}); dagster dev's log ends:\n{tree.log_tail(30)}"
+            )
         time.sleep(0.5)
 
 
@@ -366,8 +385,18 @@ def ui_backfill(cfg: dict) -> dict:
     port = free_port()
     base_url = f"http://{LOOPBACK}:{port}"
     graphql = GraphQL(f"{base_url}/graphql")
-    command = [sys.executable, "-m", "dagster", "dev", "-w", str(repo / "workspace.yaml"),
-               "-h", LOOPBACK, "-p", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "dagster",
+        "dev",
+        "-w",
+        str(repo / "workspace.yaml"),
+        "-h",
+        LOOPBACK,
+        "-p",
+        str(port),
+    ]
     asset_key = {"path": [ASSET]}
     cpu_before, _ = _children_usage()
     began = time.monotonic()
@@ -437,14 +466,21 @@ def ui_backfill(cfg: dict) -> dict:
     materialized, failed = stats.get("numMaterialized", 0), stats.get("numFailed", 0)
     total = stats.get("numPartitions", len(keys))
     first = f"{first_started:.0f} s" if first_started is not None else "never"
-    notes = [f"partitions materialized {materialized}, failed {failed}, of {total}", f"{runs} Dagster runs",
-             f"first partition materializing after {first}",
-             f"backfill {backfill_status}", f"dagster dev ready in {startup_s:.0f} s and stopped in {tree.stop_s:.0f} s "
-             "(neither timed)"]
+    notes = [
+        f"partitions materialized {materialized}, failed {failed}, of {total}",
+        f"{runs} Dagster runs",
+        f"first partition materializing after {first}",
+        f"backfill {backfill_status}",
+        f"dagster dev ready in {startup_s:.0f} s and stopped in {tree.stop_s:.0f} s (neither timed)",
+    ]
     return _base_result(cfg, written, elapsed, capped, cpu_before) | {
         "report": {"failed_partitions": failed},
-        "partitions": {"materialized": materialized, "failed": failed, "total": total,
-                       "materializing": stats.get("numMaterializing", 0)},
+        "partitions": {
+            "materialized": materialized,
+            "failed": failed,
+            "total": total,
+            "materializing": stats.get("numMaterializing", 0),
+        },
         "backfill_status": backfill_status,
         "dagster_runs": runs,
         "startup_s": startup_s,

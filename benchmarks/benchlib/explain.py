@@ -1,6 +1,6 @@
 """EXPLAIN (ANALYZE, BUFFERS) of the pipeline's per-partition queries, as the pipeline sends them.
 
-Every plan is taken on a session from `database.connect`, so with the pipeline's session settings;
+Every plan is taken on a session from `instant.connection.connect`, so with the pipeline's session settings;
 these include `plan_cache_mode = force_custom_plan`: psycopg prepares a query after five executions
 on a connection, and PostgreSQL then still plans each execution for its values (a custom plan),
 never a generic plan. `custom_plans_forced` checks exactly that (pg_prepared_statements counts the
@@ -115,13 +115,15 @@ def listing_page_params(conn: psycopg.Connection, app_id: str, page: int = 0, si
     import uuid
 
     app = uuid.UUID(app_id)
-    keyed = sorted(((object_key(app, location).encode(), location) for (location,) in rows))
-    locations = [location for _, location in keyed[page * size:(page + 1) * size]]
+    keyed = sorted((object_key(app, location).encode(), location) for (location,) in rows)
+    locations = [location for _, location in keyed[page * size : (page + 1) * size]]
     return writes.ListedAttrs.of(app, [(location, "0" * 32, 1_600_000_000_000) for location in locations]).params
 
 
 def _explain(conn: psycopg.Connection, query, params: dict) -> str:
-    statement = sql.SQL("EXPLAIN (ANALYZE, BUFFERS) ") + (query if isinstance(query, sql.Composable) else sql.SQL(query))
+    statement = sql.SQL("EXPLAIN (ANALYZE, BUFFERS) ") + (
+        query if isinstance(query, sql.Composable) else sql.SQL(query)
+    )
     rows = conn.execute(statement, params, prepare=False).fetchall()
     return "\n".join(row[0] for row in rows)
 
@@ -141,13 +143,16 @@ def custom_plans_forced(database_url: str, partition_key: str, batch_size: int) 
         ).fetchone()
     generic, custom = row
     verdict = "PASS" if mode == "force_custom_plan" and generic == 0 and custom > 0 else "FAIL"
-    return (f"{verdict}: sessions of database.connect have plan_cache_mode = {mode}; after 7 executions of "
-            f"_NEXT_PAGE (psycopg prepares from the 6th) the prepared statement had {custom} custom and "
-            f"{generic} generic plans")
+    return (
+        f"{verdict}: sessions of database.connect have plan_cache_mode = {mode}; after 7 executions of "
+        f"_NEXT_PAGE (psycopg prepares from the 6th) the prepared statement had {custom} custom and "
+        f"{generic} generic plans"
+    )
 
 
-def explain_fresh(database_url: str, largest: str, median: str, smallest: str, listed_app: str | None,
-                  batch_size: int, *, label: str) -> list[Plan]:
+def explain_fresh(
+    database_url: str, largest: str, median: str, smallest: str, listed_app: str | None, batch_size: int, *, label: str
+) -> list[Plan]:
     """The queries of a run's start, on data no run has touched yet."""
     with connection.connect(database_url) as conn:
         table = _table_triples(conn)
@@ -155,31 +160,58 @@ def explain_fresh(database_url: str, largest: str, median: str, smallest: str, l
         median_files = partition_files(conn, median)
         smallest_files = partition_files(conn, smallest)
         plans = [
-            Plan(f"{label}: _APP_FILE_COUNTS, largest partition {largest} ({largest_files} files)",
-                 _explain(conn, reads._APP_FILE_COUNTS, _params(AppIdRange.for_partition(largest))),
-                 largest_files, table),
-            Plan(f"{label}: _APP_FILE_COUNTS, smallest partition with work {smallest} ({smallest_files} files)",
-                 _explain(conn, reads._APP_FILE_COUNTS, _params(AppIdRange.for_partition(smallest))),
-                 smallest_files, table),
-            Plan(f"{label}: _FIRST_PAGE, partition {largest}, limit {batch_size}",
-                 _explain(conn, reads._FIRST_PAGE, _params(AppIdRange.for_partition(largest), batch_size)),
-                 largest_files, table, batch_size),
-            Plan(f"{label}: _FIRST_PAGE, median partition with work {median} ({median_files} files), limit {batch_size}",
-                 _explain(conn, reads._FIRST_PAGE, _params(AppIdRange.for_partition(median), batch_size)),
-                 median_files, table, batch_size),
-            Plan(f"{label}: _FIRST_PAGE, smallest partition with work {smallest}, limit {batch_size}",
-                 _explain(conn, reads._FIRST_PAGE, _params(AppIdRange.for_partition(smallest), batch_size)),
-                 smallest_files, table, batch_size),
-            Plan(f"{label}: _NEXT_PAGE from the middle of partition {largest}",
-                 _explain(conn, reads._NEXT_PAGE, middle_page_params(conn, largest, batch_size)),
-                 largest_files, table, batch_size),
+            Plan(
+                f"{label}: _APP_FILE_COUNTS, largest partition {largest} ({largest_files} files)",
+                _explain(conn, reads._APP_FILE_COUNTS, _params(AppIdRange.for_partition(largest))),
+                largest_files,
+                table,
+            ),
+            Plan(
+                f"{label}: _APP_FILE_COUNTS, smallest partition with work {smallest} ({smallest_files} files)",
+                _explain(conn, reads._APP_FILE_COUNTS, _params(AppIdRange.for_partition(smallest))),
+                smallest_files,
+                table,
+            ),
+            Plan(
+                f"{label}: _FIRST_PAGE, partition {largest}, limit {batch_size}",
+                _explain(conn, reads._FIRST_PAGE, _params(AppIdRange.for_partition(largest), batch_size)),
+                largest_files,
+                table,
+                batch_size,
+            ),
+            Plan(
+                f"{label}: _FIRST_PAGE, median partition with work {median} ({median_files} files), limit {batch_size}",
+                _explain(conn, reads._FIRST_PAGE, _params(AppIdRange.for_partition(median), batch_size)),
+                median_files,
+                table,
+                batch_size,
+            ),
+            Plan(
+                f"{label}: _FIRST_PAGE, smallest partition with work {smallest}, limit {batch_size}",
+                _explain(conn, reads._FIRST_PAGE, _params(AppIdRange.for_partition(smallest), batch_size)),
+                smallest_files,
+                table,
+                batch_size,
+            ),
+            Plan(
+                f"{label}: _NEXT_PAGE from the middle of partition {largest}",
+                _explain(conn, reads._NEXT_PAGE, middle_page_params(conn, largest, batch_size)),
+                largest_files,
+                table,
+                batch_size,
+            ),
         ]
         if listed_app:
             params = listing_page_params(conn, listed_app)
-            plans.append(Plan(
-                f"{label}: _LISTED_LOCATED (the join inside a listed page's INSERT), app {listed_app} (the largest "
-                f"listed), its first listing page ({len(params['location_values'])} location ids)",
-                _explain(conn, writes.LISTED_LOCATED, params), len(params["location_values"]), table))
+            plans.append(
+                Plan(
+                    f"{label}: _LISTED_LOCATED (the join inside a listed page's INSERT), app {listed_app} (the largest "
+                    f"listed), its first listing page ({len(params['location_values'])} location ids)",
+                    _explain(conn, writes.LISTED_LOCATED, params),
+                    len(params["location_values"]),
+                    table,
+                )
+            )
     return plans
 
 
@@ -192,15 +224,33 @@ def explain_after_run(database_url: str, largest: str, listed_app: str | None, b
         table = _table_triples(conn)
         files = partition_files(conn, largest)
         label = "after a complete run"
-        plans.append(Plan(f"{label}: _APP_FILE_COUNTS, partition {largest} (a rerun's count)",
-                          _explain(conn, reads._APP_FILE_COUNTS, _params(AppIdRange.for_partition(largest))), files, table))
-        plans.append(Plan(f"{label}: _FIRST_PAGE, partition {largest} (a rerun's first page walks the populated files)",
-                          _explain(conn, reads._FIRST_PAGE, _params(AppIdRange.for_partition(largest), batch_size)),
-                          files, table, batch_size))
+        plans.append(
+            Plan(
+                f"{label}: _APP_FILE_COUNTS, partition {largest} (a rerun's count)",
+                _explain(conn, reads._APP_FILE_COUNTS, _params(AppIdRange.for_partition(largest))),
+                files,
+                table,
+            )
+        )
+        plans.append(
+            Plan(
+                f"{label}: _FIRST_PAGE, partition {largest} (a rerun's first page walks the populated files)",
+                _explain(conn, reads._FIRST_PAGE, _params(AppIdRange.for_partition(largest), batch_size)),
+                files,
+                table,
+                batch_size,
+            )
+        )
         if listed_app:
             params = listing_page_params(conn, listed_app)
-            plans.append(Plan(f"{label}: _LISTED_LOCATED, app {listed_app}, first listing page (all populated)",
-                              _explain(conn, writes.LISTED_LOCATED, params), len(params["location_values"]), table))
+            plans.append(
+                Plan(
+                    f"{label}: _LISTED_LOCATED, app {listed_app}, first listing page (all populated)",
+                    _explain(conn, writes.LISTED_LOCATED, params),
+                    len(params["location_values"]),
+                    table,
+                )
+            )
         following = middle_page_params(conn, largest, batch_size)
         with conn.transaction():
             deleted = conn.execute(
@@ -212,8 +262,21 @@ def explain_after_run(database_url: str, largest: str, listed_app: str | None, b
                 following | {"new_attrs": [HASH.attr_id, LAST_MODIFIED.attr_id]},
             ).rowcount
         label = f"mid-run ({deleted} new triples of the partition's second half removed again, statistics as the run left them)"
-        plans.append(Plan(f"{label}: _NEXT_PAGE after the middle of partition {largest}",
-                          _explain(conn, reads._NEXT_PAGE, following), files, table, batch_size))
-        plans.append(Plan(f"mid-run: _APP_FILE_COUNTS, partition {largest}",
-                          _explain(conn, reads._APP_FILE_COUNTS, _params(AppIdRange.for_partition(largest))), files, table))
+        plans.append(
+            Plan(
+                f"{label}: _NEXT_PAGE after the middle of partition {largest}",
+                _explain(conn, reads._NEXT_PAGE, following),
+                files,
+                table,
+                batch_size,
+            )
+        )
+        plans.append(
+            Plan(
+                f"mid-run: _APP_FILE_COUNTS, partition {largest}",
+                _explain(conn, reads._APP_FILE_COUNTS, _params(AppIdRange.for_partition(largest))),
+                files,
+                table,
+            )
+        )
     return plans

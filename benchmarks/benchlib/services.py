@@ -22,17 +22,11 @@ import psycopg
 from psycopg import sql
 
 from benchlib.counting import die_with_parent
+from s3_attrs_pipeline.local.s3_server import LOOPBACK, free_port
 
-LOOPBACK = "127.0.0.1"
 # rclone refuses very short access keys (InvalidAccessKeyId), so these are a little long.
 ACCESS_KEY = "s3attrsbenchaccess"
 SECRET_KEY = "s3attrsbenchsecret0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
 
 
 def _wait_for_port(port: int, process, what: str, timeout_s: float = 30.0) -> None:
@@ -40,9 +34,8 @@ def _wait_for_port(port: int, process, what: str, timeout_s: float = 30.0) -> No
     while True:
         if process is not None and (process.poll() if hasattr(process, "poll") else None) is not None:
             raise RuntimeError(f"{what} exited with code {process.returncode} before it listened on {port}")
-        with contextlib.suppress(OSError):
-            with socket.create_connection((LOOPBACK, port), timeout=0.5):
-                return
+        with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), timeout=0.5):
+            return
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what} did not listen on {LOOPBACK}:{port} within {timeout_s:.0f} s")
         time.sleep(0.05)
@@ -99,22 +92,27 @@ class RcloneS3:
     def start(self) -> "RcloneS3":
         self.port = free_port()
         command = [
-            rclone_binary(), "serve", "s3",
-            "--addr", f"{LOOPBACK}:{self.port}",
-            "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}",
-            "--etag-hash", "MD5",
-            "--dir-cache-time", "9999h",  # objects are only written before the server starts
-            "--log-level", self.log_level,  # DEBUG: a line per request, which RequestLog counts
-            "--config", os.devnull,  # no rclone.conf needed or read
+            rclone_binary(),
+            "serve",
+            "s3",
+            "--addr",
+            f"{LOOPBACK}:{self.port}",
+            "--auth-key",
+            f"{ACCESS_KEY},{SECRET_KEY}",
+            "--etag-hash",
+            "MD5",
+            "--dir-cache-time",
+            "9999h",  # objects are only written before the server starts
+            "--log-level",
+            self.log_level,  # DEBUG: a line per request, which RequestLog counts
+            "--config",
+            os.devnull,  # no rclone.conf needed or read
             str(self.root),
         ]
-        log = open(self.log_path, "ab")
-        try:
+        with open(self.log_path, "ab") as log:  # rclone writes to its own copy of the descriptor
             self.process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=_rclone_preexec
             )
-        finally:
-            log.close()
         _wait_for_port(self.port, self.process, "rclone serve s3")
         return self
 
@@ -183,7 +181,7 @@ async def _pump_delayed(reader, writer, latency_s: float, counter) -> None:
                 requests = window.count(_REQUEST_LINE_END)
                 if requests:
                     counter.value += requests
-                tail = window[-(len(_REQUEST_LINE_END) - 1):]
+                tail = window[-(len(_REQUEST_LINE_END) - 1) :]
                 if tail.count(_REQUEST_LINE_END):
                     tail = b""
                 queue.put_nowait((loop.time() + latency_s, data))

@@ -2,7 +2,7 @@
 CPU time and database round trips are its own; it sends one result dict back to the benchmark. S3
 requests are counted by the benchmark from the server's log (services.RequestLog).
 
-- pipeline:      s3_attrs_pipeline.backfill.backfill_partition over every partition (or `partitions`),
+- pipeline:      s3_attrs_pipeline.tasks.backfill.backfill_partition over every partition (or `partitions`),
                  with `list_threshold` (0: HEAD only; 1000: the default, LIST for big apps), in one
                  process or in `parallel` worker processes taking partitions from a queue.
 - pipeline with without_s3: the same with list_threshold 0 and a store whose submit_head answers at
@@ -67,8 +67,10 @@ class TimeUp(Exception):
 
 
 # backfill._ProgressLog's message, at most every 10 s and after a batch was written
-_PROGRESS = re.compile(r"Processed batch (\d+) of partition \S+: processed=(\d+) successful=(\d+) "
-                       r"missing=(\d+) failed=(\d+)")
+_PROGRESS = re.compile(
+    r"Processed batch (\d+) of partition \S+: processed=(\d+) successful=(\d+) "
+    r"missing=(\d+) failed=(\d+)"
+)
 
 
 class _QuietLog:
@@ -91,8 +93,15 @@ class _QuietLog:
             progress = _PROGRESS.match(msg)
             if progress:
                 batches, processed, successful, missing, failed = map(int, progress.groups())
-                raise TimeUp({"batches": batches, "processed": processed, "successful": successful,
-                              "missing": missing, "failed": failed})
+                raise TimeUp(
+                    {
+                        "batches": batches,
+                        "processed": processed,
+                        "successful": successful,
+                        "missing": missing,
+                        "failed": failed,
+                    }
+                )
 
     def warning(self, msg: str) -> None:
         self._keep("warning", msg)
@@ -115,8 +124,8 @@ class _TimedFuture(concurrent.futures.Future):
 def _install_timers() -> None:
     """Time the waits for listing pages, and each listed app, without changing what the pipeline does:
     backfill calls `listing.prefetched` and `_list_app` through their modules at call time."""
-    from s3_attrs_pipeline import backfill
     from s3_attrs_pipeline.s3 import listing
+    from s3_attrs_pipeline.tasks import backfill
 
     if getattr(listing.prefetched, "bench_timed", False):
         return
@@ -140,8 +149,14 @@ def _install_timers() -> None:
     def timed_list_app(conn, store, app, *args, **kwargs):
         started = time.perf_counter()
         held = list_app(conn, store, app, *args, **kwargs)
-        _LISTED_APPS.append({"app_id": str(app.app_id), "files": app.pending, "seconds": time.perf_counter() - started,
-                             "listed": held is backfill._ALL_LISTED})
+        _LISTED_APPS.append(
+            {
+                "app_id": str(app.app_id),
+                "files": app.pending,
+                "seconds": time.perf_counter() - started,
+                "listed": held is backfill.ALL_LISTED,
+            }
+        )
         return held
 
     timed_prefetched.bench_timed = True
@@ -172,7 +187,7 @@ def _make_store(cfg: dict, *, without_s3: bool = False):
     if not without_s3:
         return TimedStore(settings)
 
-    from s3_attrs_pipeline.s3.metadata import ObjectMetadata
+    from s3_attrs_pipeline.s3.object_metadata import ObjectMetadata
     from s3_attrs_pipeline.s3.store import HeadOutcome
 
     metadata = ObjectMetadata(_FAKE_ETAG, _FAKE_LAST_MODIFIED_MS)
@@ -194,13 +209,23 @@ def _client_requests(store) -> int | None:
 
 
 _REPORT_FIELDS = (
-    "processed", "successful", "missing", "failed", "invalid_location_id", "malformed_object_metadata",
-    "already_populated", "vanished_during_run", "s3_retries", "batches", "apps_listed",
+    "processed",
+    "successful",
+    "missing",
+    "failed",
+    "invalid_location_id",
+    "malformed_object_metadata",
+    "already_populated",
+    "vanished_during_run",
+    "s3_retries",
+    "batches",
+    "apps_listed",
 )
 
 
 def _run_partition(conn, store, key: str, settings, log) -> dict:
-    from s3_attrs_pipeline.backfill import PartitionFailed, backfill_partition
+    from s3_attrs_pipeline.tasks.backfill import backfill_partition
+    from s3_attrs_pipeline.tasks.task import PartitionFailed
 
     round_trips_before = sum(counting.db_counts().values())
     counts_at_cap = None
@@ -228,11 +253,14 @@ def _add(total: dict, part: dict) -> None:
 
 
 def _settings(cfg: dict, without_s3: bool):
-    from s3_attrs_pipeline.backfill import BackfillSettings
     from s3_attrs_pipeline.instant.app_id_ranges import partition_keys
+    from s3_attrs_pipeline.tasks.task import TaskSettings
 
-    return BackfillSettings(batch_size=cfg["batch_size"], partition_count=len(partition_keys(cfg["partition_width"])),
-                            list_threshold=0 if without_s3 else cfg["list_threshold"])
+    return TaskSettings(
+        batch_size=cfg["batch_size"],
+        partition_count=len(partition_keys(cfg["partition_width"])),
+        list_threshold=0 if without_s3 else cfg["list_threshold"],
+    )
 
 
 def _pipeline_inline(cfg: dict, keys: list[str], without_s3: bool) -> dict:
@@ -246,7 +274,7 @@ def _pipeline_inline(cfg: dict, keys: list[str], without_s3: bool) -> dict:
     log = _QuietLog(deadline)
     capped = False
     window.start()
-    for index, key in enumerate(keys):
+    for key in keys:
         if time.monotonic() > deadline:
             capped = True
             break
@@ -289,9 +317,20 @@ def _pipeline_worker(cfg: dict, without_s3: bool, tasks, results, barrier) -> No
         client_requests = _client_requests(store)
         store.close()
         conn.close()
-        results.put(("worker", measured | {"peak_rss_mib": counting.peak_rss_mib(), "log": log.counts,
-                                           "cpu_total_s": counting.cpu_seconds(), "client_requests": client_requests,
-                                           "listed_apps": list(_LISTED_APPS), "log_examples": log.examples}))
+        results.put(
+            (
+                "worker",
+                measured
+                | {
+                    "peak_rss_mib": counting.peak_rss_mib(),
+                    "log": log.counts,
+                    "cpu_total_s": counting.cpu_seconds(),
+                    "client_requests": client_requests,
+                    "listed_apps": list(_LISTED_APPS),
+                    "log_examples": log.examples,
+                },
+            )
+        )
     except BaseException:
         results.put(("error", traceback.format_exc()))
         raise
@@ -306,8 +345,10 @@ def _pipeline_parallel(cfg: dict, keys: list[str], without_s3: bool, processes: 
     barrier = context.Barrier(processes + 1)
     workers = [
         context.Process(
-            target=_pipeline_worker, args=(cfg, without_s3, tasks, results, barrier),
-            name=f"pipeline-worker-{n}", daemon=True,
+            target=_pipeline_worker,
+            args=(cfg, without_s3, tasks, results, barrier),
+            name=f"pipeline-worker-{n}",
+            daemon=True,
         )
         for n in range(processes)
     ]
@@ -361,7 +402,9 @@ def _pipeline_parallel(cfg: dict, keys: list[str], without_s3: bool, processes: 
     return measured | {
         "db": counting.merge_counts(measured["db"], *(w["db"] for w in worker_results)),
         "db_seconds": counting.merge_counts(measured["db_seconds"], *(w["db_seconds"] for w in worker_results)),
-        "store_seconds": counting.merge_counts(measured["store_seconds"], *(w["store_seconds"] for w in worker_results)),
+        "store_seconds": counting.merge_counts(
+            measured["store_seconds"], *(w["store_seconds"] for w in worker_results)
+        ),
         "cpu_s": measured["cpu_s"] + sum(w["cpu_s"] for w in worker_results),
         "files": totals.get("processed", 0),
         "batches": totals.get("batches", 0),
@@ -371,8 +414,10 @@ def _pipeline_parallel(cfg: dict, keys: list[str], without_s3: bool, processes: 
         "log_examples": [e for w in worker_results for e in w["log_examples"]][:5],
         "listed_apps": [a for w in worker_results for a in w["listed_apps"]],
         "client_requests": None if None in client else sum(client),
-        "workers": [{"peak_rss_mib": w["peak_rss_mib"], "cpu_s": w["cpu_s"], "cpu_total_s": w["cpu_total_s"]}
-                    for w in worker_results],
+        "workers": [
+            {"peak_rss_mib": w["peak_rss_mib"], "cpu_s": w["cpu_s"], "cpu_total_s": w["cpu_total_s"]}
+            for w in worker_results
+        ],
     }
 
 
@@ -408,7 +453,7 @@ def naive(cfg: dict) -> dict:
     from s3_attrs_pipeline.instant.app_id_ranges import AppIdRange
     from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED, json_text, value_md5
     from s3_attrs_pipeline.instant.object_keys import InvalidLocationId, object_key
-    from s3_attrs_pipeline.s3.metadata import MalformedObjectMetadata, object_metadata_from_headers
+    from s3_attrs_pipeline.s3.object_metadata import MalformedObjectMetadata, object_metadata_from_headers
 
     conn = counting.counting_connect(cfg["database_url"])
     client = boto3.client(
@@ -438,10 +483,22 @@ def naive(cfg: dict) -> dict:
                 continue
             for spec, value in ((HASH, metadata.hash), (LAST_MODIFIED, metadata.last_modified_ms)):
                 flags = spec.triple_flags
-                conn.execute(_NAIVE_INSERT, (
-                    file.app_id, file.entity_id, spec.attr_id, json_text(value), value_md5(value),
-                    flags["ea"], flags["eav"], flags["av"], flags["ave"], flags["vae"], spec.checked_data_type,
-                ))
+                conn.execute(
+                    _NAIVE_INSERT,
+                    (
+                        file.app_id,
+                        file.entity_id,
+                        spec.attr_id,
+                        json_text(value),
+                        value_md5(value),
+                        flags["ea"],
+                        flags["eav"],
+                        flags["av"],
+                        flags["ave"],
+                        flags["vae"],
+                        spec.checked_data_type,
+                    ),
+                )
             totals["successful"] += 1
         conn.execute(_NAIVE_PROGRESS, (Json({**totals, "last-entity-id": str(batch[-1].entity_id)}),))
         batches += 1
@@ -450,7 +507,13 @@ def naive(cfg: dict) -> dict:
             break
     result = window.stop()
     conn.close()
-    return result | {"files": totals["processed"], "batches": batches, "report": totals, "capped": capped, "workers": []}
+    return result | {
+        "files": totals["processed"],
+        "batches": batches,
+        "report": totals,
+        "capped": capped,
+        "workers": [],
+    }
 
 
 def boto3_ceiling(cfg: dict) -> dict:
@@ -466,7 +529,8 @@ def boto3_ceiling(cfg: dict) -> dict:
     keys = load_keys(cfg["keys_path"])
     threads = cfg["threads"]
     client = boto3.client(
-        "s3", endpoint_url=cfg["endpoint_url"],
+        "s3",
+        endpoint_url=cfg["endpoint_url"],
         config=botocore.config.Config(max_pool_connections=threads, retries={"mode": "standard"}),
     )
     client.head_bucket(Bucket=cfg["bucket"])
@@ -492,8 +556,11 @@ def boto3_ceiling(cfg: dict) -> dict:
         result = window.stop()
     files = sum(done for done, _ in outcomes)
     return result | {
-        "files": files, "batches": None, "report": {"missing": sum(m for _, m in outcomes)},
-        "capped": files < len(keys), "workers": [],
+        "files": files,
+        "batches": None,
+        "report": {"missing": sum(m for _, m in outcomes)},
+        "capped": files < len(keys),
+        "workers": [],
     }
 
 
@@ -531,8 +598,12 @@ def store_window(cfg: dict) -> dict:
     client_requests = _client_requests(store)
     store.close()
     return result | {
-        "files": done, "batches": None, "report": {"missing": missing, "failed": failed},
-        "capped": done < len(keys), "client_requests": client_requests, "workers": [],
+        "files": done,
+        "batches": None,
+        "report": {"missing": missing, "failed": failed},
+        "capped": done < len(keys),
+        "client_requests": client_requests,
+        "workers": [],
     }
 
 
@@ -553,8 +624,11 @@ def child_main(strategy: str, cfg: dict, results, started) -> None:
         started.set()
         result = STRATEGIES[strategy](cfg)
         result["peak_rss_mib"] = counting.peak_rss_mib()
-        result["cpu_total_s"] = (counting.cpu_seconds() + sum(w.get("cpu_total_s", 0) for w in result["workers"])
-                                 + result.get("tree", {}).get("cpu_s", 0.0))  # the end-to-end rows' subprocesses
+        result["cpu_total_s"] = (
+            counting.cpu_seconds()
+            + sum(w.get("cpu_total_s", 0) for w in result["workers"])
+            + result.get("tree", {}).get("cpu_s", 0.0)
+        )  # the end-to-end rows' subprocesses
         results.put(("ok", result))
     except BaseException:
         results.put(("error", traceback.format_exc()))

@@ -3,8 +3,8 @@ serving the queries it exists for.
 
 One verification (`verification.verify`) feeds the three, each carrying the figures it judged by
 under the verification report's own field names. They run by themselves once a backfill of the
-asset has ended, whether or not every partition succeeded (see VERIFY_AFTER_BACKFILL), and from the
-daily schedule in automation.py.
+asset has ended, whether or not every partition succeeded (see VERIFY_AFTER_BACKFILL: the sensor in
+sensors.py evaluates it), and from the daily schedule in schedules.py.
 """
 
 import dataclasses
@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import dagster as dg
 from pydantic import Field
 
-from s3_attrs_pipeline.defs.assets import files_s3_attrs
+from s3_attrs_pipeline import deployment, environment
+from s3_attrs_pipeline.defs.assets import FILES_S3_ATTRS
 from s3_attrs_pipeline.defs.metadata import numbers, table
-from s3_attrs_pipeline.defs.partitions import PARTITION_WIDTH
 from s3_attrs_pipeline.defs.resources import FileBucketResource, InstantDatabaseResource
 from s3_attrs_pipeline.instant.reads import QueryPlan
 from s3_attrs_pipeline.verification import PartitionGap, SampleMismatch, VerificationReport, verify
@@ -41,7 +41,7 @@ class VerificationConfig(dg.Config):
 
 def _spec(name: str, description: str) -> dg.AssetCheckSpec:
     return dg.AssetCheckSpec(
-        name, asset=files_s3_attrs, description=description, automation_condition=VERIFY_AFTER_BACKFILL
+        name, asset=FILES_S3_ATTRS, description=description, automation_condition=VERIFY_AFTER_BACKFILL
     )
 
 
@@ -75,7 +75,7 @@ def _check_results(report: VerificationReport) -> list[dg.AssetCheckResult]:
     mismatches = {"mismatches": table(SampleMismatch, report.mismatches)} if report.mismatches else {}
     return [
         dg.AssetCheckResult(
-            asset_key=files_s3_attrs.key,
+            asset_key=FILES_S3_ATTRS,
             check_name="completeness",
             passed=report.complete,
             metadata=numbers(
@@ -92,7 +92,7 @@ def _check_results(report: VerificationReport) -> list[dg.AssetCheckResult]:
             | gaps,
         ),
         dg.AssetCheckResult(
-            asset_key=files_s3_attrs.key,
+            asset_key=FILES_S3_ATTRS,
             check_name="consistency",
             passed=report.consistent,
             metadata=numbers(
@@ -107,18 +107,20 @@ def _check_results(report: VerificationReport) -> list[dg.AssetCheckResult]:
             | mismatches,
         ),
         dg.AssetCheckResult(
-            asset_key=files_s3_attrs.key,
+            asset_key=FILES_S3_ATTRS,
             check_name="well_formed",
             passed=report.well_formed,
             metadata=numbers(only_one=report.only_one, **{f"malformed_{name}": n for name, n in malformed.items()}),
         ),
         dg.AssetCheckResult(
-            asset_key=files_s3_attrs.key,
+            asset_key=FILES_S3_ATTRS,
             check_name="app_queries_use_indexes",
             passed=report.app_queries_use_indexes,
             metadata={
-                **{plan.query: dg.MetadataValue.text(plan.index or "no index: scans triples")
-                   for plan in report.app_query_plans},
+                **{
+                    plan.query: dg.MetadataValue.text(plan.index or "no index: scans triples")
+                    for plan in report.app_query_plans
+                },
                 "plans": table(QueryPlan, report.app_query_plans),
             },
         ),
@@ -147,7 +149,8 @@ def verify_files_s3_attrs(
         context.log.info("the checks of files_s3_attrs run once the backfill has ended, not in a run of partitions")
         return
     with instant_db.connect() as conn, file_bucket.open_store() as store:
-        report = verify(conn, store, PARTITION_WIDTH, config.sample_size)
+        width = deployment.current(environment.read()).partition_width
+        report = verify(conn, store, width, config.sample_size)
     context.log.info(
         f"{report.with_both} of {report.total_files} files populated, {report.known_missing} known missing in S3, "
         f"{report.remaining} remaining in {len(report.partitions_with_gaps)} partitions; sample of "
@@ -155,3 +158,6 @@ def verify_files_s3_attrs(
         f"lastModified mismatches, {report.sample_missing_now} missing now"
     )
     yield from _check_results(report)
+
+
+CHECK_KEYS = [spec.key for spec in CHECK_SPECS]

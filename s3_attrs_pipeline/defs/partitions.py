@@ -1,28 +1,13 @@
-import os
+"""The assets' partitions, one per app-id prefix, and the tags of a run over a range of them."""
 
 import dagster as dg
 
-from s3_attrs_pipeline.instant.app_id_ranges import MAX_PARTITION_WIDTH, partition_keys
-
-PARTITION_WIDTH_ENV = "S3_ATTRS_PARTITION_WIDTH"
-DEFAULT_PARTITION_WIDTH = 2
+from s3_attrs_pipeline.instant.app_id_ranges import partition_keys
 
 
-def partition_width_from_env() -> int:
-    raw = os.environ.get(PARTITION_WIDTH_ENV, str(DEFAULT_PARTITION_WIDTH))
-    try:
-        width = int(raw)
-    except ValueError:
-        width = 0
-    if not 1 <= width <= MAX_PARTITION_WIDTH:
-        raise ValueError(f"{PARTITION_WIDTH_ENV}={raw!r}: the partition width must be 1 to {MAX_PARTITION_WIDTH} hex digits")
-    return width
-
-
-PARTITION_WIDTH = partition_width_from_env()
-
-# One partition per app-id prefix: `00`..`ff` with the default width of 2.
-app_id_prefix_partitions = dg.StaticPartitionsDefinition(partition_keys(PARTITION_WIDTH))
+def app_id_prefix_partitions(width: int) -> dg.StaticPartitionsDefinition:
+    """One partition per app-id prefix of `width` hex digits: `00`..`ff` for 2."""
+    return dg.StaticPartitionsDefinition(partition_keys(width))
 
 
 # A run over a range of partitions (what a single-run backfill launches) carries these tags.

@@ -10,7 +10,7 @@ import psycopg
 from pydantic import Field
 
 from s3_attrs_pipeline.instant.connection import SessionLimits, connect, validate_database_url
-from s3_attrs_pipeline.partition_range import NoListener
+from s3_attrs_pipeline.runs.range_run import NoListener
 from s3_attrs_pipeline.s3.store import ObjectStore, S3Settings, validate_bucket_name
 from s3_attrs_pipeline.settings import setting_help
 
@@ -22,7 +22,9 @@ class InstantDatabaseResource(dg.ConfigurableResource):
     statement_timeout_ms: int = Field(
         SessionLimits.statement_timeout_ms, description=setting_help(SessionLimits, "statement_timeout_ms")
     )
-    lock_timeout_ms: int = Field(SessionLimits.lock_timeout_ms, description=setting_help(SessionLimits, "lock_timeout_ms"))
+    lock_timeout_ms: int = Field(
+        SessionLimits.lock_timeout_ms, description=setting_help(SessionLimits, "lock_timeout_ms")
+    )
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # Values from dg.EnvVar are only known now: check them before any work starts.

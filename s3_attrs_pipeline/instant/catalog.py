@@ -77,7 +77,9 @@ def _check_attr(conn: psycopg.Connection, spec: AttrSpec, *, check_type: bool, r
     if check_type:
         expected["checked_data_type"] = spec.checked_data_type
         actual["checked_data_type"] = checked_data_type
-    wrong = [f"{name} is {actual[name]!r}, expected {value!r}" for name, value in expected.items() if actual[name] != value]
+    wrong = [
+        f"{name} is {actual[name]!r}, expected {value!r}" for name, value in expected.items() if actual[name] != value
+    ]
     if require_ident and not has_ident:
         wrong.append(f"its ident {spec.ident_id} is missing")
     if wrong:

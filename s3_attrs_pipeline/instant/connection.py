@@ -6,6 +6,8 @@ import dataclasses
 
 import psycopg
 
+from s3_attrs_pipeline.settings import setting
+
 APPLICATION_NAME = "s3-attrs-pipeline"
 # A session's partition lock lives as long as the session. When the machine running it is lost (a node
 # gone, a network cut), the server only learns so from TCP: with the kernel's defaults after two
@@ -27,15 +29,11 @@ class DatabaseUrlError(ValueError):
 class SessionLimits:
     """Guards for a live database: no statement or lock wait may run longer than these."""
 
-    statement_timeout_ms: int = dataclasses.field(
-        default=30_000, metadata={"help": "No pipeline statement may run longer than this."}
+    statement_timeout_ms: int = setting(30_000, help="No pipeline statement may run longer than this.", config=None)
+    lock_timeout_ms: int = setting(
+        5_000, help="No pipeline statement may wait for a lock longer than this.", config=None
     )
-    lock_timeout_ms: int = dataclasses.field(
-        default=5_000, metadata={"help": "No pipeline statement may wait for a lock longer than this."}
-    )
-    connect_timeout_s: int = dataclasses.field(
-        default=10, metadata={"help": "How long to wait for the database to accept a connection."}
-    )
+    connect_timeout_s: int = setting(10, help="How long to wait for the database to accept a connection.", config=None)
 
 
 def validate_database_url(url: str | None) -> str:

@@ -8,13 +8,9 @@ triggers on `triples` emit the touched entities as `update_ents` messages.
 """
 
 import enum
-import os
 import uuid
 
 import psycopg
-
-LIVE_UPDATES_ENV = "S3_ATTRS_LIVE_UPDATES"
-LOG_TO_TABLE_ENV = "S3_ATTRS_WAL_MSG_LOG_TO_TABLE"
 
 
 class LiveUpdates(enum.StrEnum):
@@ -33,30 +29,6 @@ class LiveUpdates(enum.StrEnum):
 DEFAULT_LIVE_UPDATES = LiveUpdates.QUERIES
 
 
-def live_updates_level(value: str | None = None) -> LiveUpdates:
-    """`value`, else S3_ATTRS_LIVE_UPDATES, else `queries`; ValueError naming where a bad value came from."""
-    source, raw = ("live_updates", value) if value else (LIVE_UPDATES_ENV, os.environ.get(LIVE_UPDATES_ENV))
-    if not raw:
-        return DEFAULT_LIVE_UPDATES
-    try:
-        return LiveUpdates(raw.strip().lower())
-    except ValueError:
-        choices = ", ".join(level.value for level in LiveUpdates)
-        raise ValueError(f"{source}={raw!r} is not a live-updates level (one of {choices})") from None
-
-
-def log_to_table(value: bool | None = None) -> bool:
-    """`value`, else S3_ATTRS_WAL_MSG_LOG_TO_TABLE (true/false), else false."""
-    if value is not None:
-        return value
-    raw = os.environ.get(LOG_TO_TABLE_ENV, "").strip().lower()
-    if raw in ("", "false", "0", "no"):
-        return False
-    if raw in ("true", "1", "yes"):
-        return True
-    raise ValueError(f"{LOG_TO_TABLE_ENV}={raw!r} is not true or false")
-
-
 _SET_ENTITY_LOG = """
 SELECT set_config('instant.wal_msg_app_id', %(app_id)s, true),
        set_config('instant.wal_msg_log_to_table', %(log_to_table)s, true)
@@ -64,14 +36,13 @@ SELECT set_config('instant.wal_msg_app_id', %(app_id)s, true),
 
 
 def before_writing(conn: psycopg.Connection, app_id: uuid.UUID, level: LiveUpdates, to_table: bool) -> None:
-    """In a transaction about to write `app_id`'s triples, before the first: what must precede them."""
+    """First in a transaction about to write `app_id`'s triples, as InstantDB's server begins one: the
+    entity log's settings (at `entities`; the triggers of each statement on triples read them), then
+    the `transactions` row that makes InstantDB read the transaction.
+
+    Inserting that row first also takes the app's row lock (its foreign key) before any row the write
+    locks: the order in which a delete of the app cascades to its triples, so the two cannot deadlock."""
     if level is LiveUpdates.ENTITIES:
-        # Read by the triggers of each statement on triples, so set before the inserts.
         conn.execute(_SET_ENTITY_LOG, {"app_id": str(app_id), "log_to_table": "true" if to_table else "false"})
-
-
-def after_writing(conn: psycopg.Connection, app_id: uuid.UUID, level: LiveUpdates, written: int) -> None:
-    """In the same transaction, once its triples are written: the `transactions` row that makes
-    InstantDB read them. None for a transaction that wrote nothing."""
-    if level is not LiveUpdates.OFF and written:
+    if level is not LiveUpdates.OFF:
         conn.execute("INSERT INTO transactions (app_id) VALUES (%s)", (app_id,))

@@ -1,4 +1,4 @@
-"""One run per partition at a time, across processes and machines."""
+"""One run at a time on a partition, across processes and machines."""
 
 import zlib
 

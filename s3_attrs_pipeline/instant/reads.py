@@ -75,7 +75,9 @@ def iter_pending_batches(
     while True:
         scanned = conn.execute(query, params).fetchall()
         batch = [
-            PendingFile(app_id, entity, value) for app_id, entity, value, lacks_hash in scanned if lacks_hash != with_hash
+            PendingFile(app_id, entity, value)
+            for app_id, entity, value, lacks_hash in scanned
+            if lacks_hash != with_hash
         ]
         if batch:
             yield batch
@@ -279,14 +281,12 @@ def sample_populated_files(conn: psycopg.Connection, size: int, populated: int) 
     return [PopulatedFile(PendingFile(app_id, entity_id, location), h, m) for app_id, entity_id, location, h, m in rows]
 
 
-
 _FILE_COUNTS = """
 SELECT count(*), count(h.entity_id)
 FROM triples l
 LEFT JOIN triples h ON h.app_id = l.app_id AND h.entity_id = l.entity_id AND h.attr_id = %(hash_attr)s AND h.ea
 WHERE l.attr_id = %(location_attr)s AND l.ea
 """
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,8 +353,10 @@ def app_query_plans(conn: psycopg.Connection, app_id: uuid.UUID | None = None) -
     for name, query in APP_QUERIES.items():
         lines = explain_preferring_indexes(conn, sql.SQL(query), params)
         scans_triples = any("Seq Scan on triples" in line for line in lines)
-        index = "" if scans_triples else next(
-            (line.split(" using ", 1)[1].split(" on ", 1)[0] for line in lines if " using " in line), ""
+        index = (
+            ""
+            if scans_triples
+            else next((line.split(" using ", 1)[1].split(" on ", 1)[0] for line in lines if " using " in line), "")
         )
         plans.append(QueryPlan(name, str(app_id), index, "\n".join(lines)))
     return plans

@@ -14,14 +14,14 @@ grant) makes it warn once and write without waiting.
 """
 
 import dataclasses
-import os
 import threading
 import time
-import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Protocol
 
 import psycopg
+
+from s3_attrs_pipeline.settings import setting
 
 MAX_LAG_MB_ENV = "S3_ATTRS_MAX_REPLICATION_LAG_MB"
 MAX_REPLAY_LAG_S_ENV = "S3_ATTRS_MAX_REPLAY_LAG_S"
@@ -35,47 +35,42 @@ class Log(Protocol):
     def info(self, msg: str) -> None: ...
     def warning(self, msg: str) -> None: ...
 
+
 # While it waits, the gate says so again this often, with the figures of the moment.
 WAITING_LOG_INTERVAL_S = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
 class ReplicationLimits:
-    """How far replication may lag before the pipeline waits for it. `from_env` reads each from its
-    environment variable; the Dagster config and the CLI take the defaults and descriptions from here."""
+    """How far replication may lag before the pipeline waits for it."""
 
-    max_lag_mb: float = dataclasses.field(
-        default=256,
-        metadata={
-            "env": MAX_LAG_MB_ENV,
-            "help": "Before each write transaction, wait while a logical replication slot (InstantDB's "
-            "invalidator reads through one) lags the current WAL position by more than this many MB; "
-            "0 does not watch slots.",
-        },
+    max_lag_mb: float = setting(
+        256,
+        help="Before each write transaction, wait while a logical replication slot (InstantDB's invalidator reads "
+        "through one) lags the WAL inserted so far by more than this many MB; 0 does not watch slots.",
+        env=MAX_LAG_MB_ENV,
+        config="max_replication_lag_mb",
+        cli="--max-replication-lag-mb",
     )
-    max_replay_lag_s: float = dataclasses.field(
-        default=30,
-        metadata={
-            "env": MAX_REPLAY_LAG_S_ENV,
-            "help": "Before each write transaction, wait while a streaming replica replays the WAL more than "
-            "this many seconds behind (pg_stat_replication.replay_lag); 0 does not watch replicas.",
-        },
+    max_replay_lag_s: float = setting(
+        30,
+        help="Before each write transaction, wait while a streaming replica replays the WAL more than this many "
+        "seconds behind (pg_stat_replication.replay_lag); 0 does not watch replicas.",
+        env=MAX_REPLAY_LAG_S_ENV,
     )
-    watch_slots: tuple[str, ...] = dataclasses.field(
-        default=(),
-        metadata={
-            "env": WATCH_SLOTS_ENV,
-            "help": "Watch only these replication slots (comma-separated in the environment); empty watches every "
-            "logical slot and every streaming replica. A replica without a slot goes by its application_name.",
-        },
+    watch_slots: tuple[str, ...] = setting(
+        (),
+        help="Watch only these replication slots (comma-separated in the environment); empty watches every logical "
+        "slot and every streaming replica. A replica without a slot goes by its application_name.",
+        env=WATCH_SLOTS_ENV,
+        config="replication_watch_slots",
     )
-    ignore_slots: tuple[str, ...] = dataclasses.field(
-        default=(),
-        metadata={
-            "env": IGNORE_SLOTS_ENV,
-            "help": "Never wait for these replication slots (comma-separated in the environment), e.g. an "
-            "abandoned slot that nothing consumes.",
-        },
+    ignore_slots: tuple[str, ...] = setting(
+        (),
+        help="Never wait for these replication slots (comma-separated in the environment), e.g. an abandoned slot "
+        "that nothing consumes.",
+        env=IGNORE_SLOTS_ENV,
+        config="replication_ignore_slots",
     )
     poll_initial_s: float = 1.0  # the first wait before measuring again; it doubles up to poll_max_s
     poll_max_s: float = 30.0
@@ -98,26 +93,6 @@ class ReplicationLimits:
         if name in self.ignore_slots:
             return False
         return not self.watch_slots or name in self.watch_slots
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ, **overrides) -> "ReplicationLimits":
-        """The limits the environment sets, each unset one at its default, then `overrides`.
-        ValueError naming the variable whose value is not one."""
-        values = {}
-        types = typing.get_type_hints(cls)
-        for field in dataclasses.fields(cls):
-            env = field.metadata.get("env")
-            raw = environ.get(env, "").strip() if env else ""
-            if not raw:
-                continue
-            if types[field.name] is float:
-                try:
-                    values[field.name] = float(raw)
-                except ValueError:
-                    raise ValueError(f"{env}={raw!r} is not a number") from None
-            else:
-                values[field.name] = tuple(name.strip() for name in raw.split(",") if name.strip())
-        return cls(**(values | overrides))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,7 +254,8 @@ class ReplicationGate:
             f"replica {replica.name} replays {replica.replay_lag_s:.1f}s behind "
             f"(limit {self._limits.max_replay_lag_s:g}s)"
             for replica in replicas
-            if replica.visible and replica.replay_lag_s is not None
+            if replica.visible
+            and replica.replay_lag_s is not None
             and replica.replay_lag_s > self._limits.max_replay_lag_s
         ]
         return behind

@@ -76,29 +76,40 @@ def _new_triple_rows(name: str, source: str = "located") -> sql.Composed:
     )
 
 
+# The row lock a write takes on each location-id row it relies on, when it may (see the module's doc):
+# NOWAIT, so that a write never waits on a row while holding others (a delete of several files locks
+# their rows in its own order). A batch meeting a file being deleted or moved right now fails with
+# LockNotAvailable, rolled back whole; it is written again a moment later (`retried_when_busy`).
+_KEY_SHARE = sql.SQL("\nFOR KEY SHARE OF l NOWAIT")
+_NO_LOCK = sql.SQL("")
+
+
 @dataclasses.dataclass(frozen=True)
-class _TriplesInsert:
-    plain: sql.Composed
-    on_conflict: sql.Composed  # the same with ON CONFLICT DO NOTHING
+class _Statements:
+    """A write's statement, with and without ON CONFLICT DO NOTHING, with and without the row lock."""
 
-    def __call__(self, on_conflict: bool) -> sql.Composed:
-        return self.on_conflict if on_conflict else self.plain
+    variants: dict[tuple[bool, bool], sql.Composed]
+
+    def __call__(self, *, on_conflict: bool = False, lock: bool = True) -> sql.Composed:
+        return self.variants[(on_conflict, lock)]
 
 
-def _insert_from(located: sql.Composable) -> _TriplesInsert:
+def _insert_from(located: sql.SQL, **parts: sql.Composable) -> _Statements:
     """The INSERT of both new triples for each row of `located` (one row per file, checked once
-    against its location-id), returning the files written. Built from this module's constant text
-    only; every value is a parameter."""
+    against its location-id; `{lock}` in it the row lock, its other fields `parts`), returning the
+    files written. Built from this module's constant text only; every value is a parameter."""
 
-    def insert(on_conflict: str) -> sql.Composed:
+    def insert(on_conflict: bool, lock: bool) -> sql.Composed:
         return _INSERT.format(
-            located=located,
+            located=located.format(lock=_KEY_SHARE if lock else _NO_LOCK, **parts),
             hash_rows=_new_triple_rows("hash"),
             last_modified_rows=_new_triple_rows("last_modified"),
-            on_conflict=sql.SQL(on_conflict),
+            on_conflict=sql.SQL("ON CONFLICT DO NOTHING" if on_conflict else ""),
         )
 
-    return _TriplesInsert(insert(""), insert("ON CONFLICT DO NOTHING"))
+    return _Statements(
+        {(conflict, lock): insert(conflict, lock) for conflict in (False, True) for lock in (False, True)}
+    )
 
 
 _HEADED_LOCATED = sql.SQL("""
@@ -109,14 +120,14 @@ _HEADED_LOCATED = sql.SQL("""
   -- Write only for files that still have the location we asked S3 about: a file deleted or moved
   -- since it was read gets nothing; one deleted or moved from now on waits for this write.
   JOIN triples l ON l.app_id = f.app_id AND l.entity_id = f.entity_id AND l.attr_id = %(location_attr)s
-                AND l.ea AND l.value = f.location_value
-  FOR KEY SHARE OF l
+                AND l.ea AND l.value = f.location_value{lock}
 """)
 _INSERT_TRIPLES = _insert_from(_HEADED_LOCATED)
 
 _STILL_LOCATED = """
 SELECT l.entity_id FROM triples l
-JOIN unnest(%(app_ids)s::uuid[], %(entity_ids)s::uuid[], %(location_values)s::jsonb[]) AS f(app_id, entity_id, location_value)
+JOIN unnest(%(app_ids)s::uuid[], %(entity_ids)s::uuid[], %(location_values)s::jsonb[])
+     AS f(app_id, entity_id, location_value)
   ON l.app_id = f.app_id AND l.entity_id = f.entity_id AND l.value = f.location_value
 WHERE l.attr_id = %(location_attr)s AND l.ea
 """
@@ -124,19 +135,17 @@ WHERE l.attr_id = %(location_attr)s AND l.ea
 # One page of an app's listing, as values by location-id, joined to the app's files at those
 # locations inside the statement that writes them (one `ave` probe per listed key). The join is the
 # check that each file still has that location.
-_LISTED_AT = sql.SQL("""
+_LISTED_AT = """
 SELECT l.app_id, l.entity_id, f.hash_value, f.hash_md5, f.last_modified_value, f.last_modified_md5
 FROM unnest(%(location_values)s::jsonb[], %(hash_values)s::jsonb[], %(hash_md5s)s::text[],
             %(last_modified_values)s::jsonb[], %(last_modified_md5s)s::text[])
      AS f(location_value, hash_value, hash_md5, last_modified_value, last_modified_md5)
 JOIN triples l ON l.app_id = %(app_id)s AND l.attr_id = %(location_attr)s AND l.ave AND l.ea
-              AND l.value = f.location_value""")
-_KEY_SHARE = sql.SQL("\nFOR KEY SHARE OF l")
+              AND l.value = f.location_value"""
 # The listing strategy's write: those of the files that lack `hash`.
-LISTED_LOCATED = sql.SQL("{listed_at}\nWHERE {lacks_hash}{lock}").format(
-    listed_at=_LISTED_AT, lacks_hash=LACKS_HASH, lock=_KEY_SHARE
-)
-_INSERT_LISTED_TRIPLES = _insert_from(LISTED_LOCATED)
+_LISTED_LOCATED = sql.SQL(_LISTED_AT + "\nWHERE {lacks_hash}{lock}")
+LISTED_LOCATED = _LISTED_LOCATED.format(lacks_hash=LACKS_HASH, lock=_NO_LOCK)  # the join, as EXPLAIN shows it
+_INSERT_LISTED_TRIPLES = _insert_from(_LISTED_LOCATED, lacks_hash=LACKS_HASH)
 
 
 def _new_value_params(hashes: Sequence[str], last_modified_ms: Sequence[int]) -> dict:
@@ -188,17 +197,20 @@ class ListedAttrs:
 
 
 def write_file_attrs(
-    conn: psycopg.Connection, files: Sequence[FileObjectAttrs], *, on_conflict: bool = False
+    conn: psycopg.Connection, files: Sequence[FileObjectAttrs], *, on_conflict: bool = False, lock: bool = True
 ) -> WriteOutcome:
     """Write both triples of every file that still has the location it was read with, in the
-    caller's transaction. Without `on_conflict`, a file that got `hash` meanwhile raises UniqueViolation
-    (see `retried_on_conflict`)."""
+    caller's transaction, holding its location-id row (`lock`: see the module's doc) until it commits.
+    Without `on_conflict`, a file that got `hash` meanwhile raises UniqueViolation (see
+    `retried_on_conflict`); with `lock`, one being deleted or moved right now LockNotAvailable (see
+    `retried_when_busy`)."""
     if not files:
         return WriteOutcome(0, 0, 0)
     params = _file_params([f.file for f in files]) | _new_value_params(
         [f.hash for f in files], [f.last_modified_ms for f in files]
     )
-    inserted = {row[0] for row in conn.execute(_INSERT_TRIPLES(on_conflict), params).fetchall()}
+    statement = _INSERT_TRIPLES(on_conflict=on_conflict, lock=lock)
+    inserted = {row[0] for row in conn.execute(statement, params).fetchall()}
     unwritten = [f.file for f in files if f.file.entity_id not in inserted]
     vanished = len(unwritten) - len(_still_located(conn, unwritten)) if unwritten else 0
     return WriteOutcome(len(inserted), len(unwritten) - vanished, vanished)
@@ -208,15 +220,40 @@ def _still_located(conn: psycopg.Connection, files: Sequence[PendingFile]) -> se
     return {row[0] for row in conn.execute(_STILL_LOCATED, _file_params(files)).fetchall()}
 
 
-def write_listed_attrs(conn: psycopg.Connection, listed: ListedAttrs, *, on_conflict: bool = False) -> WriteOutcome:
+def write_listed_attrs(
+    conn: psycopg.Connection, listed: ListedAttrs, *, on_conflict: bool = False, lock: bool = True
+) -> WriteOutcome:
     """Write both triples of every file of the app that lacks `hash` and sits at a listed location, in
-    the caller's transaction. A file populated meanwhile by another writer is left as it is and not
-    counted: the listing's files are only known as they are written."""
-    written = {row[0] for row in conn.execute(_INSERT_LISTED_TRIPLES(on_conflict), listed.params).fetchall()}
+    the caller's transaction, as `write_file_attrs` does. A file populated meanwhile by another writer
+    is left as it is and not counted: the listing's files are only known as they are written."""
+    statement = _INSERT_LISTED_TRIPLES(on_conflict=on_conflict, lock=lock)
+    written = {row[0] for row in conn.execute(statement, listed.params).fetchall()}
     return WriteOutcome(len(written), 0, 0, next(iter(written), None))
 
 
 _Written = TypeVar("_Written")
+
+
+def app_deleted(error: psycopg.Error) -> bool:
+    """Whether a write failed because its app is gone: deleted while its files were being written (the
+    foreign key of the `transactions` row, or of a triple, to `apps`)."""
+    detail = error.diag.message_detail or ""
+    return isinstance(error, psycopg.errors.ForeignKeyViolation) and 'table "apps"' in detail
+
+
+def retried_when_busy(attempt: Callable[[], _Written], sleep: Callable[[float], None]) -> _Written:
+    """`attempt()`, again after a short `sleep` while it meets a file being deleted or moved right now
+    (LockNotAvailable: its transaction rolled back whole); LockNotAvailable if the file stays busy."""
+    for delay in _BUSY_RETRY_DELAYS_S:
+        try:
+            return attempt()
+        except psycopg.errors.LockNotAvailable:
+            sleep(delay)
+    return attempt()
+
+
+# A delete or a re-upload commits in milliseconds: these waits outlast any but a stuck transaction.
+_BUSY_RETRY_DELAYS_S = (0.05, 0.2, 0.5, 1.0, 2.0)
 
 
 def retried_on_conflict(attempt: Callable[[bool], _Written]) -> _Written:
@@ -230,7 +267,6 @@ def retried_on_conflict(attempt: Callable[[bool], _Written]) -> _Written:
         return attempt(False)
     except psycopg.errors.UniqueViolation:
         return attempt(True)
-
 
 
 # --- refresh: rewriting values that no longer describe the file's current object -------------------
@@ -264,17 +300,23 @@ written AS (
 SELECT (SELECT count(*) FROM compared), (SELECT count(DISTINCT entity_id) FROM written)""")
 
 
-def _refresh_from(located: sql.Composable) -> sql.Composed:
-    return _REFRESH.format(
-        located=located,
-        hash_rows=_new_triple_rows("hash", "changed"),
-        last_modified_rows=_new_triple_rows("last_modified", "changed"),
-    )
+def _refresh_from(located: sql.SQL) -> _Statements:
+    """The refresh of each row of `located` (`{lock}` in it the row lock), with and without the lock."""
+
+    def refresh(lock: bool) -> sql.Composed:
+        return _REFRESH.format(
+            located=located.format(lock=_KEY_SHARE if lock else _NO_LOCK),
+            hash_rows=_new_triple_rows("hash", "changed"),
+            last_modified_rows=_new_triple_rows("last_modified", "changed"),
+        )
+
+    # A rewrite is written once, whatever conflicts: ON CONFLICT ... DO UPDATE is the statement itself.
+    return _Statements({(conflict, lock): refresh(lock) for conflict in (False, True) for lock in (False, True)})
 
 
 _REFRESH_HEADED = _refresh_from(_HEADED_LOCATED)
 # The refresh compares every file at the listed locations, whatever its values.
-_REFRESH_LISTED = _refresh_from(_LISTED_AT + _KEY_SHARE)
+_REFRESH_LISTED = _refresh_from(sql.SQL(_LISTED_AT + "{lock}"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,20 +325,22 @@ class RefreshOutcome:
     rewritten: int  # of them, files whose hash or lastModified was rewritten
 
 
-def refresh_file_attrs(conn: psycopg.Connection, files: Sequence[FileObjectAttrs]) -> RefreshOutcome:
+def refresh_file_attrs(
+    conn: psycopg.Connection, files: Sequence[FileObjectAttrs], *, lock: bool = True
+) -> RefreshOutcome:
     """Rewrite the two triples of each file still at its location whose values differ from `files`',
-    in the caller's transaction."""
+    in the caller's transaction (`lock` as `write_file_attrs`)."""
     if not files:
         return RefreshOutcome(0, 0)
     params = _file_params([f.file for f in files]) | _new_value_params(
         [f.hash for f in files], [f.last_modified_ms for f in files]
     )
-    return RefreshOutcome(*conn.execute(_REFRESH_HEADED, params).fetchone())
+    return RefreshOutcome(*conn.execute(_REFRESH_HEADED(lock=lock), params).fetchone())
 
 
-def refresh_listed_attrs(conn: psycopg.Connection, listed: ListedAttrs) -> RefreshOutcome:
+def refresh_listed_attrs(conn: psycopg.Connection, listed: ListedAttrs, *, lock: bool = True) -> RefreshOutcome:
     """The same for the files of an app at a listing page's locations."""
-    return RefreshOutcome(*conn.execute(_REFRESH_LISTED, listed.params).fetchone())
+    return RefreshOutcome(*conn.execute(_REFRESH_LISTED(lock=lock), listed.params).fetchone())
 
 
 # The values of the app's entities that have no location-id: files deleted while their values were

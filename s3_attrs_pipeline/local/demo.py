@@ -9,9 +9,11 @@ import dataclasses
 import os
 import pathlib
 import shlex
+from collections.abc import Mapping
 
 import boto3
 
+from s3_attrs_pipeline import environment
 from s3_attrs_pipeline.local import postgres, s3_server, seed
 
 DEMO_BUCKET = "instant-demo-files"
@@ -19,8 +21,8 @@ DEMO_DATASET = seed.DatasetSpec(apps=12, files=3000)
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def demo_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("S3_ATTRS_DEMO_DIR", ".demo")).resolve()
+def demo_dir(environ: Mapping[str, str]) -> pathlib.Path:
+    return pathlib.Path(environ.get(environment.DEMO_DIR) or ".demo").resolve()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +45,7 @@ def start_services(root: pathlib.Path) -> Services:
     dagster_home = root / "dagster_home"
     dagster_home.mkdir(exist_ok=True)
     # The repository's instance, without the UI's sign-up pop-up: the demo is looked at, not run for real.
-    (dagster_home / "dagster.yaml").write_text(
-        (_REPO_ROOT / "dagster.yaml").read_text() + "\nnux:\n  enabled: false\n"
-    )
+    (dagster_home / "dagster.yaml").write_text((_REPO_ROOT / "dagster.yaml").read_text() + "\nnux:\n  enabled: false\n")
     env = {
         "INSTANT_DATABASE_URL": instant_url,
         "INSTANT_S3_BUCKET": DEMO_BUCKET,
@@ -57,7 +57,7 @@ def start_services(root: pathlib.Path) -> Services:
         # dagster-postgres speaks psycopg2; SQLAlchemy 2.1 would otherwise pick psycopg 3 for postgresql://
         "DAGSTER_POSTGRES_URL": dagster_url.replace("postgresql://", "postgresql+psycopg2://", 1),
     }
-    os.environ.update(env)
+    environment.update(env)
     (root / "env").write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()))
 
     files = seed.plan_dataset(DEMO_DATASET)

@@ -22,9 +22,7 @@ EXISTING_FILE_ATTRS = (
     AttrSpec("size", "size", is_unique=False, is_indexed=True, checked_data_type="number", is_required=True),
     AttrSpec("content-type", "ctype", is_unique=False, is_indexed=True, checked_data_type="string"),
     AttrSpec("content-disposition", "cdisp", is_unique=False, is_indexed=True, checked_data_type="string"),
-    AttrSpec(
-        "location-id", "lid", is_unique=True, is_indexed=True, checked_data_type="string", is_required=True
-    ),
+    AttrSpec("location-id", "lid", is_unique=True, is_indexed=True, checked_data_type="string", is_required=True),
     AttrSpec("key-version", "kv", is_unique=False, is_indexed=False, checked_data_type="number"),
     AttrSpec("url", "url", is_unique=False, is_indexed=False, checked_data_type="string"),
 )
@@ -129,8 +127,17 @@ def _create_system_catalog(conn: psycopg.Connection) -> None:
             """INSERT INTO attrs (id, app_id, value_type, cardinality, is_unique, is_indexed, forward_ident,
                                   checked_data_type, is_required, etype, label)
                VALUES (%s, %s, 'blob', 'one', %s, %s, %s, %s::checked_data_type, %s, %s, %s)""",
-            (spec.attr_id, SYSTEM_CATALOG_APP_ID, spec.is_unique, spec.is_indexed, spec.ident_id,
-             spec.checked_data_type, spec.is_required, FILES_ETYPE, spec.label),
+            (
+                spec.attr_id,
+                SYSTEM_CATALOG_APP_ID,
+                spec.is_unique,
+                spec.is_indexed,
+                spec.ident_id,
+                spec.checked_data_type,
+                spec.is_required,
+                FILES_ETYPE,
+                spec.label,
+            ),
         )
         conn.execute(
             "INSERT INTO idents (id, app_id, attr_id, etype, label) VALUES (%s, %s, %s, %s, %s)",

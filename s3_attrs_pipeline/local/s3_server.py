@@ -39,14 +39,15 @@ def start_s3_server(port: int | None = None, *, log_path: pathlib.Path | None = 
         # thousands of objects would run out of file descriptors (moto then answers 500 to everything).
         "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(16 * 1024 * 1024),
     }
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)],
-        stdout=log,
-        stderr=log,
-        env=env,
-        start_new_session=True,  # survives the demo command that started it
-    )
+    # The server writes to its own copy of the log's descriptor: this process closes its one at once.
+    with open(log_path, "ab") if log_path else contextlib.nullcontext(subprocess.DEVNULL) as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)],
+            stdout=log,
+            stderr=log,
+            env=env,
+            start_new_session=True,  # survives the demo command that started it
+        )
     deadline = time.monotonic() + 30
     while not _answers(endpoint_url):
         if process.poll() is not None:

@@ -15,7 +15,7 @@ from s3_attrs_pipeline.instant.catalog import ensure_file_attrs
 from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED, AttrSpec, json_text, value_md5
 from s3_attrs_pipeline.instant.object_keys import object_key
 from s3_attrs_pipeline.local.postgres import EXISTING_FILE_ATTRS
-from s3_attrs_pipeline.s3.metadata import object_metadata_from_headers
+from s3_attrs_pipeline.s3.object_metadata import object_metadata_from_headers
 
 _FILE_ATTRS = {spec.label: spec for spec in EXISTING_FILE_ATTRS}
 _NAMES = ["photo.png", "circle_red.jpg", "日本語.txt", "résumé.pdf", "данные.csv", "notes.md", "🎉.gif", "report.pdf"]
@@ -78,8 +78,17 @@ def plan_dataset(spec: DatasetSpec) -> list[SeededFile]:
 def _triple_row(app_id: uuid.UUID, entity_id: uuid.UUID, spec: AttrSpec, value: str | int) -> tuple:
     flags = spec.triple_flags
     return (
-        app_id, entity_id, spec.attr_id, json_text(value), value_md5(value),
-        flags["ea"], flags["eav"], flags["av"], flags["ave"], flags["vae"], spec.checked_data_type,
+        app_id,
+        entity_id,
+        spec.attr_id,
+        json_text(value),
+        value_md5(value),
+        flags["ea"],
+        flags["eav"],
+        flags["av"],
+        flags["ave"],
+        flags["vae"],
+        spec.checked_data_type,
     )
 
 

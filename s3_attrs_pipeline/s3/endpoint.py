@@ -63,7 +63,6 @@ def resolve_head_target(client, bucket: str) -> HeadTarget:
     return HeadTarget(base_url, region, signature_version)
 
 
-
 def tls_context(verify: bool | str) -> ssl.SSLContext:
     """How botocore would verify an https endpoint: `verify` as its client takes it."""
     if not verify:

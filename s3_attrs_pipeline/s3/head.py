@@ -66,8 +66,15 @@ class HeadConnections:
     server keeps it open. Faults raise botocore's exceptions, as its URLLib3Session does.
     """
 
-    def __init__(self, base_url: str, *, max_idle: int, connect_timeout_s: float, read_timeout_s: float,
-                 verify: bool | str = True):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        max_idle: int,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        verify: bool | str = True,
+    ):
         parts = urllib.parse.urlsplit(base_url)
         self._address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
         self._tls = tls_context(verify) if parts.scheme == "https" else None
@@ -166,7 +173,7 @@ class HeadConnections:
                 received += chunk
                 continue
             status_line, *lines = received[:end].decode("latin-1").split("\r\n")
-            received = received[end + 4:]
+            received = received[end + 4 :]
             version, _, rest = status_line.partition(" ")
             status_text, _, reason = rest.partition(" ")
             if not version.startswith("HTTP/1.") or len(status_text) != 3 or not status_text.isdigit():
@@ -183,24 +190,33 @@ class HeadConnections:
             name, value = name.strip().lower(), value.strip()
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
         # Anything after the headers means the server sent a body to a HEAD: out of step, not reusable.
-        reusable = (
-            version == "HTTP/1.1" and not received and "close" not in headers.get("connection", "").lower()
-        )
+        reusable = version == "HTTP/1.1" and not received and "close" not in headers.get("connection", "").lower()
         return HeadResponse(status, reason, headers), reusable
 
 
 class SignedHead:
     """`head_object(Key=...)` for one bucket with boto3's contract, at a fraction of its CPU. Thread-safe."""
 
-    def __init__(self, target: HeadTarget, credentials, *, max_connections: int, connect_timeout_s: float,
-                 read_timeout_s: float, verify: bool | str = True):
+    def __init__(
+        self,
+        target: HeadTarget,
+        credentials,
+        *,
+        max_connections: int,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        verify: bool | str = True,
+    ):
         self._credentials = credentials
         self._base_url = target.base_url
         self._base_path = urllib.parse.urlsplit(target.base_url).path
         self._signer = SigV4Signer(host_header(target.base_url), target.region)
         self._connections = HeadConnections(
-            target.base_url, max_idle=max_connections, connect_timeout_s=connect_timeout_s,
-            read_timeout_s=read_timeout_s, verify=verify,
+            target.base_url,
+            max_idle=max_connections,
+            connect_timeout_s=connect_timeout_s,
+            read_timeout_s=read_timeout_s,
+            verify=verify,
         )
         self._frozen_credentials: tuple[float, object] = (float("-inf"), None)  # (valid until, frozen)
 

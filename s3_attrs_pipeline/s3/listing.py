@@ -31,7 +31,7 @@ import botocore.exceptions
 import urllib3
 
 from s3_attrs_pipeline.s3.endpoint import HeadTarget, tls_context
-from s3_attrs_pipeline.s3.metadata import MalformedObjectMetadata, ObjectMetadata, parse_etag
+from s3_attrs_pipeline.s3.object_metadata import MalformedObjectMetadata, ObjectMetadata, parse_etag
 from s3_attrs_pipeline.s3.sigv4 import SigV4Signer, canonical_query, host_header
 
 LIST_PAGE_SIZE = 1000  # S3's maximum
@@ -110,8 +110,15 @@ def _client_error(status: int, reason: str, headers: dict, body: bytes) -> botoc
 class SignedListing:
     """`list_objects_v2` for one bucket, hand-signed. Thread-safe."""
 
-    def __init__(self, target: HeadTarget, credentials, *, connect_timeout_s: float, read_timeout_s: float,
-                 verify: bool | str = True):
+    def __init__(
+        self,
+        target: HeadTarget,
+        credentials,
+        *,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        verify: bool | str = True,
+    ):
         parts = urllib.parse.urlsplit(target.base_url)
         self._origin = f"{parts.scheme}://{parts.netloc}"
         self._path = parts.path or "/"  # path style: /<bucket>; virtual-hosted: /
@@ -130,7 +137,10 @@ class SignedListing:
 
     # boto3's parameter names, so that the store calls either the same way
     def list_objects_v2(
-        self, Prefix: str, MaxKeys: int, ContinuationToken: str | None = None  # noqa: N803
+        self,
+        Prefix: str,
+        MaxKeys: int,
+        ContinuationToken: str | None = None,  # noqa: N803
     ) -> ListPage:
         if self._credentials is None:
             raise botocore.exceptions.NoCredentialsError()
@@ -197,9 +207,7 @@ def list_prefix(store: PageSource, prefix: str) -> Iterator[ListPage]:
             return
 
 
-def prefetched(
-    pages: Iterator[_Page], depth: int = 2, *, check: Callable[[], None] = lambda: None
-) -> Iterator[_Page]:
+def prefetched(pages: Iterator[_Page], depth: int = 2, *, check: Callable[[], None] = lambda: None) -> Iterator[_Page]:
     """`pages`, produced by a thread that stays up to `depth` pages ahead of the consumer, so that
     S3 answers the next page while the caller writes this one. An error in the producer is raised
     to the consumer; a consumer that stops early stops the producer. While the consumer waits for a

@@ -31,7 +31,6 @@ def encode_key(key: str) -> str:
     return urllib.parse.quote(key.encode("utf-8"), safe=_KEY_SAFE_CHARACTERS)
 
 
-
 def host_header(url: str) -> str:
     """The Host header botocore signs: lower-case host, the port only when not the scheme's default."""
     parts = urllib.parse.urlsplit(url)
@@ -81,10 +80,17 @@ class SigV4Signer:
             headers["x-amz-security-token"] = credentials.token
         # Names are lower-case and already in sorted order; values have no spaces to trim.
         signed_names = ";".join(headers)
-        canonical_request = "\n".join((
-            method, path, query, *(f"{name}:{value}" for name, value in headers.items()), "",
-            signed_names, EMPTY_PAYLOAD_SHA256,
-        ))
+        canonical_request = "\n".join(
+            (
+                method,
+                path,
+                query,
+                *(f"{name}:{value}" for name, value in headers.items()),
+                "",
+                signed_names,
+                EMPTY_PAYLOAD_SHA256,
+            )
+        )
         scope = day + self._scope_suffix
         string_to_sign = "\n".join(
             (_ALGORITHM, amz_date, scope, hashlib.sha256(canonical_request.encode()).hexdigest())

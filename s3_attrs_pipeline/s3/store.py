@@ -21,8 +21,9 @@ import botocore.utils
 from s3_attrs_pipeline.s3.endpoint import resolve_head_target
 from s3_attrs_pipeline.s3.head import SignedHead
 from s3_attrs_pipeline.s3.listing import ListedObject, ListPage, SignedListing
-from s3_attrs_pipeline.s3.metadata import MalformedObjectMetadata, ObjectMetadata, object_metadata_from_headers
+from s3_attrs_pipeline.s3.object_metadata import MalformedObjectMetadata, ObjectMetadata, object_metadata_from_headers
 from s3_attrs_pipeline.s3.rate_limit import AdaptiveRateLimiter, backoff_delay
+from s3_attrs_pipeline.settings import setting
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ REFUSAL_ADVICE = {
     "TokenRefreshRequired": _EXPIRED_CREDENTIALS,
     "InvalidToken": _EXPIRED_CREDENTIALS,
     "400": (
-        "S3 names no reason (an answer to a HEAD has no body), and the usual cause is that " + _EXPIRED_CREDENTIALS
+        "S3 names no reason (an answer to a HEAD has no body), and the usual cause is that "
+        + _EXPIRED_CREDENTIALS
         + "; if they are fresh, check that AWS_REGION is the bucket's region"
     ),
     "InvalidAccessKeyId": _WRONG_KEY,
@@ -137,32 +139,23 @@ class StoreStopped(RuntimeError):
     """The store was stopped (its run is stopping): no further request is sent."""
 
 
-
 @dataclasses.dataclass(frozen=True)
 class S3Settings:
-    """The bucket and how hard to ask it. The Dagster resource takes its defaults and descriptions from here."""
+    """The bucket and how hard to ask it."""
 
-    bucket: str = dataclasses.field(metadata={"help": "Name of the bucket (INSTANT_S3_BUCKET)."})
-    endpoint_url: str | None = dataclasses.field(
-        default=None,
-        metadata={"help": "S3 endpoint for S3-compatible stores; unset means AWS (or AWS_ENDPOINT_URL)."},
+    bucket: str = setting(help="Name of the bucket (INSTANT_S3_BUCKET).", config=None)
+    endpoint_url: str | None = setting(
+        None, help="S3 endpoint for S3-compatible stores; unset means AWS (or AWS_ENDPOINT_URL).", config=None
     )
-    region_name: str | None = dataclasses.field(
-        default=None, metadata={"help": "AWS region; unset means the AWS chain's default."}
+    region_name: str | None = setting(None, help="AWS region; unset means the AWS chain's default.", config=None)
+    max_in_flight: int = setting(
+        64,
+        help="S3 requests in flight at once, per run: shared by the partitions it works at once (partitions_at_once).",
+        config=None,
     )
-    max_in_flight: int = dataclasses.field(
-        default=64,
-        metadata={
-            "help": "S3 requests in flight at once, per run: shared by the partitions it works at once "
-            "(partitions_at_once)."
-        },
-    )
-    max_retries: int = dataclasses.field(
-        default=3, metadata={"help": "Retries of a throttled, 5xx or network-failed request."}
-    )
+    max_retries: int = setting(3, help="Retries of a throttled, 5xx or network-failed request.", config=None)
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 20.0
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,11 +367,11 @@ class ObjectStore:
                 self._head_object = functools.partial(self._client.head_object, Bucket=self.settings.bucket)
                 return
             credentials = _shared_session().get_credentials()  # the client's own: one botocore session
-            connection = dict(
-                connect_timeout_s=self.settings.connect_timeout_s,
-                read_timeout_s=self.settings.read_timeout_s,
-                verify=_tls_verification(),
-            )
+            connection = {
+                "connect_timeout_s": self.settings.connect_timeout_s,
+                "read_timeout_s": self.settings.read_timeout_s,
+                "verify": _tls_verification(),
+            }
             self._signed_listing = SignedListing(target, credentials, **connection)
             self._signed_head = SignedHead(
                 target, credentials, max_connections=self.settings.max_in_flight, **connection
@@ -466,7 +459,9 @@ class ObjectStore:
                 advice=_NOT_ALLOWED,
             )
         return HeadOutcome(
-            key, failure=f"S3 refused the HEAD with {code} (a HEAD answer names no reason)", retries=retries,
+            key,
+            failure=f"S3 refused the HEAD with {code} (a HEAD answer names no reason)",
+            retries=retries,
             throttled=throttled,
         )
 

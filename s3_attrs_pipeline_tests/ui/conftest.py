@@ -7,7 +7,6 @@ only under `make test-ui`, which installs both and sets S3_ATTRS_UI_TESTS=1.
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import dagster as dg
 import pytest
 from dagster._daemon.controller import all_daemons_live
 
+from s3_attrs_pipeline.local import s3_server
 from s3_attrs_pipeline_tests.conftest import REPO_ROOT
 from s3_attrs_pipeline_tests.helpers import start_fast_daemon, start_process, stop_process
 
@@ -25,16 +25,16 @@ if os.environ.get("S3_ATTRS_UI_TESTS") != "1":
 
 CHROMIUM = os.environ.get("S3_ATTRS_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 SCREENSHOT_DIR = REPO_ROOT / ".ui-screenshots"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _answers(url: str) -> bool:
@@ -79,7 +79,7 @@ def daemon(services, dagster_home):
 @pytest.fixture
 def webserver(services, dagster_home) -> str:
     """The URL of `dagster-webserver -w workspace.yaml` on a free port, once it answers."""
-    port = _free_port()
+    port = s3_server.free_port()
     webserver_bin = pathlib.Path(sys.executable).with_name("dagster-webserver")
     process = start_process(
         [str(webserver_bin), "-w", str(REPO_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],

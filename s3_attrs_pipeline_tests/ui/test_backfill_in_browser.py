@@ -12,15 +12,18 @@ import re
 import shutil
 
 import dagster as dg
+import pytest
 from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES, BulkActionStatus
 from dagster._core.nux import get_has_seen_nux
 from dagster._core.storage.tags import BACKFILL_ID_TAG
 
 from s3_attrs_pipeline.defs.partitions import RANGE_END_TAG, RANGE_START_TAG
-from s3_attrs_pipeline.instant import progress
+from s3_attrs_pipeline.instant import progress_rows
 from s3_attrs_pipeline.instant.file_attrs import HASH
-from s3_attrs_pipeline_tests.helpers import new_attr_triples, wait_for
+from s3_attrs_pipeline_tests.helpers import new_attr_triples, partitions_of, wait_for
 from s3_attrs_pipeline_tests.ui.conftest import SCREENSHOT_DIR
+
+pytestmark = pytest.mark.ui
 
 FILES = dg.AssetKey("files_s3_attrs")
 SHOWN_COUNTS = ("processed", "successful", "missing", "failed", "already_populated")
@@ -67,7 +70,7 @@ def test_operator_launches_a_backfill_in_the_ui_and_reads_the_counts(
 ):
     from playwright.sync_api import expect
 
-    partitions = sorted({f.app_id.hex[:2] for f in seeded_files})[:3]
+    partitions = partitions_of(seeded_files)[:3]
     # The partition whose metadata the test reads: the one with the most objects missing in S3.
     shown_key = max(partitions, key=lambda key: _expected_counts(seeded_files, key)["missing"])
     expected = _expected_counts(seeded_files, shown_key)
@@ -110,8 +113,10 @@ def test_operator_launches_a_backfill_in_the_ui_and_reads_the_counts(
         runs = instance.get_runs(filters=dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
         # A run per range of neighbouring keys selected (the asset's backfill policy is a single run).
         spans = {
-            (run.tags.get(RANGE_START_TAG, run.tags.get("dagster/partition")),
-             run.tags.get(RANGE_END_TAG, run.tags.get("dagster/partition"))): run.status
+            (
+                run.tags.get(RANGE_START_TAG, run.tags.get("dagster/partition")),
+                run.tags.get(RANGE_END_TAG, run.tags.get("dagster/partition")),
+            ): run.status
             for run in runs
         }
         assert spans == {(key, key): dg.DagsterRunStatus.SUCCESS for key in partitions}
@@ -139,7 +144,7 @@ def test_operator_launches_a_backfill_in_the_ui_and_reads_the_counts(
     shown = _metadata_shown(page)
     screenshot = _screenshot(page, tmp_path, f"03-partition-{shown_key}-metadata.png")
 
-    state = progress.read_progress(conn)["partitions"][shown_key]
+    state = progress_rows.read_progress(conn)["partitions"][shown_key]
     in_progress_row = {name: state[name.replace("_", "-")] for name in SHOWN_COUNTS}
     triples = new_attr_triples(conn)
     with_hash = sum(HASH.attr_id in attrs for (app_id, _), attrs in triples.items() if app_id.hex.startswith(shown_key))

@@ -1,0 +1,339 @@
+"""`s3-attrs`: the operator's command line for the backfill. The options of `run` and `refresh` are
+made from the settings' declarations (settings.py), as the runs' Dagster config is."""
+
+import argparse
+import enum
+import json
+import sys
+from collections.abc import Mapping
+
+import psycopg
+
+from s3_attrs_pipeline import deployment, environment
+from s3_attrs_pipeline.counts import FileCounts, RefreshCounts
+from s3_attrs_pipeline.instant import progress_rows, writes
+from s3_attrs_pipeline.instant.catalog import CatalogMismatch
+from s3_attrs_pipeline.instant.connection import DatabaseUrlError, connect, validate_database_url
+from s3_attrs_pipeline.instant.replication import ReplicationLimits
+from s3_attrs_pipeline.runs.range_run import RangeSettings
+from s3_attrs_pipeline.s3.store import validate_bucket_name
+from s3_attrs_pipeline.settings import Declared, declared
+from s3_attrs_pipeline.tasks.task import TaskSettings, first_line
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # as a shell reports a command Ctrl-C ended
+SUMMARY_COUNTS = (
+    "processed",
+    "successful",
+    "missing",
+    "failed",
+    "invalid_location_id",
+    "malformed_object_metadata",
+    "already_populated",
+    "s3_retries",
+    "s3_throttled",
+)
+REFRESH_SUMMARY_COUNTS = ("checked", "unchanged", "refreshed", "missing", "failed", "s3_retries", "s3_throttled")
+
+
+class SetupError(Exception):
+    """The environment does not say where the database or bucket is."""
+
+
+# The settings `run` and `refresh` take options for: those of a run's Dagster config.
+RUN_SETTINGS = (TaskSettings, RangeSettings, ReplicationLimits)
+
+
+def _database_url(environ: Mapping[str, str]) -> str:
+    try:
+        return validate_database_url(environ.get(environment.DATABASE_URL))
+    except DatabaseUrlError as error:
+        raise SetupError(str(error)) from None
+
+
+def _check_bucket_env(environ: Mapping[str, str]) -> None:
+    try:
+        validate_bucket_name(environ.get(environment.BUCKET))
+    except ValueError as error:
+        raise SetupError(str(error)) from None
+
+
+def _confirm(question: str, assume_yes: bool) -> bool:
+    if assume_yes:
+        return True
+    if not sys.stdin.isatty():
+        print(f"{question} Refusing without a terminal to ask on; pass --yes.", file=sys.stderr)
+        return False
+    return input(f"{question} Type 'yes' to go on: ").strip().lower() == "yes"
+
+
+def print_stats(as_json: bool) -> None:
+    with connect(_database_url(environment.read())) as conn:
+        stats = progress_rows.migration_stats(conn)
+    if as_json:
+        print(json.dumps(stats))
+        return
+    for name in progress_rows.STATS_ORDER:
+        print(f"{name:>32}: {stats[name]}")
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    print_stats(args.json)
+    return 0
+
+
+def _partition_keys(args: argparse.Namespace, environ: Mapping[str, str]) -> list[str]:
+    """--partition's keys, checked, or every key: a run's plan finds those with work itself."""
+    try:
+        shape = deployment.current(environ)
+    except ValueError as error:
+        raise SetupError(str(error)) from None
+    unknown = sorted(set(args.partition or []) - set(shape.partition_keys))
+    if unknown:
+        raise SetupError(f"unknown partition keys {', '.join(unknown)} (keys are {shape.partition_width} hex digits)")
+    return args.partition or shape.partition_keys
+
+
+def _given(args: argparse.Namespace) -> dict:
+    """The run settings given as options, by their config names; SetupError naming an option whose value
+    is not one."""
+    given = {}
+    for settings_class in RUN_SETTINGS:
+        for setting in declared(settings_class):
+            value = getattr(args, setting.name, None) if setting.cli else None
+            if value is None:
+                continue
+            try:
+                given[setting.given_as] = setting.coerce(value, setting.cli)
+            except ValueError as error:
+                raise SetupError(str(error)) from None
+    return given
+
+
+def _materialize(args: argparse.Namespace, asset_name: str, counts_type, summary: tuple) -> int:
+    """Materialize `asset_name`'s partitions: one run per range of neighbouring keys asked for (one run
+    for all of them by default), a progress display while they run, then the summary; the exit status."""
+    from s3_attrs_pipeline.cli import dagster_runs
+    from s3_attrs_pipeline.cli.display import ProgressDisplay
+    from s3_attrs_pipeline.defs.config import RunConfig
+
+    environ = environment.read()
+    keys = _partition_keys(args, environ)
+    config = RunConfig(
+        **{name: value.value if isinstance(value, enum.Enum) else value for name, value in _given(args).items()}
+    )
+    try:
+        _, range_settings = config.settings(environ, len(keys))
+    except ValueError as error:
+        raise SetupError(str(error)) from None
+    display = ProgressDisplay(
+        sys.stdout, counts_type, summary, live=sys.stdout.isatty(), quiet=args.quiet, verbose=args.verbose
+    )
+    run_errors = []
+    interrupted = False
+    instance = dagster_runs.dagster_instance(environ)
+    ranges = dagster_runs.contiguous_ranges(keys)
+    for number, partition_range in enumerate(ranges, 1):
+        failed_before = len(display.failed)
+        run = dagster_runs.materialize_range(
+            instance,
+            partition_range,
+            environ,
+            config=config,
+            asset_name=asset_name,
+            listener=display,
+            log_level="INFO" if args.verbose else "CRITICAL",
+            tags={"s3-attrs/launched-by": "cli"},
+        )
+        if run.interrupted:
+            interrupted = True
+            run_errors.append(
+                f"run {run.run_id} was interrupted: the partitions it was working stopped within a batch and are "
+                "worked again by the next run"
+                + (f"; {len(ranges) - number} runs not launched" if number < len(ranges) else "")
+            )
+            break
+        if not run.success and len(display.failed) == failed_before:  # it failed before any partition did
+            run_errors.append(f"run {run.run_id}: {run.error}")
+        stopped = display.stopped_by()
+        if stopped is not None and number < len(ranges):
+            # Credentials, the bucket, the catalog or the failure threshold: the next run would meet it too.
+            run_errors.append(f"stopped launching runs ({len(ranges) - number} not launched): {stopped}")
+            break
+    print(display.finish(run_errors, range_settings))
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if display.failed or run_errors else 0
+
+
+def _check_run_settings(args: argparse.Namespace) -> None:
+    """Before any run: the database and the bucket named (the settings are checked as the runs are made)."""
+    environ = environment.read()
+    _database_url(environ)
+    _check_bucket_env(environ)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _check_run_settings(args)
+    return _materialize(args, "files_s3_attrs", FileCounts, SUMMARY_COUNTS)
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    _check_run_settings(args)
+    return _materialize(args, "files_s3_attrs_refresh", RefreshCounts, REFRESH_SUMMARY_COUNTS)
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    url = _database_url(environment.read())
+    rows = f"config rows {progress_rows.PROGRESS_CONFIG_KEY!r} and {progress_rows.PARTITION_PROGRESS_KEY_PREFIX}*"
+    if not _confirm(f"Clear the progress state ({rows})?", args.yes):
+        return EXIT_FAILED
+    with connect(url) as conn:
+        progress_rows.reset_progress(conn)
+    print("progress state cleared")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    url = _database_url(environment.read())
+    if not _confirm(
+        "Delete every $files.hash and $files.lastModified triple in every app, and the progress state?", args.yes
+    ):
+        return EXIT_FAILED
+    with connect(url) as conn:
+        deleted = writes.delete_new_attr_triples(conn)
+        progress_rows.reset_progress(conn)
+    print(f"deleted {deleted} hash and lastModified triples; progress state cleared")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from s3_attrs_pipeline.local import demo
+
+    root = demo.demo_dir(environment.read())
+    if args.stop:
+        demo.stop_services(root)
+        return 0
+    services = demo.start_services(root)
+    print(f"services ready; `source {root / 'env'}` to use them from a shell")
+    status = 0
+    if services.reuploaded:
+        print(
+            "the S3 server started afresh and its objects were uploaded again, with new Last-Modified times: "
+            "the refresh rewrites the values they changed"
+        )
+        status = main(["refresh"])
+    if args.services_only or status != 0:
+        return status
+    status = main(["run"])
+    main(["stats"])
+    if status == 0:
+        status = _verify()
+    return status
+
+
+def _verify() -> int:
+    from s3_attrs_pipeline.cli import dagster_runs
+
+    environ = environment.read()
+    passed = dagster_runs.verify(dagster_runs.dagster_instance(environ), environ)
+    print(
+        "checks of files_s3_attrs: "
+        + ", ".join(f"{name} {'passed' if ok else 'FAILED'}" for name, ok in passed.items())
+    )
+    return 0 if passed and all(passed.values()) else EXIT_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="s3-attrs",
+        description="Backfill InstantDB's $files hash and lastModified from S3. "
+        "Reads INSTANT_DATABASE_URL, INSTANT_S3_BUCKET and the standard AWS variables.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    stats = commands.add_parser("stats", help="counts from the triples and totals from the progress row")
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+    stats.set_defaults(handler=cmd_stats)
+
+    for name, handler, text in (
+        ("run", cmd_run, "backfill: one Dagster run over the partitions, working those with files to do"),
+        (
+            "refresh",
+            cmd_refresh,
+            "rewrite hash and lastModified where the file's object changed since (one run "
+            "over the partitions, working those with values)",
+        ),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--partition", action="append", metavar="KEY", help="a partition key, e.g. 3f; repeatable")
+        for settings_class in RUN_SETTINGS:
+            for setting in declared(settings_class):
+                if setting.cli:
+                    _add_option(command, setting)
+        output = command.add_mutually_exclusive_group()
+        output.add_argument("--quiet", action="store_true", help="no progress display: failures and the summary")
+        output.add_argument(
+            "--verbose", action="store_true", help="also the run's log on stderr, with every problem file it names"
+        )
+        command.set_defaults(handler=handler)
+
+    for name, handler, text in (
+        ("reset", cmd_reset, "clear the progress state in the config row"),
+        ("rollback", cmd_rollback, "delete every hash and lastModified triple and clear the progress state"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+        command.set_defaults(handler=handler)
+
+    demo = commands.add_parser("demo", help="embedded PostgreSQL + local S3, seeded, backfilled, stats printed")
+    demo.add_argument("--services-only", action="store_true", help="start and seed the services, then return")
+    demo.add_argument("--stop", action="store_true", help="stop the demo's background services")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def _add_option(command: argparse.ArgumentParser, setting: Declared) -> None:
+    """The option of a declared setting: a flag for a yes/no one, else a value (checked when the run is
+    made, naming the option when it is not one)."""
+    if setting.type is bool:
+        command.add_argument(
+            setting.cli, dest=setting.name, action="store_const", const=True, default=None, help=setting.describe()
+        )
+        return
+    choices = None
+    if isinstance(setting.type, type) and issubclass(setting.type, enum.Enum):
+        choices = [str(member.value) for member in setting.type]
+    command.add_argument(
+        setting.cli,
+        dest=setting.name,
+        default=None,
+        choices=choices,
+        metavar=None if choices else "VALUE",
+        help=setting.describe(),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:  # between runs, or before one began: nothing was being written
+        print("s3-attrs: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SetupError as error:
+        print(f"s3-attrs: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except psycopg.OperationalError as error:
+        print(f"s3-attrs: cannot reach the InstantDB database: {first_line(error)}", file=sys.stderr)
+        return EXIT_FAILED
+    except psycopg.errors.InsufficientPrivilege as error:
+        print(
+            f"s3-attrs: the database role lacks a privilege: {first_line(error)} (see docs/postgres-grants.sql)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    except CatalogMismatch as error:
+        print(f"s3-attrs: {error}", file=sys.stderr)
+        return EXIT_FAILED
