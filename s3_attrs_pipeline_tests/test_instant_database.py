@@ -293,10 +293,14 @@ def _plan(conn, query, params) -> str:
     return "\n".join(reads.explain_preferring_indexes(conn, query, params))
 
 
+def _big_app_of(partition_key: str) -> uuid.UUID:
+    return uuid.UUID(partition_key + "ffffff-0000-4000-8000-000000000001"[len(partition_key) - 2 :])
+
+
 def _add_a_big_app(conn, partition_key: str, files: int) -> None:
     """An app of `files` location-ids in the partition: it is then big enough for the planner to
     weigh an index range against a scan and a sort, as it does in production."""
-    big_app = uuid.UUID(partition_key + "ffffff-0000-4000-8000-000000000001"[len(partition_key) - 2 :])
+    big_app = _big_app_of(partition_key)
     conn.execute("INSERT INTO apps (id, creator_id, title) SELECT %s, creator_id, 'big' FROM apps LIMIT 1", (big_app,))
     conn.execute(
         """INSERT INTO triples (app_id, entity_id, attr_id, value, value_md5, ea, eav, av, ave, vae, checked_data_type)
@@ -584,3 +588,82 @@ def test_a_write_meeting_a_delete_of_several_files_in_progress_waits_for_nothing
         writing.join(30)
     assert errors == [] and outcomes == [writes.WriteOutcome(written=0, already_populated=0, vanished=2)]
     assert reads.orphaned_values_by_partition(conn, 2) == {}
+
+
+def _statistics_from_before_the_backfill(conn, partition_key: str) -> uuid.UUID:
+    """A world whose statistics were taken before the backfill, as within a run: thousands of small
+    apps (the planner then expects few triples of any one app) and a big app of 20,000 files without
+    `hash` when ANALYZE ran; half of the big app's files have gained `hash` since. The big app's id."""
+    conn.execute("ALTER TABLE triples SET (autovacuum_enabled = false)")
+    conn.execute(
+        "INSERT INTO apps (id, creator_id, title) SELECT gen_random_uuid(), creator_id, 'small' "
+        "FROM (SELECT creator_id FROM apps LIMIT 1) a, generate_series(1, 5000)"
+    )
+    conn.execute(
+        """INSERT INTO triples (app_id, entity_id, attr_id, value, value_md5, ea, eav, av, ave, vae, checked_data_type)
+           SELECT a.id, e, %(attr)s, to_jsonb(e::text), md5(to_jsonb(e::text)::text), true, false, true, true, false,
+                  'string'
+           FROM apps a, LATERAL (SELECT gen_random_uuid() AS e FROM generate_series(1, 3)) f WHERE a.title = 'small'""",
+        {"attr": LOCATION_ID.attr_id},
+    )
+    _add_a_big_app(conn, partition_key, 20_000)  # and ANALYZE
+    catalog.ensure_file_attrs(conn)
+    conn.execute(
+        """INSERT INTO triples (app_id, entity_id, attr_id, value, value_md5, ea, eav, av, ave, vae, checked_data_type)
+           SELECT app_id, entity_id, %(hash)s, v, md5(v::text), true, false, false, true, false, 'string'
+           FROM triples, LATERAL (SELECT to_jsonb(md5(entity_id::text)) AS v) hash
+           WHERE app_id = %(app)s AND attr_id = %(location)s AND entity_id::text < '8'""",
+        {"hash": HASH.attr_id, "location": LOCATION_ID.attr_id, "app": _big_app_of(partition_key)},
+    )
+    return _big_app_of(partition_key)
+
+
+def _analyzed(conn, query: sql.Composable, params: dict) -> dict:
+    return conn.execute(sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ") + query, params, prepare=False).fetchone()[
+        0
+    ][0]["Plan"]
+
+
+def _buffers(node: dict) -> int:
+    return node["Shared Hit Blocks"] + node["Shared Read Blocks"]
+
+
+def _plan_nodes(node: dict) -> list[dict]:
+    return [node, *(found for child in node.get("Plans", []) for found in _plan_nodes(child))]
+
+
+@BOTH_SCHEMAS
+def test_a_page_probes_each_file_for_hash_through_its_own_entries(conn, seeded_files, instant_schema):
+    # Each probe for `hash` reads one file's entries, not the app's every `hash` triple.
+    partition = AppIdRange.for_partition(partition_of(seeded_files[0]))
+    big_app = _statistics_from_before_the_backfill(conn, partition.key)
+    page = {
+        "location_attr": LOCATION_ID.attr_id,
+        "hash_attr": HASH.attr_id,
+        "first_app": big_app,
+        "last_app": partition.last,
+        "limit": 50,
+    }
+    plan = _analyzed(conn, reads._FIRST_PAGE, page)
+    assert plan["Actual Rows"] == 50
+    probes = [node for node in _plan_nodes(plan) if node.get("Subplan Name")]
+    assert len(probes) == 1 and probes[0]["Actual Loops"] == 50, probes
+    assert _buffers(probes[0]) <= 12 * 50, f"the probes for `hash` read {_buffers(probes[0])} buffers for 50 files"
+
+
+@BOTH_SCHEMAS
+def test_a_listed_page_probes_each_listed_key_alone(conn, seeded_files, instant_schema):
+    # A page of 1,000 listed keys finds each key's file with a probe of its own, not by comparing
+    # every key with every file of the app.
+    partition = AppIdRange.for_partition(partition_of(seeded_files[0]))
+    big_app = _statistics_from_before_the_backfill(conn, partition.key)
+    locations = [
+        row[0]
+        for row in conn.execute(
+            "SELECT value #>> '{}' FROM triples WHERE app_id = %s AND attr_id = %s AND ea ORDER BY value LIMIT 1000",
+            (big_app, LOCATION_ID.attr_id),
+        )
+    ]
+    listed = writes.ListedAttrs.of(big_app, [(location, "abc", 1) for location in locations])
+    plan = _analyzed(conn, writes.LISTED_LOCATED, listed.params)
+    assert _buffers(plan) <= 12 * len(locations) + 64, f"{_buffers(plan)} buffers for {len(locations)} listed keys"

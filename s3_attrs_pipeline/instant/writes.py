@@ -133,17 +133,22 @@ WHERE l.attr_id = %(location_attr)s AND l.ea
 """
 
 # One page of an app's listing, as values by location-id, joined to the app's files at those
-# locations inside the statement that writes them (one `ave` probe per listed key). The join is the
-# check that each file still has that location.
+# locations inside the statement that writes them: one `ave` probe per listed key (`{lock}` in it).
+# The join is the check that each file still has that location. OFFSET 0 keeps the probe a subquery
+# of its own: flattened into a join, the planner (which expects few of the app's files to lack
+# `hash`) compares every listed key with every file of the app, 1,000 x the app's files a page.
 _LISTED_AT = """
 SELECT l.app_id, l.entity_id, f.hash_value, f.hash_md5, f.last_modified_value, f.last_modified_md5
 FROM unnest(%(location_values)s::jsonb[], %(hash_values)s::jsonb[], %(hash_md5s)s::text[],
             %(last_modified_values)s::jsonb[], %(last_modified_md5s)s::text[])
      AS f(location_value, hash_value, hash_md5, last_modified_value, last_modified_md5)
-JOIN triples l ON l.app_id = %(app_id)s AND l.attr_id = %(location_attr)s AND l.ave AND l.ea
-              AND l.value = f.location_value"""
+CROSS JOIN LATERAL (
+  SELECT l.app_id, l.entity_id FROM triples l
+  WHERE l.app_id = %(app_id)s AND l.attr_id = %(location_attr)s AND l.ave AND l.ea AND l.value = f.location_value
+  OFFSET 0{lock}
+) l"""
 # The listing strategy's write: those of the files that lack `hash`.
-_LISTED_LOCATED = sql.SQL(_LISTED_AT + "\nWHERE {lacks_hash}{lock}")
+_LISTED_LOCATED = sql.SQL(_LISTED_AT + "\nWHERE {lacks_hash}")
 LISTED_LOCATED = _LISTED_LOCATED.format(lacks_hash=LACKS_HASH, lock=_NO_LOCK)  # the join, as EXPLAIN shows it
 _INSERT_LISTED_TRIPLES = _insert_from(_LISTED_LOCATED, lacks_hash=LACKS_HASH)
 
@@ -316,7 +321,7 @@ def _refresh_from(located: sql.SQL) -> _Statements:
 
 _REFRESH_HEADED = _refresh_from(_HEADED_LOCATED)
 # The refresh compares every file at the listed locations, whatever its values.
-_REFRESH_LISTED = _refresh_from(sql.SQL(_LISTED_AT + "{lock}"))
+_REFRESH_LISTED = _refresh_from(sql.SQL(_LISTED_AT))
 
 
 @dataclasses.dataclass(frozen=True)
