@@ -21,13 +21,14 @@ from psycopg import sql
 
 from s3_attrs_pipeline import cli
 from s3_attrs_pipeline.cli import dagster_runs
-from s3_attrs_pipeline.instant import connection, replication
+from s3_attrs_pipeline.instant import connection, replication, writes
 from s3_attrs_pipeline.instant.replication import ReplicationGate, ReplicationLimits
 from s3_attrs_pipeline.local import postgres, seed
 from s3_attrs_pipeline.runs import range_run
 from s3_attrs_pipeline.s3.store import ObjectStore, S3Settings
 from s3_attrs_pipeline.settings import resolve
 from s3_attrs_pipeline.tasks import backfill, refresh
+from s3_attrs_pipeline.tasks.control import RunControl
 from s3_attrs_pipeline.tasks.task import TaskSettings
 from s3_attrs_pipeline_tests.conftest import REPO_ROOT
 from s3_attrs_pipeline_tests.helpers import head_values, new_attr_triples, partition_of, partitions_of
@@ -44,7 +45,7 @@ THREE_APPS = seed.DatasetSpec(
 # WAL page; autovacuum, which writes more, is off on this server.
 SERVER_OWN_WAL = 8192
 # Waits short enough for a test.
-FAST_POLLS = {"poll_initial_s": 0.05, "poll_max_s": 0.2}
+FAST_POLLS = {"poll_initial_s": 0.05, "poll_max_s": 0.2, "check_interval_ms": 0}
 _counter = itertools.count()
 
 
@@ -247,8 +248,8 @@ def _assert_every_file_right(conn, s3_client, bucket, files) -> None:
 @pytest.fixture
 def wal_at_writes(logical_conn):
     """Notes, in each write transaction of the pipeline, how far the slot lagged the WAL inserted when its
-    first INSERT into triples began (before it wrote anything), and where the WAL was when it last
-    wrote its progress rows (its last statement before the commit)."""
+    first INSERT into triples began (before it wrote any triple), and where the WAL was after its last
+    INSERT into triples and after it wrote its progress rows (when it does, its last statement)."""
     logical_conn.execute("""
         CREATE TABLE wal_at_write (txid bigint, event text, lag bigint, lsn pg_lsn);
         CREATE FUNCTION note_wal() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -262,7 +263,9 @@ def wal_at_writes(logical_conn):
         END $$;
         CREATE TRIGGER note_write_start BEFORE INSERT ON triples
           FOR EACH STATEMENT EXECUTE FUNCTION note_wal('start');
-        CREATE TRIGGER note_write_end AFTER INSERT OR UPDATE ON config
+        CREATE TRIGGER note_write_end AFTER INSERT ON triples
+          FOR EACH STATEMENT EXECUTE FUNCTION note_wal('end');
+        CREATE TRIGGER note_progress_end AFTER INSERT OR UPDATE ON config
           FOR EACH STATEMENT EXECUTE FUNCTION note_wal('end');
     """)
     return logical_conn
@@ -270,8 +273,8 @@ def wal_at_writes(logical_conn):
 
 def _write_transactions(conn) -> tuple[list[int], int]:
     """The slot's lag as each write transaction began to write, and the most WAL one transaction wrote
-    (from its first INSERT to its last progress row: with other transactions' WAL in between, if any,
-    so no less than its own)."""
+    (from its first INSERT into triples to the end of its last write: with other transactions' WAL in
+    between, if any, so no less than its own)."""
     rows = conn.execute("""
         SELECT (array_agg(lag ORDER BY lsn) FILTER (WHERE event = 'start'))[1],
                pg_wal_lsn_diff(max(lsn) FILTER (WHERE event = 'end'), min(lsn) FILTER (WHERE event = 'start'))
@@ -587,13 +590,35 @@ def test_the_check_costs_one_query_when_nothing_lags(logical_conn, slot, monkeyp
     queries = []
     measure = replication.measure_replication_lag
     monkeypatch.setattr(replication, "measure_replication_lag", lambda *a, **k: queries.append(1) or measure(*a, **k))
-    gate = ReplicationGate(ReplicationLimits(), RecordingLog())
+    gate = ReplicationGate(ReplicationLimits(check_interval_ms=0), RecordingLog())
     started = time.perf_counter()
     for _ in range(200):
         gate.before_write(logical_conn)
     per_check_ms = (time.perf_counter() - started) / 200 * 1000
     assert len(queries) == 200 and gate.waited_s == 0
     assert per_check_ms < 5, f"{per_check_ms:.2f} ms a check"
+
+
+def test_a_run_measures_replication_once_an_interval_not_before_every_write(
+    logical_db, logical_conn, s3_endpoint, bucket, one_app, slot
+):
+    key, files = one_app
+    measured = {}
+    for interval_ms in (0, 600_000):  # no run of this test lasts ten minutes
+        writes.delete_new_attr_triples(logical_conn)
+        limits = ReplicationLimits(max_lag_mb=64, check_interval_ms=interval_ms)
+        settings, log = TaskSettings(batch_size=20, replication=limits), RecordingLog()
+        control = RunControl(limits, log)
+        with (
+            connection.connect(logical_db) as conn,
+            ObjectStore(S3Settings(bucket, endpoint_url=s3_endpoint)) as store,
+        ):
+            report = backfill.backfill_partition(conn, store, key, settings, log, control=control)
+        assert report.counts.successful == sum(f.in_s3 for f in files)
+        measured[interval_ms] = (control.replication.measurements, report.counts.batches)
+    measurements, batches = measured[0]
+    assert batches >= 10 and measurements >= batches  # each write transaction, and the partition's end
+    assert measured[600_000][0] == 1
 
 
 @pytest.mark.parametrize(

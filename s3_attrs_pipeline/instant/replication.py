@@ -27,6 +27,7 @@ MAX_LAG_MB_ENV = "S3_ATTRS_MAX_REPLICATION_LAG_MB"
 MAX_REPLAY_LAG_S_ENV = "S3_ATTRS_MAX_REPLAY_LAG_S"
 WATCH_SLOTS_ENV = "S3_ATTRS_REPLICATION_WATCH_SLOTS"
 IGNORE_SLOTS_ENV = "S3_ATTRS_REPLICATION_IGNORE_SLOTS"
+CHECK_INTERVAL_MS_ENV = "S3_ATTRS_REPLICATION_CHECK_INTERVAL_MS"
 
 _BYTES_PER_MB = 1024 * 1024  # PostgreSQL's MB
 
@@ -72,6 +73,15 @@ class ReplicationLimits:
         env=IGNORE_SLOTS_ENV,
         config="replication_ignore_slots",
     )
+    check_interval_ms: int = setting(
+        1000,
+        help="Measure replication at most this often per run: write transactions within this many ms of a "
+        "measurement that found it keeping up write without asking again. A slot may then lag up to the WAL "
+        "written in one interval past max_replication_lag_mb (at most ~18 MB a second on 2 CPUs); 0 measures "
+        "before every write transaction.",
+        env=CHECK_INTERVAL_MS_ENV,
+        config="replication_check_interval_ms",
+    )
     poll_initial_s: float = 1.0  # the first wait before measuring again; it doubles up to poll_max_s
     poll_max_s: float = 30.0
 
@@ -79,6 +89,8 @@ class ReplicationLimits:
         for name in ("max_lag_mb", "max_replay_lag_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (not watched) or more, not {getattr(self, name)}")
+        if self.check_interval_ms < 0:
+            raise ValueError(f"check_interval_ms must be 0 (before every write) or more, not {self.check_interval_ms}")
         if not 0 < self.poll_initial_s <= self.poll_max_s:
             raise ValueError(
                 f"poll_initial_s ({self.poll_initial_s}) must be above 0 and at most poll_max_s ({self.poll_max_s})"
@@ -152,9 +164,11 @@ class ReplicationGate:
 
     One gate serves a whole run. It measures on the connection of the partition asking (outside any
     transaction), one partition at a time: while one waits for replication, the others queue behind
-    it rather than each polling the server, and what it cannot see is warned of once per run. So a
-    slot lags at most the limit plus one write transaction per partition worked at once: each
-    began after a measurement that found the lag within the limit.
+    it rather than each polling the server, and what it cannot see is warned of once per run. A
+    measurement that finds replication keeping up lets every write transaction of the next
+    `check_interval_ms` go without one. So a slot lags at most the limit, plus the WAL the run writes
+    in one interval, plus one write transaction per partition worked at once: each began within an
+    interval of a measurement that found the lag within the limit.
 
     `sleep(seconds)` is how the gate waits between measurements: the run's, which ends the wait
     (raising) when the run is told to stop. `on_waiting(text)` hears what it waits for as the wait
@@ -178,6 +192,9 @@ class ReplicationGate:
         self._watch_slots = limits.max_lag_mb > 0
         self._watch_replicas = limits.max_replay_lag_s > 0
         self._waits = 0  # wait episodes so far: a caller that queued behind one waited too
+        self._interval_s = limits.check_interval_ms / 1000
+        self._kept_up_at = -float("inf")  # when a measurement last found replication keeping up
+        self.measurements = 0
         self.waited_s = 0.0  # wall time the run spent waiting, however many partitions waited
 
     def before_write(self, conn: psycopg.Connection) -> float:
@@ -185,15 +202,20 @@ class ReplicationGate:
         Outside any transaction: a wait must hold no snapshot."""
         if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             raise RuntimeError("the replication gate is passed outside transactions: a wait would hold a snapshot")
-        if not (self._watch_slots or self._watch_replicas):
+        if not (self._watch_slots or self._watch_replicas) or self._kept_up():
             return 0.0
         asked = time.monotonic()
         waits_before = self._waits
         with self._lock:
-            behind = self._behind(conn)
-            if behind:
-                self._wait(conn, behind)
+            if not self._kept_up():  # else another caller measured while this one queued
+                behind = self._behind(conn)
+                if behind:
+                    self._wait(conn, behind)
+                self._kept_up_at = time.monotonic()
         return time.monotonic() - asked if self._waits != waits_before else 0.0
+
+    def _kept_up(self) -> bool:
+        return time.monotonic() - self._kept_up_at < self._interval_s
 
     def _wait(self, conn: psycopg.Connection, behind: list[str]) -> None:
         self._waits += 1
@@ -223,6 +245,7 @@ class ReplicationGate:
         """What lags past its limit, in words; empty when nothing does (or nothing can be watched)."""
         if not (self._watch_slots or self._watch_replicas):
             return []
+        self.measurements += 1
         try:
             slots, replicas = measure_replication_lag(
                 conn, self._limits, slots=self._watch_slots, replicas=self._watch_replicas
