@@ -60,9 +60,10 @@ def _assert_partition_right(conn, s3_client, bucket, files):
 
 
 def _assert_totals_match_triples(conn, files):
-    """The config row's total-successful is exactly the triples the pipeline wrote."""
+    """The totals' total-successful is exactly the triples the pipeline wrote."""
     written = len(new_attr_triples(conn)) - sum(f.prepopulated for f in files)
     assert progress_rows.read_progress(conn)["total-successful"] == written
+    _assert_totals_row_agrees(conn)
 
 
 def test_a_503_storm_slows_the_requests_and_the_run_completes(conn, s3_endpoint, s3_client, bucket, seeded_files):
@@ -258,11 +259,11 @@ def test_a_dropped_database_connection_fails_cleanly_and_a_rerun_finishes(
     assert len(errors) == 1, "the run did not fail on losing its connection"
     partial = new_attr_triples(conn)
     assert all(len(attrs) == 2 for attrs in partial.values())
-    _assert_totals_match_triples(conn, seeded_files)
+    before = _assert_no_count_without_its_triples(conn, seeded_files)
 
-    _run(conn, s3_endpoint, bucket, key)
+    report, _ = _run(conn, s3_endpoint, bucket, key)
     _assert_partition_right(conn, s3_client, bucket, files)
-    _assert_totals_match_triples(conn, seeded_files)
+    _assert_rerun_counted_its_own(conn, seeded_files, before, report)
 
 
 @pytest.mark.daemon
@@ -299,12 +300,44 @@ def test_kill_9_mid_partition_then_rerun(conn, s3_endpoint, s3_client, bucket, s
     partial = new_attr_triples(conn)
     assert prepopulated < len(partial) < prepopulated + sum(f.in_s3 and not f.prepopulated for f in files)
     assert all(len(attrs) == 2 for attrs in partial.values())
-    _assert_totals_match_triples(conn, seeded_files)
+    assert progress_rows.read_progress(conn)["partitions"][key]["status"] == "running"
+    before = _assert_no_count_without_its_triples(conn, seeded_files)
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    _run(conn, s3_endpoint, bucket, key)
+    report, _ = _run(conn, s3_endpoint, bucket, key)
     _assert_partition_right(conn, s3_client, bucket, files)
-    _assert_totals_match_triples(conn, seeded_files)
+    _assert_rerun_counted_its_own(conn, seeded_files, before, report)
+
+
+def _assert_no_count_without_its_triples(conn, files) -> tuple[int, int]:
+    """After a run died: the partition's row is written at most once a second, so the batches of the
+    run's last second are in the triples and not yet in the counts; no count is of a file not written.
+    (files written, files counted) so far."""
+    written = len(new_attr_triples(conn)) - sum(f.prepopulated for f in files)
+    counted = progress_rows.read_progress(conn)["total-successful"]
+    assert 0 < counted <= written
+    return written, counted
+
+
+def _assert_rerun_counted_its_own(conn, files, before: tuple[int, int], rerun):
+    """The rerun of the partition (`rerun`, its report) wrote the rest and added exactly that to the
+    totals; the files the dead run wrote uncounted it found done (already populated)."""
+    written_before, counted_before = before
+    written = len(new_attr_triples(conn)) - sum(f.prepopulated for f in files)
+    assert written == written_before + rerun.counts.successful
+    assert progress_rows.read_progress(conn)["total-successful"] == counted_before + rerun.counts.successful
+    prepopulated = sum(f.prepopulated for f in files if partition_of(f) == rerun.partition_key)
+    assert rerun.counts.already_populated == prepopulated + written_before
+    _assert_totals_row_agrees(conn)
+
+
+def _assert_totals_row_agrees(conn):
+    """The totals row, as the REPL migration's stats read it, is the sum of the partition rows."""
+    stored = progress_rows.read_totals_row(conn)
+    summed = progress_rows.read_progress(conn)
+    assert {key: stored[key] for key in progress_rows.TOTAL_KEYS} == {
+        key: summed[key] for key in progress_rows.TOTAL_KEYS
+    }
 
 
 def test_the_same_partition_twice_at_once(conn, instant_db_url, s3_endpoint, s3_client, bucket, seeded_files):

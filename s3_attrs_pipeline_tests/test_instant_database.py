@@ -8,6 +8,7 @@ import dagster as dg
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.types.json import Json
 
 from s3_attrs_pipeline.counts import FileCounts
 from s3_attrs_pipeline.instant import catalog, connection, progress_rows, reads, writes
@@ -142,37 +143,71 @@ def test_sessions_carry_timeouts(instant_db_url):
 
 
 @BOTH_SCHEMAS
-def test_progress_keeps_totals_in_one_row_and_each_partition_in_its_own(conn):
+def test_progress_is_kept_per_partition_and_the_totals_row_summed_from_it(conn):
     def config_rows() -> dict:
         return dict(conn.execute("SELECT k, v::text FROM config WHERE k LIKE 's3-attrs-%'").fetchall())
 
     progress_rows.record_progress(
         conn, "0a", "running", FileCounts(processed=5), added=FileCounts(processed=5, missing=1)
     )
-    progress_rows.record_progress(
-        conn, "0b", "completed", FileCounts(processed=2), added=FileCounts(processed=2), partition_count=2
-    )
+    progress_rows.record_progress(conn, "0b", "completed", FileCounts(processed=2), added=FileCounts(processed=2))
     before = config_rows()
+    assert progress_rows.PROGRESS_CONFIG_KEY not in before  # no batch writes the totals row
     progress_rows.record_progress(
-        conn, "0a", "completed", FileCounts(processed=8), added=FileCounts(processed=3), partition_count=2
+        conn, "0a", "completed", FileCounts(processed=8), added=FileCounts(processed=3, missing=0)
     )
+    progress_rows.record_totals(conn, partition_count=2)
     after = config_rows()
 
     assert (
         after[progress_rows.PARTITION_PROGRESS_KEY_PREFIX + "0b"]
         == before[progress_rows.PARTITION_PROGRESS_KEY_PREFIX + "0b"]
     )
-    assert "partitions" not in after[progress_rows.PROGRESS_CONFIG_KEY]
     state = progress_rows.read_progress(conn)
     assert state["total-processed"] == 10 and state["total-missing"] == 1
-    assert {key: (s["status"], s["processed"]) for key, s in state["partitions"].items()} == {
-        "0a": ("completed", 8),
-        "0b": ("completed", 2),
+    assert {key: (s["status"], s["processed"], s["total-processed"]) for key, s in state["partitions"].items()} == {
+        "0a": ("completed", 8, 8),
+        "0b": ("completed", 2, 2),
     }
     assert state["completed"] is True
+    stored = progress_rows.read_totals_row(conn)
+    assert "partitions" not in stored
+    assert {key: stored[key] for key in progress_rows.TOTAL_KEYS} == {
+        key: state[key] for key in progress_rows.TOTAL_KEYS
+    }
+    # A rerun of a partition: its row holds the latest run's counts, and the totals of every run.
+    progress_rows.record_progress(conn, "0b", "completed", FileCounts(processed=1), added=FileCounts(processed=1))
+    state = progress_rows.read_progress(conn)
+    assert state["partitions"]["0b"]["processed"] == 1 and state["total-processed"] == 11
 
     progress_rows.reset_progress(conn)
     assert config_rows() == {} and progress_rows.read_progress(conn) == {}
+
+
+@BOTH_SCHEMAS
+def test_totals_kept_by_the_earlier_version_in_the_totals_row_are_carried_over(conn):
+    """A backfill started by a version that added each batch to the totals row, finished by this one:
+    the earlier runs' totals are not in any partition row, and are kept."""
+    earlier = {"total-processed": 700, "total-successful": 690, "total-failed": 4, "total-missing": 6}
+    conn.execute(
+        "INSERT INTO config (k, v) VALUES (%s, %s)",
+        (progress_rows.PROGRESS_CONFIG_KEY, Json(earlier | {"completed": False})),
+    )
+    conn.execute(
+        "INSERT INTO config (k, v) VALUES (%s, %s)",
+        (progress_rows.PARTITION_PROGRESS_KEY_PREFIX + "0a", Json({"status": "completed", "processed": 700})),
+    )
+    assert progress_rows.read_progress(conn)["total-processed"] == 700
+    progress_rows.record_progress(
+        conn, "0b", "completed", FileCounts(processed=10, successful=10), added=FileCounts(processed=10, successful=10)
+    )
+    assert progress_rows.read_progress(conn)["total-processed"] == 710
+    for _ in range(2):  # carried over once, however often summed
+        progress_rows.record_totals(conn, partition_count=2)
+        stored = progress_rows.read_totals_row(conn)
+        assert stored["total-processed"] == 710 and stored["total-successful"] == 700
+        assert stored["total-failed"] == 4 and stored["completed"] is True
+        assert progress_rows.read_progress(conn)["total-processed"] == 710
 
 
 @BOTH_SCHEMAS

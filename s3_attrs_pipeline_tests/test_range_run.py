@@ -5,6 +5,7 @@ that stops the run; and the CLI's progress display."""
 import contextlib
 import io
 import logging
+import threading
 
 import psycopg
 import pytest
@@ -85,6 +86,37 @@ def test_the_plan_works_only_partitions_with_files_and_records_the_empty_ones(co
     assert refresh.REFRESH.plan(conn, keys).with_work == sorted(
         {partition_of(f) for f in seeded_files if f.prepopulated}
     )
+
+
+@BOTH_SCHEMAS
+def test_two_runs_on_disjoint_ranges_at_once_leave_the_totals_row_the_sum_of_the_partitions(
+    instant_db_url, conn, bucket, seeded_files, s3_endpoint
+):
+    keys = partitions_of(seeded_files)
+    halves = [keys[0::2], keys[1::2]]
+    results: list = []
+    with FaultProxy(s3_endpoint) as proxy:
+        proxy.add_rule(FaultRule("latency", latency_s=0.01, method="HEAD"))  # the two runs overlap
+        runs = [
+            threading.Thread(
+                target=lambda half=half: results.append(_work(instant_db_url, bucket, half, Heard(), proxy.url))
+            )
+            for half in halves
+        ]
+        for run in runs:
+            run.start()
+        for run in runs:
+            run.join(120)
+    assert sorted(o.partition_key for outcomes in results for o in outcomes if o.succeeded) == keys
+    written = len(new_attr_triples(conn)) - sum(f.prepopulated for f in seeded_files)
+    state = progress_rows.read_progress(conn)
+    stored = progress_rows.read_totals_row(conn)
+    assert state["total-successful"] == written > 0
+    assert sum(s["total-successful"] for s in state["partitions"].values()) == written
+    # Each run summed the rows as it ended, the later one after the earlier one's partitions committed.
+    assert {key: stored[key] for key in progress_rows.TOTAL_KEYS} == {
+        key: state[key] for key in progress_rows.TOTAL_KEYS
+    }
 
 
 @BOTH_SCHEMAS

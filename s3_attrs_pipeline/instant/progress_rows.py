@@ -1,10 +1,19 @@
 """The migration's progress in InstantDB's `config` table: every read and write of those rows.
 
-The totals live in one row (`s3-attrs-migration-status`, as the REPL migration kept them), added to
-under the row lock that ON CONFLICT DO UPDATE takes, so concurrent partitions each count their own.
-Each partition's state has a row of its own (`.../partition/<key>`): a batch rewrites a few hundred
-bytes, not a map of every partition. Writes run in the caller's transaction, beside the triples
-whose progress they record.
+Each partition's state has a row of its own (`.../partition/<key>`), written only by the worker that
+holds the partition's lock, in the transaction of the batch whose progress it records: its status,
+the counts of its latest run, and its `total-*` counts over every run. A batch records it at most
+once a second (`RECORD_INTERVAL_S`, the caller's pace), the partition's end always.
+
+The totals row (`s3-attrs-migration-status`, as the REPL migration kept it, and read as it read it)
+is derived from the partition rows: summed again when a partition ends (at most once a second per
+run) and when a run ends, never by every write transaction. Many workers adding to one row queued
+on its lock and rewrote a growing JSON value per batch; reading the partition rows instead, nothing
+is lost when a process dies between two sums. `read_progress` and the stats sum the partition rows
+themselves, so they are as current as those rows.
+
+Totals kept by a version that added every batch to the totals row (before the partition rows held
+totals) are carried over once, into a row of their own, when the totals are first summed again.
 """
 
 import datetime
@@ -18,32 +27,51 @@ from s3_attrs_pipeline.instant.reads import PartitionCoverage, count_files
 
 PROGRESS_CONFIG_KEY = "s3-attrs-migration-status"
 PARTITION_PROGRESS_KEY_PREFIX = PROGRESS_CONFIG_KEY + "/partition/"
-_TOTAL_KEYS = {name: f"total-{config_key(name)}" for name in TOTALLED}  # in the totals row
+CARRIED_OVER_KEY = PROGRESS_CONFIG_KEY + "/carried-over"  # totals of runs before partition rows held them
+TOTAL_KEYS = tuple(f"total-{config_key(name)}" for name in TOTALLED)
+# In the totals row (written by _SUM_TOTALS): its totals are sums of the partition rows.
+_SUMMED_MARK = "totals-summed-from-partitions"
+RECORD_INTERVAL_S = 1.0  # a partition's row is written at most this often while the partition runs
 
-# `config.v` is json, so the sums go through jsonb: each key of `added` is added to the stored value.
-_ADD_TO_TOTALS = """
-INSERT INTO config AS c (k, v) VALUES (%(key)s, %(initial)s::json)
+# The partition's row: its new state, its `total-*` counts added to (a row of its own, so its lock is
+# the partition worker's alone).
+_RECORD_PARTITION = """
+INSERT INTO config AS c (k, v) VALUES (%(key)s, (%(state)s::jsonb || %(added)s::jsonb)::json)
 ON CONFLICT (k) DO UPDATE SET v = (
-  c.v::jsonb || (SELECT jsonb_object_agg(a.key, coalesce((c.v->>a.key)::bigint, 0) + a.value::bigint)
-                 FROM jsonb_each(%(added)s::jsonb) a)
+  excluded.v::jsonb || (SELECT coalesce(jsonb_object_agg(a.key, coalesce((c.v->>a.key)::bigint, 0) + a.value::bigint),
+                                        '{}'::jsonb)
+                        FROM jsonb_each(%(added)s::jsonb) a)
 )::json
-"""
-
-_SET_PARTITION_STATE = """
-INSERT INTO config AS c (k, v) VALUES (%(key)s, %(state)s::json)
-ON CONFLICT (k) DO UPDATE SET v = excluded.v
 """
 
 _PARTITION_STATES = """
 SELECT substr(k, length(%(prefix)s) + 1), v FROM config WHERE starts_with(k, %(prefix)s)
 """
 
-_RECOMPUTE_COMPLETED = """
-UPDATE config SET v = jsonb_set(v::jsonb, '{completed}', to_jsonb(
-  (SELECT count(*) FROM config p WHERE starts_with(p.k, %(prefix)s) AND p.v->>'status' = 'completed')
-  >= %(partition_count)s))::json
+# Taken before summing, so that two runs ending at once sum one after the other, the second seeing
+# the first's partition rows: under READ COMMITTED a statement sees what committed before it began.
+_CREATE_TOTALS_ROW = "INSERT INTO config (k, v) VALUES (%(key)s, '{}'::json) ON CONFLICT (k) DO NOTHING"
+_LOCK_TOTALS_ROW = "SELECT v FROM config WHERE k = %(key)s FOR UPDATE"
+
+_SUM_TOTALS = """
+UPDATE config SET v = (
+  (SELECT jsonb_object_agg(t.key, t.total) FROM (
+     SELECT k.key, coalesce(sum((p.v->>k.key)::bigint), 0) AS total
+     FROM unnest(%(total_keys)s::text[]) AS k(key)
+     LEFT JOIN config p ON starts_with(p.k, %(prefix)s) OR p.k = %(carried)s
+     GROUP BY k.key) t)
+  || jsonb_build_object(
+       'completed', (SELECT count(*) FROM config p
+                     WHERE starts_with(p.k, %(prefix)s) AND p.v->>'status' = 'completed') >= %(partition_count)s,
+       'totals-summed-from-partitions', true,
+       'updated-at', %(now)s::text)
+)::json
 WHERE k = %(key)s
 """
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def record_progress(
@@ -54,65 +82,90 @@ def record_progress(
     *,
     added: FileCounts = FileCounts(),
     last_entity_id: uuid.UUID | None = None,
-    partition_count: int | None = None,
 ) -> None:
-    """Set the partition's state (its `status` and its run's `counts` so far) and add `added` to the
-    totals, in the caller's transaction. `partition_count`, given when a partition ends, recomputes
-    whether every partition is completed."""
-    _add_to_totals(conn, added)
-    conn.execute(_SET_PARTITION_STATE, _partition_state(partition_key, status, counts, last_entity_id))
-    if partition_count is not None:
-        _recompute_completed(conn, partition_count)
+    """Set the partition's state (its `status` and its run's `counts` so far) and add `added` (what
+    was done since it was last recorded) to its totals, in the caller's transaction."""
+    conn.execute(_RECORD_PARTITION, _partition_row(partition_key, status, counts, added, last_entity_id))
 
 
-def record_empty_partitions(conn: psycopg.Connection, partition_keys: list[str], partition_count: int) -> None:
+def record_empty_partitions(conn: psycopg.Connection, partition_keys: list[str]) -> None:
     """Record partitions that hold no file as completed with nothing done, in the caller's transaction:
-    what a run of each would record, without the run, in three statements for all of them."""
-    _add_to_totals(conn, FileCounts())  # nothing to add: the totals row exists after it, as after a run
+    what a run of each would record, without the run, in one statement for all of them."""
     with conn.cursor() as cursor:
         cursor.executemany(
-            _SET_PARTITION_STATE, [_partition_state(key, "completed", FileCounts(), None) for key in partition_keys]
+            _RECORD_PARTITION,
+            [_partition_row(key, "completed", FileCounts(), FileCounts(), None) for key in partition_keys],
         )
-    _recompute_completed(conn, partition_count)
 
 
-def _add_to_totals(conn: psycopg.Connection, added: FileCounts) -> None:
-    added_totals = {key: getattr(added, name) for name, key in _TOTAL_KEYS.items()}
-    conn.execute(
-        _ADD_TO_TOTALS,
-        {"key": PROGRESS_CONFIG_KEY, "initial": Json(added_totals | {"completed": False}), "added": Json(added_totals)},
-    )
-
-
-def _partition_state(partition_key: str, status: str, counts: FileCounts, last_entity_id: uuid.UUID | None) -> dict:
-    """The parameters of _SET_PARTITION_STATE."""
-    state = {"status": status} | counts.as_config()
-    state["updated-at"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+def _partition_row(
+    partition_key: str, status: str, counts: FileCounts, added: FileCounts, last_entity_id: uuid.UUID | None
+) -> dict:
+    """The parameters of _RECORD_PARTITION."""
+    state = {"status": status} | counts.as_config() | {"updated-at": _now()}
     if last_entity_id is not None:
         state["last-entity-id"] = str(last_entity_id)
-    return {"key": PARTITION_PROGRESS_KEY_PREFIX + partition_key, "state": Json(state)}
+    added_totals = {f"total-{config_key(name)}": getattr(added, name) for name in TOTALLED}
+    return {"key": PARTITION_PROGRESS_KEY_PREFIX + partition_key, "state": Json(state), "added": Json(added_totals)}
 
 
-def _recompute_completed(conn: psycopg.Connection, partition_count: int) -> None:
+def record_totals(conn: psycopg.Connection, partition_count: int) -> None:
+    """Sum the partition rows into the totals row, and whether all `partition_count` partitions are
+    completed, in the caller's transaction; the totals row's lock is held until it ends."""
+    conn.execute(_CREATE_TOTALS_ROW, {"key": PROGRESS_CONFIG_KEY})
+    stored = conn.execute(_LOCK_TOTALS_ROW, {"key": PROGRESS_CONFIG_KEY}).fetchone()[0]
+    if stored and not stored.get(_SUMMED_MARK):
+        _carry_over(conn, stored)
     conn.execute(
-        _RECOMPUTE_COMPLETED,
-        {"key": PROGRESS_CONFIG_KEY, "prefix": PARTITION_PROGRESS_KEY_PREFIX, "partition_count": partition_count},
+        _SUM_TOTALS,
+        {
+            "key": PROGRESS_CONFIG_KEY,
+            "prefix": PARTITION_PROGRESS_KEY_PREFIX,
+            "carried": CARRIED_OVER_KEY,
+            "partition_count": partition_count,
+            "now": _now(),
+            "total_keys": list(TOTAL_KEYS),
+        },
     )
+
+
+def _carry_over(conn: psycopg.Connection, stored: dict) -> None:
+    """Keep the totals of runs made by a version that added them to the totals row alone: its partition
+    rows hold no totals, so the sum would drop them."""
+    carried = {key: stored.get(key, 0) for key in TOTAL_KEYS}
+    conn.execute(
+        "INSERT INTO config (k, v) VALUES (%s, %s) ON CONFLICT (k) DO NOTHING", (CARRIED_OVER_KEY, Json(carried))
+    )
+
+
+def read_totals_row(conn: psycopg.Connection) -> dict:
+    """The totals row as stored ({} before any run): what the REPL migration's stats read."""
+    row = conn.execute("SELECT v FROM config WHERE k = %s", (PROGRESS_CONFIG_KEY,)).fetchone()
+    return row[0] if row is not None else {}
 
 
 def read_progress(conn: psycopg.Connection) -> dict:
-    """The totals row as stored, with every partition's state under `partitions`; {} before any run."""
-    row = conn.execute("SELECT v FROM config WHERE k = %s", (PROGRESS_CONFIG_KEY,)).fetchone()
-    if row is None:
+    """The totals (summed from the partition rows, as current as they are), the stored `completed`, and
+    every partition's state under `partitions`; {} before any run."""
+    stored = read_totals_row(conn)
+    states = dict(conn.execute(_PARTITION_STATES, {"prefix": PARTITION_PROGRESS_KEY_PREFIX}).fetchall())
+    if not stored and not states:
         return {}
-    states = conn.execute(_PARTITION_STATES, {"prefix": PARTITION_PROGRESS_KEY_PREFIX}).fetchall()
-    return row[0] | {"partitions": dict(states)}
+    carried = conn.execute("SELECT v FROM config WHERE k = %s", (CARRIED_OVER_KEY,)).fetchone()
+    if carried is not None:
+        sources = [carried[0], *states.values()]
+    elif stored and not stored.get(_SUMMED_MARK):
+        sources = [stored, *states.values()]  # not carried over yet: the stored totals are the earlier runs'
+    else:
+        sources = list(states.values())
+    totals = {key: sum(source.get(key, 0) for source in sources) for key in TOTAL_KEYS}
+    return totals | {"completed": stored.get("completed", False), "partitions": states}
 
 
 def reset_progress(conn: psycopg.Connection) -> None:
     conn.execute(
         "DELETE FROM config WHERE k = %(key)s OR starts_with(k, %(prefix)s)",
-        {"key": PROGRESS_CONFIG_KEY, "prefix": PARTITION_PROGRESS_KEY_PREFIX},
+        {"key": PROGRESS_CONFIG_KEY, "prefix": PROGRESS_CONFIG_KEY + "/"},
     )
 
 
@@ -155,7 +208,7 @@ STATS_ORDER = (
     "processed-files",
     "remaining-files",
     "completion-percentage",
-    *_TOTAL_KEYS.values(),
+    *TOTAL_KEYS,
     "completed",
 )
 
@@ -170,5 +223,5 @@ def migration_stats(conn: psycopg.Connection) -> dict:
         "remaining-files": files.files - files.with_hash,
         "completion-percentage": round(100 * files.with_hash / files.files, 2) if files.files else 100.0,
     }
-    stats |= {key: progress.get(key, 0) for key in _TOTAL_KEYS.values()}
+    stats |= {key: progress.get(key, 0) for key in TOTAL_KEYS}
     return stats | {"completed": progress.get("completed", False)}

@@ -218,6 +218,8 @@ class RangeWorkers:
             for n in range(min(range_settings.partitions_at_once, len(keys)))
         ]
         self._finished_keys: set[str] = set()
+        self._leaving = threading.Lock()
+        self._working = len(self._threads)
         self._workers_ended = 0
         self._unexpected: BaseException | None = None
         self.finished = not self._threads
@@ -251,27 +253,42 @@ class RangeWorkers:
             events.put(("files", files, failed))
             self._threshold.add(files, failed)
 
+        left = False
         try:
             with contextlib.ExitStack() as connection:
                 conn = None
+
+                def connected() -> psycopg.Connection:
+                    nonlocal conn
+                    if conn is None or conn.closed or conn.broken:
+                        connection.close()
+                        conn = connection.enter_context(connect())
+                    return conn
+
                 while not control.stopping:
                     try:
                         key = self._todo.get_nowait()
                     except queue.Empty:
-                        return
-                    if conn is None or conn.closed or conn.broken:
-                        connection.close()
-                        conn = connection.enter_context(connect())
-                    outcome = _work_one(task, conn, store, key, settings, log, on_files, control)
+                        break
+                    outcome = _work_one(task, connected(), store, key, settings, log, on_files, control)
                     if not outcome.retryable:
                         control.stop(outcome.error)  # before any worker takes another partition
                     events.put(("outcome", outcome))
-                    if conn.broken:
-                        conn = None
+                left = True
+                if self._leave() and task.run_ended is not None:
+                    task.run_ended(connected(), control, settings)
         except BaseException as error:  # ends this worker; the waiting thread raises it (or names it)
+            if not left:
+                self._leave()
             events.put(("worker_failed", error))
         finally:
             events.put(("worker_done",))
+
+    def _leave(self) -> bool:
+        """A worker takes no more partitions: whether it is the run's last."""
+        with self._leaving:
+            self._working -= 1
+            return self._working == 0
 
     def wait(self, timeout: float) -> list[PartitionOutcome]:
         """The outcomes of the partitions that ended since the last call: at once if some did, else

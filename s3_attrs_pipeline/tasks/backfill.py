@@ -60,6 +60,9 @@ class _BatchWriter:
         self._on_files = on_files
         self._new_batch()
 
+        self.unrecorded = FileCounts()  # written, but not yet added to the partition's row
+        self._recorded_at = -progress_rows.RECORD_INTERVAL_S  # the first batch is recorded
+
     def _new_batch(self) -> None:
         self._to_write: list[writes.FileObjectAttrs] = []
         self._counts = FileCounts()
@@ -129,7 +132,7 @@ class _BatchWriter:
         # The location-id rows are locked where the `transactions` row comes first (see live_updates).
         lock = level.one_app_per_transaction
 
-        def attempt(on_conflict: bool, app_gone: bool = False) -> FileCounts:
+        def attempt(on_conflict: bool, app_gone: bool = False) -> tuple[FileCounts, bool]:
             with self._control.write(self._conn) as waited:
                 report.replication_wait_s += waited
                 if app_gone:  # deleted while its files were read: they vanished with it
@@ -143,24 +146,32 @@ class _BatchWriter:
                         else writes.write_file_attrs(self._conn, self._to_write, on_conflict=on_conflict, lock=lock)
                     )
                 written = batch + _counts_of(outcome, found_by_listing=listed is not None)
-                last_entity_id = outcome.last_written or (last_file.entity_id if last_file else None)
-                progress_rows.record_progress(
-                    self._conn,
-                    report.partition_key,
-                    "running",
-                    report.counts + written,
-                    added=written,
-                    last_entity_id=last_entity_id,
-                )
-            return written
+                # The partition's row at most once a second: a batch of a one-file app takes
+                # milliseconds, and each row version is WAL and a dead tuple.
+                recorded = time.monotonic() - self._recorded_at >= progress_rows.RECORD_INTERVAL_S
+                if recorded:
+                    last_entity_id = outcome.last_written or (last_file.entity_id if last_file else None)
+                    progress_rows.record_progress(
+                        self._conn,
+                        report.partition_key,
+                        "running",
+                        report.counts + written,
+                        added=self.unrecorded + written,
+                        last_entity_id=last_entity_id,
+                    )
+            return written, recorded
 
         try:
-            done = writes.retried_when_busy(lambda: writes.retried_on_conflict(attempt), self._control.sleep)
+            done, recorded = writes.retried_when_busy(lambda: writes.retried_on_conflict(attempt), self._control.sleep)
         except psycopg.errors.ForeignKeyViolation as error:
             if not writes.app_deleted(error):
                 raise
-            done = attempt(on_conflict=False, app_gone=True)
+            done, recorded = attempt(on_conflict=False, app_gone=True)
         report.counts += done
+        if recorded:
+            self.unrecorded, self._recorded_at = FileCounts(), time.monotonic()
+        else:
+            self.unrecorded += done
         self._on_files(done.processed, done.failed)
         self._new_batch()
 
@@ -242,11 +253,11 @@ def _backfill_locked_partition(
     except BaseException as error:
         status = "stopped" if isinstance(error, (Stopped, StoreStopped)) else "failed"
         report.duration_s = time.monotonic() - started
-        record_partition_end(conn, control, partition_key, status, report.counts, settings, error=error)
+        record_partition_end(conn, control, partition_key, status, report.counts, writer.unrecorded, settings, error)
         raise
     status = "failed" if report.counts.failed else "completed"
     report.duration_s = time.monotonic() - started
-    record_partition_end(conn, control, partition_key, status, report.counts, settings)
+    record_partition_end(conn, control, partition_key, status, report.counts, writer.unrecorded, settings)
     counts = report.counts
     log.info(
         f"S3 attrs backfill of partition {partition_key} {status} ({plan}): processed={counts.processed} "
@@ -264,24 +275,33 @@ def record_partition_end(
     partition_key: str,
     status: str,
     counts: FileCounts,
+    unrecorded: FileCounts,
     settings: TaskSettings,
-    *,
     error: BaseException | None = None,
 ) -> None:
-    """Record how the partition ended (`status`: completed, failed or stopped) and its counts. While
-    `error` ends the partition, a connection that cannot record it is noted on `error` rather than
-    hiding it."""
+    """Record how the partition ended (`status`: completed, failed or stopped), its counts and what its
+    row does not hold yet (`unrecorded`), and sum the totals if the run has not this past second.
+    While `error` ends the partition, a connection that cannot record it is noted on `error` rather
+    than hiding it."""
     if conn.closed or conn.broken:
         if error is not None:
             error.add_note(f"partition {partition_key}'s end was not recorded: its database connection was lost")
         return
     try:
         with control.bookkeeping(conn):
-            progress_rows.record_progress(conn, partition_key, status, counts, partition_count=settings.partition_count)
+            progress_rows.record_progress(conn, partition_key, status, counts, added=unrecorded)
+            if control.totals_due():
+                progress_rows.record_totals(conn, settings.partition_count)
     except psycopg.Error as failed:
         if error is None:
             raise
         error.add_note(f"partition {partition_key}'s end was not recorded: {failed}")
+
+
+def record_run_end(conn: psycopg.Connection, control: RunControl, settings: TaskSettings) -> None:
+    """The totals row summed from the partition rows, as a run ends."""
+    with control.bookkeeping(conn):
+        progress_rows.record_totals(conn, settings.partition_count)
 
 
 def remove_orphaned_values(
@@ -455,8 +475,9 @@ def plan(conn: psycopg.Connection, keys: list[str]) -> Plan:
     never_done_empty = [key for key in keys if key in candidates and key not in coverage and key not in orphaned]
     if never_done_empty:
         with conn.transaction():
-            progress_rows.record_empty_partitions(conn, never_done_empty, 16**width)
+            progress_rows.record_empty_partitions(conn, never_done_empty)
+            progress_rows.record_totals(conn, 16**width)
     return Plan.of(keys, with_work, sum(coverage[key].lacking_hash for key in with_work if key in coverage))
 
 
-BACKFILL = PartitionTask("backfill", FileCounts, backfill_partition, plan)
+BACKFILL = PartitionTask("backfill", FileCounts, backfill_partition, plan, record_run_end)

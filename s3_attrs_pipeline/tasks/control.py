@@ -19,6 +19,7 @@ event in ~12 ms).
 import concurrent.futures
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -27,6 +28,7 @@ import psycopg
 from s3_attrs_pipeline.instant.replication import Log, ReplicationGate, ReplicationLimits
 
 STOP_POLL_S = 0.2  # how often a waiting worker looks at the stop
+TOTALS_INTERVAL_S = 1.0  # a run sums the progress totals at most this often as its partitions end
 
 _T = TypeVar("_T")
 
@@ -51,6 +53,7 @@ class RunControl:
         self._turns = threading.Condition()
         self._paused = False  # the step is handing events to Dagster: no commit may begin
         self._committing = 0
+        self._totals_at = -TOTALS_INTERVAL_S
         self.replication = ReplicationGate(replication, log, sleep=self.sleep, on_waiting=on_waiting)
 
     # The stop
@@ -95,6 +98,16 @@ class RunControl:
                 return future.result(timeout=STOP_POLL_S)
             except concurrent.futures.TimeoutError:
                 self.check()
+
+    def totals_due(self) -> bool:
+        """Whether a partition ending now sums the run's progress totals: not if another did within
+        TOTALS_INTERVAL_S (the run's end sums them in any case). True marks them summed now."""
+        with self._turns:
+            now = time.monotonic()
+            if now - self._totals_at < TOTALS_INTERVAL_S:
+                return False
+            self._totals_at = now
+            return True
 
     # Commits
 

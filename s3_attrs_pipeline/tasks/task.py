@@ -187,6 +187,8 @@ class PartitionTask:
     # into `report`; raises PartitionFailed when some files failed, Stopped when the run stops.
     work: Callable
     plan: Callable[[psycopg.Connection, list[str]], Plan]  # which of these keys have work
+    # (conn, control, settings): what the task records once a run's partitions have all ended
+    run_ended: Callable | None = None
 
     def new_report(self, partition_key: str) -> PartitionReport:
         return PartitionReport(partition_key, self.counts_type())
