@@ -44,6 +44,7 @@ from benchlib import counting, explain, services, strategies  # noqa: E402
 from benchlib import dataset as dataset_module  # noqa: E402
 
 from s3_attrs_pipeline.instant.app_id_ranges import partition_keys  # noqa: E402
+from s3_attrs_pipeline.runs.range_run import RangeSettings  # noqa: E402
 
 TEMPLATE_DB = "bench_template"
 LISTED_TEMPLATE_DB = "bench_listed_apps"  # the template without the apps the pipeline HEADs
@@ -55,8 +56,19 @@ RSS_FLOOR = 1.25  # peak RSS at 1M files within 1.25x of that at 100k
 # Worlds shaped like production: (apps, files). Sparse: many small apps, every file HEADed (no app reaches
 # the listing threshold); dense: a few big apps, every one listed. Apps land in the app-id-prefix
 # partitions by their random uuids, as the generator draws them.
-WORLDS = {"sparse": (600, 6_000), "dense": (8, 40_000)}
-CLI_NAIVE_FLOORS = {"sparse": 20.0, "dense": 100.0}  # `s3-attrs run` end to end vs naive, at 20 ms
+# Production: thousands of apps of Zipf sizes, a few listed, the rest (most of them one or a few files) HEADed.
+WORLDS = {
+    "sparse": (600, 6_000),
+    "dense": (8, 40_000),
+    "production": (7_000, 100_000),
+    "production-1m": (50_000, 1_000_000),
+}
+# `s3-attrs run` end to end vs naive, at 20 ms
+CLI_NAIVE_FLOORS = {"sparse": 20.0, "dense": 100.0, "production": 80.0}
+# CPU per file written of `s3-attrs run` on the production worlds, by process: (the pipeline, PostgreSQL) in µs
+CPU_PER_FILE_FLOORS_US = {"production": (200.0, 250.0), "production-1m": (200.0, 250.0)}
+PARTITIONS_AT_ONCE = RangeSettings().partitions_at_once  # the default, which the end-to-end rows run with
+CLI_RSS_FLOOR = 1.5  # `s3-attrs run`'s peak RSS at 1M files within 1.5x of that at 100k
 UI_BACKFILL_FLOOR_S = 120.0  # UI backfill of every partition: launch to the last partition's status
 FLOOR_LATENCY_MS = 20.0  # the latency the naive floors are stated for
 FLOOR_PARTITION_WIDTH = 2  # and the pipeline's partitions: 256
@@ -137,7 +149,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=pathlib.Path,
         default=None,
         metavar="DIR",
-        help="also run the pipeline (1 process) under py-spy --gil and write its stacks to DIR",
+        help="also run the pipeline (1 process), and `s3-attrs run` when cli-run is measured, under py-spy --gil "
+        "and write their stacks to DIR",
     )
     parser.add_argument(
         "--wait-idle",
@@ -305,6 +318,7 @@ def run_strategy(label: str, strategy: str, cfg: dict, svc: Services, *, profile
                     str(process.pid),
                     "--gil",
                     "--nonblocking",
+                    *(["--subprocesses"] if strategy == "cli-run" else []),
                     "--rate",
                     "200",
                     "--format",
@@ -651,6 +665,21 @@ def end_to_end_summary(results: list[dict], args: argparse.Namespace, data) -> l
         else "— (not run)"
     )
     lines.append(f"| {world} ({shape}) | {cli_cell} | {naive_cell} | {f'{ratio:.1f}x' if ratio else '—'} |")
+    lines += [
+        "",
+        "CPU per file written, by process (µs; PostgreSQL's includes its exited backends, the S3 server is rclone):",
+        "",
+        "| row | files | the pipeline | PostgreSQL | S3 server | delay proxy | other processes |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in (naive, cli, ui):
+        if row and row["files"]:
+            per_file = _cpu_per_file_us(row)
+            lines.append(
+                f"| {row['label']} | {row['files']:,} | "
+                + " | ".join(f"{per_file[name]:.0f}" for name in _CPU_PROCESSES)
+                + " |"
+            )
     if ui:
         got = ui["partitions"]
         lines += [
@@ -698,11 +727,56 @@ def end_to_end_summary(results: list[dict], args: argparse.Namespace, data) -> l
             f"{' (time-capped)' if ui['capped'] else ''}, {got['materialized']} of {got['total']} "
             f"materialized, {got['failed']} failed: **{verdict}**"
         )
+    cpu_floors = CPU_PER_FILE_FLOORS_US.get(args.world)
+    for row in (cli, ui):
+        if row and cpu_floors and row["files"]:
+            pipeline_us, postgres_us = _cpu_per_file_us(row)["pipeline"], _cpu_per_file_us(row)["PostgreSQL"]
+            verdict = "PASS" if pipeline_us <= cpu_floors[0] and postgres_us <= cpu_floors[1] else "FAIL"
+            lines.append(
+                f"- CPU per file, {row['label']}: the pipeline {pipeline_us:.0f} µs ≤ {cpu_floors[0]:.0f}, PostgreSQL "
+                f"{postgres_us:.0f} µs ≤ {cpu_floors[1]:.0f}: **{verdict}**"
+            )
+    for row in (cli, ui):
+        if row and row.get("config_writes") is not None:
+            lines.append(_config_writes_floor(row, args))
     if caveats:
         lines.append(
             "- Not the issue's conditions (" + "; ".join(caveats) + "): the verdicts above are indicative only."
         )
     return lines
+
+
+_CPU_PROCESSES = ("pipeline", "PostgreSQL", "S3 server", "delay proxy", "other")
+
+
+def _cpu_per_file_us(result: dict) -> dict[str, float]:
+    """CPU µs per file of the row, by process: its own processes (the pipeline), the services, the rest."""
+    server = result["server_cpu_s"]
+    seconds = {
+        "pipeline": result["cpu_s"],
+        "PostgreSQL": server["postgres"],
+        "S3 server": server["rclone"],
+        "delay proxy": server["proxy"],
+        "other": result["other_cpu_s"],
+    }
+    return {name: 1e6 * value / result["files"] for name, value in seconds.items()}
+
+
+def _config_writes_floor(result: dict, args: argparse.Namespace) -> str:
+    """No row of `config` written more than once per partition per second by the bookkeeping: each
+    partition's row at most once a second while it runs plus once as it ends (so at most
+    `partitions_at_once` x seconds + 2 per partition), the totals row at most once a second plus at
+    the plan and the run's end."""
+    writes = result["config_writes"]
+    seconds = result["elapsed_s"]
+    partitions = len(partition_keys(args.partition_width))
+    bound = int(PARTITIONS_AT_ONCE * seconds + 2 * partitions + seconds + 2) + 1
+    verdict = "PASS" if writes["updated"] <= bound else "FAIL"
+    return (
+        f"- `config` rows written by {result['label']}: {writes['updated']:,} updates, {writes['inserted']:,} inserts "
+        f"(pg_stat_user_tables), ≤ {bound:,} (at most once a second per partition and for the totals, over "
+        f"{seconds:.0f} s, {PARTITIONS_AT_ONCE} partitions at once, {partitions} partitions): **{verdict}**"
+    )
 
 
 def compare_runs(small_path: pathlib.Path, large_path: pathlib.Path) -> int:
@@ -738,8 +812,11 @@ def compare_runs(small_path: pathlib.Path, large_path: pathlib.Path) -> int:
             continue
         ratio = _peak_rss(r_large) / _peak_rss(r_small)
         complete = not r_large.get("capped") and not r_small.get("capped")
-        if r_large["key"] in PIPELINE_STRATEGIES + ("pipeline-db",):
-            verdict = ("PASS" if ratio <= RSS_FLOOR else "FAIL") if complete else "— (a run was time-capped)"
+        floor = CLI_RSS_FLOOR if r_large["key"] == "cli-run" else RSS_FLOOR
+        if r_large["key"] in PIPELINE_STRATEGIES + ("pipeline-db", "cli-run"):
+            verdict = (
+                (f"{'PASS' if ratio <= floor else 'FAIL'} (≤ {floor}x)") if complete else "— (a run was time-capped)"
+            )
             failed += verdict == "FAIL"
         else:
             verdict = "— (not the pipeline)"
@@ -992,7 +1069,9 @@ def _runs(args: argparse.Namespace, data: dataset_module.Dataset) -> list[tuple[
     # the naive baseline is latency-bound and slow, and the UI backfill minutes long, so they run once.
     repeated = [run for run in runs if run[1] not in RUN_ONCE]
     runs = repeated * max(1, args.repeat) + [run for run in runs if run[1] in RUN_ONCE]
-    if args.profile:
+    if args.profile and "cli-run" in args.strategies:
+        runs.append(("s3-attrs run --quiet, under py-spy", "cli-run", "cli-run", {"profiled": True}, TEMPLATE_DB))
+    if args.profile and any(key in args.strategies for key in PIPELINE_STRATEGIES):
         runs.append(
             (
                 "pipeline (HEAD), 1 process, under py-spy",

@@ -194,6 +194,26 @@ def files_with_hash(database_url: str) -> int:
         return conn.execute("SELECT count(*) FROM triples WHERE attr_id = %s AND ea", (HASH.attr_id,)).fetchone()[0]
 
 
+_CONFIG_WRITES = """
+SELECT n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_user_tables WHERE relname = 'config' AND schemaname = 'public'
+"""
+
+
+def config_writes(database_url: str) -> dict[str, int]:
+    """Rows of InstantDB's `config` table inserted, updated and deleted so far (the progress rows'
+    bookkeeping). A backend's counts reach these views when its transaction ends (at most a second
+    later) or when it exits: read after the pipeline's processes ended, they are complete."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        inserted, updated, deleted = conn.execute(_CONFIG_WRITES).fetchone()
+    return {"inserted": inserted, "updated": updated, "deleted": deleted}
+
+
+def _config_writes_since(cfg: dict, before: dict[str, int]) -> dict[str, int]:
+    time.sleep(1.5)  # the ended backends' counts are flushed as they exit
+    after = config_writes(cfg["database_url"])
+    return {kind: after[kind] - before[kind] for kind in after}
+
+
 def _dagster_runs(dagster_postgres_url: str) -> int:
     """Dagster runs in the instance's storage: the CLI's cost in runs."""
     with psycopg.connect(dagster_postgres_url, autocommit=True) as conn:
@@ -256,6 +276,7 @@ def cli_run(cfg: dict) -> dict:
     subprocess.run([sys.executable, "-c", "import dagster; dagster.DagsterInstance.get()"], env=env, check=True)
     imported = _imported_from(env, cfg["repo_root"])
     before = files_with_hash(cfg["database_url"])
+    config_before = config_writes(cfg["database_url"])
     command = [sys.executable, "-m", "s3_attrs_pipeline.cli", "run", "--quiet"]
     cpu_before, _ = _children_usage()
     capped, tree, finished = False, None, False
@@ -273,6 +294,7 @@ def cli_run(cfg: dict) -> dict:
             tree.stop(grace_s=10.0 if finished else 3.0)  # quickly when interrupted
     output = tree.log_path.read_text(errors="replace")
     written = files_with_hash(cfg["database_url"]) - before
+    config = _config_writes_since(cfg, config_before)
     notes = [f"exit {exit_code}" if exit_code is not None else "killed at its time budget"]
     report = _parse_summary(output)
     if report.get("partitions") is not None:
@@ -285,6 +307,7 @@ def cli_run(cfg: dict) -> dict:
         "report": report,
         "exit_code": exit_code,
         "dagster_runs": runs,
+        "config_writes": config,
         "command": " ".join(command[1:]),
         "imported_from": imported,
         "output_tail": tree.log_tail(),
@@ -382,6 +405,7 @@ def ui_backfill(cfg: dict) -> dict:
     home, env = _instance_home(cfg, work)
     imported = _imported_from(env, cfg["repo_root"])
     before = files_with_hash(cfg["database_url"])
+    config_before = config_writes(cfg["database_url"])
     port = free_port()
     base_url = f"http://{LOOPBACK}:{port}"
     graphql = GraphQL(f"{base_url}/graphql")
@@ -463,6 +487,7 @@ def ui_backfill(cfg: dict) -> dict:
             # dagster dev stops its webserver and daemon itself on SIGTERM; when interrupted, less patience.
             tree.stop(grace_s=30.0 if finished else 3.0)
     written = files_with_hash(cfg["database_url"]) - before
+    config = _config_writes_since(cfg, config_before)
     materialized, failed = stats.get("numMaterialized", 0), stats.get("numFailed", 0)
     total = stats.get("numPartitions", len(keys))
     first = f"{first_started:.0f} s" if first_started is not None else "never"
@@ -482,6 +507,7 @@ def ui_backfill(cfg: dict) -> dict:
             "materializing": stats.get("numMaterializing", 0),
         },
         "backfill_status": backfill_status,
+        "config_writes": config,
         "dagster_runs": runs,
         "startup_s": startup_s,
         "first_partition_started_s": first_started,
