@@ -9,6 +9,7 @@ import pytest
 from s3_attrs_pipeline import cli
 from s3_attrs_pipeline.cli import dagster_runs
 from s3_attrs_pipeline.instant import partition_locks, progress_rows, reads
+from s3_attrs_pipeline.runs import range_run
 from s3_attrs_pipeline_tests.helpers import (
     NEW_ATTR_IDS,
     all_triples,
@@ -73,6 +74,22 @@ def test_run_of_every_partition_is_one_run_that_works_only_those_with_files(
     assert instance.get_materialized_partitions(dg.AssetKey("files_s3_attrs")) == set(every)
     assert progress_rows.read_progress(conn)["completed"] is True
     assert new_attr_triples(conn).keys() == {(f.app_id, f.entity_id) for f in seeded_files if f.in_s3}
+
+
+def test_the_problem_files_of_each_second_are_one_entry_of_the_runs_log(conn, bucket, seeded_files, dagster_home):
+    missing = [f for f in seeded_files if not f.in_s3 and not f.prepopulated]
+    assert len(missing) >= 8
+    assert cli.main(["run", "--quiet"]) == 0
+
+    instance = dagster_runs.dagster_instance()
+    (run,) = instance.get_runs()
+    entries = [entry for entry in instance.all_logs(run.run_id) if "missing file" in entry.user_message]
+    text = "\n".join(entry.user_message for entry in entries)
+    assert all(f"missing file app={f.app_id} entity={f.entity_id}" in text for f in missing)
+    # Lines are written at most once a LOG_LINES_INTERVAL_S, and once more as the workers end and as
+    # the run leaves them: one entry for each (all of one level).
+    span_s = entries[-1].timestamp - entries[0].timestamp
+    assert len(entries) <= span_s / range_run.LOG_LINES_INTERVAL_S + 3, [entry.user_message for entry in entries]
 
 
 def test_run_skips_partitions_with_nothing_new(conn, bucket, seeded_files, dagster_home, capsys):

@@ -11,6 +11,7 @@ assets (defs/range_materialization.py) and the CLI drive it.
 import contextlib
 import dataclasses
 import enum
+import itertools
 import queue
 import threading
 import time
@@ -35,6 +36,10 @@ from s3_attrs_pipeline.tasks.task import (
 )
 
 RUN_PROGRESS_LOG_INTERVAL_S = 30.0
+# The workers' lines (a file missing in S3, a wait for replication) are written at most this often,
+# those of each second together: every entry is an event the run's storage writes in the run's one
+# thread (~5 ms), and a run with 1% of its files missing has thousands of such lines.
+LOG_LINES_INTERVAL_S = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +231,8 @@ class RangeWorkers:
         self._files = self._failed_files = 0
         self._started = self._logged = time.monotonic()
         self._waiting_for: str | None = None
+        self._lines: list[tuple[str, str]] = []  # the workers' log lines not yet written: (level, line)
+        self._lines_written = time.monotonic()
         for thread in self._threads:
             thread.start()
 
@@ -239,6 +246,7 @@ class RangeWorkers:
         if any(thread.is_alive() for thread in self._threads):
             self.control.stop("the run was interrupted" if exc_type is not None else "the run ended")
         self.join()
+        self._write_lines()
 
     def join(self) -> None:
         """Wait for the workers to end (after a stop, each ends within a batch)."""
@@ -292,11 +300,13 @@ class RangeWorkers:
 
     def wait(self, timeout: float) -> list[PartitionOutcome]:
         """The outcomes of the partitions that ended since the last call: at once if some did, else
-        once one does or `timeout` passes. Meanwhile the workers' log lines and progress reach the log
-        and the listener, in this thread. Once every worker has ended, the partitions never started
-        end stopped, and `finished` is set."""
+        once one does or `timeout` passes. Meanwhile the workers' log lines (each second's together)
+        and progress reach the log and the listener, in this thread. Once every worker has ended, the
+        partitions never started end stopped, and `finished` is set."""
         ended: list[PartitionOutcome] = []
         block = True
+        if self._lines:  # written within LOG_LINES_INTERVAL_S whatever the caller's timeout
+            timeout = max(0.0, min(timeout, self._lines_written + LOG_LINES_INTERVAL_S - time.monotonic()))
         while not self.finished:
             try:
                 event = self._events.get(timeout=timeout) if block else self._events.get_nowait()
@@ -304,6 +314,8 @@ class RangeWorkers:
                 break
             block = False
             self._handle(event, ended)
+        if self.finished or time.monotonic() - self._lines_written >= LOG_LINES_INTERVAL_S:
+            self._write_lines()
         self._log_progress()
         if self._unexpected is not None and self.finished:
             unexpected, self._unexpected = self._unexpected, None
@@ -313,7 +325,7 @@ class RangeWorkers:
     def _handle(self, event: tuple, ended: list[PartitionOutcome]) -> None:
         kind = event[0]
         if kind == "log":
-            getattr(self._log, event[1])(event[2])
+            self._lines.append((event[1], event[2]))
         elif kind == "files":
             self._files, self._failed_files = self._files + event[1], self._failed_files + event[2]
             self._listener.files_done(event[1], event[2])
@@ -347,6 +359,13 @@ class RangeWorkers:
         for outcome in outcomes:
             self._listener.partition_done(outcome)
         return outcomes
+
+    def _write_lines(self) -> None:
+        """The workers' lines since the last call, each run of lines of one level as one entry."""
+        self._lines_written = time.monotonic()
+        lines, self._lines = self._lines, []
+        for level, group in itertools.groupby(lines, key=lambda line: line[0]):
+            getattr(self._log, level)("\n".join(line for _, line in group))
 
     def _log_progress(self) -> None:
         now = time.monotonic()
