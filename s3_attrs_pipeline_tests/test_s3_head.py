@@ -10,6 +10,7 @@ import json
 import os
 import ssl
 import threading
+import time
 import urllib.parse
 from unittest import mock
 
@@ -519,3 +520,28 @@ class _RecordingServer:
     def __exit__(self, *exc_info) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def test_a_stopped_store_sends_none_of_its_queued_heads_and_settles_every_one(s3_endpoint, s3_client, bucket):
+    s3_client.create_bucket(Bucket=bucket)
+    s3_client.put_object(Bucket=bucket, Key="object", Body=b"payload")
+    proxy = FaultProxy(s3_endpoint).start()
+    try:
+        with ObjectStore(S3Settings(bucket, endpoint_url=proxy.url, max_in_flight=2)) as store:
+            store.check_bucket()
+            proxy.add_rule(FaultRule("latency", method="HEAD", latency_s=3))
+            pending = [store.submit_head("object") for _ in range(20)]
+            deadline = time.monotonic() + 5
+            while proxy.stats()["requests"] < 1 + 2:  # HEAD bucket, then one HEAD per thread
+                assert time.monotonic() < deadline, "the HEADs were not sent"
+                time.sleep(0.01)
+            store.stop()  # while both threads wait out their HEAD's latency
+            for head in pending[2:]:
+                with pytest.raises(object_store.StoreStopped):
+                    head.result(timeout=5)
+            assert all(head.result(timeout=10).metadata is not None for head in pending[:2])  # on the wire
+            assert proxy.stats()["requests"] == 1 + 2
+        with pytest.raises(object_store.StoreStopped):
+            store.submit_head("object").result(timeout=1)  # a closed store sends nothing
+    finally:
+        proxy.stop()

@@ -10,7 +10,6 @@ until then, as the progress row does.
 import collections
 import time
 import uuid
-from concurrent.futures import Future
 
 import psycopg
 
@@ -20,7 +19,7 @@ from s3_attrs_pipeline.instant.app_id_ranges import AppIdRange
 from s3_attrs_pipeline.instant.object_keys import InvalidLocationId, object_key
 from s3_attrs_pipeline.s3 import listing
 from s3_attrs_pipeline.s3.object_metadata import ObjectMetadata
-from s3_attrs_pipeline.s3.store import HeadOutcome, ListingFailed, ObjectStore, StoreStopped
+from s3_attrs_pipeline.s3.store import HeadOutcome, ListingFailed, ObjectStore, PendingHead, StoreStopped
 from s3_attrs_pipeline.tasks.control import RunControl, Stopped
 from s3_attrs_pipeline.tasks.listed_apps import ALL_LISTED, apps_to_list, listed_pages, listed_up_to, ranges_between
 from s3_attrs_pipeline.tasks.task import (
@@ -373,7 +372,9 @@ def _head_range(
     """HEAD every file of the range that lacks `hash` (whose key is past `after_key`, where the app's
     listing got that far). A sliding window keeps requests in flight while pages are read and batches written:
     no batch waits for its slowest HEAD before the next starts."""
-    window: collections.deque[tuple[reads.PendingFile, str | None, Future | InvalidLocationId]] = collections.deque()
+    window: collections.deque[tuple[reads.PendingFile, str | None, PendingHead | InvalidLocationId]] = (
+        collections.deque()
+    )
     window_size = 2 * max(settings.batch_size, store.settings.max_in_flight)
 
     def settle_oldest() -> None:
@@ -404,7 +405,7 @@ def _head_range(
             settle_oldest()
     finally:
         for _, _, pending in window:
-            if isinstance(pending, Future):
+            if isinstance(pending, PendingHead):
                 pending.cancel()
     writer.flush()
     progress_log()

@@ -16,12 +16,11 @@ once Dagster shows the run ended. A commit waits a few milliseconds a partition 
 event in ~12 ms).
 """
 
-import concurrent.futures
 import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import psycopg
 
@@ -31,6 +30,13 @@ STOP_POLL_S = 0.2  # how often a waiting worker looks at the stop
 TOTALS_INTERVAL_S = 1.0  # a run sums the progress totals at most this often as its partitions end
 
 _T = TypeVar("_T")
+_T_co = TypeVar("_T_co", covariant=True)
+
+
+class _Pending(Protocol[_T_co]):
+    """A request in flight (the store's PendingHead, a concurrent.futures.Future)."""
+
+    def result(self, timeout: float | None = None) -> _T_co: ...
 
 
 class Stopped(Exception):
@@ -91,12 +97,12 @@ class RunControl:
         if self._stop.wait(seconds):
             raise Stopped(self.stop_reason)
 
-    def result(self, future: "concurrent.futures.Future[_T]") -> _T:
-        """The future's result, or Stopped as soon as the run stops."""
+    def result(self, pending: _Pending[_T]) -> _T:
+        """The result of a request in flight, or Stopped as soon as the run stops."""
         while True:
             try:
-                return future.result(timeout=STOP_POLL_S)
-            except concurrent.futures.TimeoutError:
+                return pending.result(timeout=STOP_POLL_S)
+            except TimeoutError:  # concurrent.futures' too
                 self.check()
 
     def totals_due(self) -> bool:
