@@ -63,7 +63,7 @@ UPDATE config SET v = (
   || jsonb_build_object(
        'completed', (SELECT count(*) FROM config p
                      WHERE starts_with(p.k, %(prefix)s) AND p.v->>'status' = 'completed') >= %(partition_count)s,
-       'totals-summed-from-partitions', true,
+       %(summed_mark)s::text, true,
        'updated-at', %(now)s::text)
 )::json
 WHERE k = %(key)s
@@ -105,7 +105,7 @@ def _partition_row(
     state = {"status": status} | counts.as_config() | {"updated-at": _now()}
     if last_entity_id is not None:
         state["last-entity-id"] = str(last_entity_id)
-    added_totals = {f"total-{config_key(name)}": getattr(added, name) for name in TOTALLED}
+    added_totals = {key: getattr(added, name) for name, key in zip(TOTALLED, TOTAL_KEYS, strict=True)}
     return {"key": PARTITION_PROGRESS_KEY_PREFIX + partition_key, "state": Json(state), "added": Json(added_totals)}
 
 
@@ -125,6 +125,7 @@ def record_totals(conn: psycopg.Connection, partition_count: int) -> None:
             "partition_count": partition_count,
             "now": _now(),
             "total_keys": list(TOTAL_KEYS),
+            "summed_mark": _SUMMED_MARK,
         },
     )
 
@@ -140,8 +141,12 @@ def _carry_over(conn: psycopg.Connection, stored: dict) -> None:
 
 def read_totals_row(conn: psycopg.Connection) -> dict:
     """The totals row as stored ({} before any run): what the REPL migration's stats read."""
-    row = conn.execute("SELECT v FROM config WHERE k = %s", (PROGRESS_CONFIG_KEY,)).fetchone()
-    return row[0] if row is not None else {}
+    return _config_value(conn, PROGRESS_CONFIG_KEY) or {}
+
+
+def _config_value(conn: psycopg.Connection, key: str) -> dict | None:
+    row = conn.execute("SELECT v FROM config WHERE k = %s", (key,)).fetchone()
+    return row[0] if row is not None else None
 
 
 def read_progress(conn: psycopg.Connection) -> dict:
@@ -151,9 +156,9 @@ def read_progress(conn: psycopg.Connection) -> dict:
     states = dict(conn.execute(_PARTITION_STATES, {"prefix": PARTITION_PROGRESS_KEY_PREFIX}).fetchall())
     if not stored and not states:
         return {}
-    carried = conn.execute("SELECT v FROM config WHERE k = %s", (CARRIED_OVER_KEY,)).fetchone()
+    carried = _config_value(conn, CARRIED_OVER_KEY)
     if carried is not None:
-        sources = [carried[0], *states.values()]
+        sources = [carried, *states.values()]
     elif stored and not stored.get(_SUMMED_MARK):
         sources = [stored, *states.values()]  # not carried over yet: the stored totals are the earlier runs'
     else:
