@@ -12,7 +12,7 @@ from psycopg.types.json import Json
 
 from s3_attrs_pipeline.counts import FileCounts
 from s3_attrs_pipeline.instant import catalog, connection, progress_rows, reads, writes
-from s3_attrs_pipeline.instant.app_id_ranges import AppIdRange
+from s3_attrs_pipeline.instant.app_id_ranges import EVERY_APP, AppIdRange, partition_keys
 from s3_attrs_pipeline.instant.file_attrs import (
     HASH,
     LAST_MODIFIED,
@@ -21,6 +21,7 @@ from s3_attrs_pipeline.instant.file_attrs import (
     json_text,
     value_md5,
 )
+from s3_attrs_pipeline.tasks import backfill
 from s3_attrs_pipeline.tasks.task import TaskSettings
 from s3_attrs_pipeline_tests.conftest import BOTH_SCHEMAS
 from s3_attrs_pipeline_tests.helpers import partition_of
@@ -702,3 +703,59 @@ def test_a_listed_page_probes_each_listed_key_alone(conn, seeded_files, instant_
     listed = writes.ListedAttrs.of(big_app, [(location, "abc", 1) for location in locations])
     plan = _analyzed(conn, writes.LISTED_LOCATED, listed.params)
     assert _buffers(plan) <= 12 * len(locations) + 64, f"{_buffers(plan)} buffers for {len(locations)} listed keys"
+
+
+@BOTH_SCHEMAS
+def test_a_plan_reads_its_partitions_files_through_their_own_entries(conn, seeded_files, instant_schema):
+    # A run counts only the apps of its partitions (a one-partition rerun does not count every file),
+    # and each file's values through the file's own entries, not through every value of its app.
+    big_app = _statistics_from_before_the_backfill(conn, partition_of(seeded_files[0]))
+    coverage = reads.coverage_by_partition(conn, 2)
+    small_partition = next(key for key in sorted(coverage) if key != big_app.hex[:2])
+    orphaned_file = next(f for f in seeded_files if f.prepopulated)
+    conn.execute(  # values left on a deleted file, for the plan to find
+        "DELETE FROM triples WHERE app_id = %s AND entity_id = %s AND attr_id = %s",
+        (orphaned_file.app_id, orphaned_file.entity_id, LOCATION_ID.attr_id),
+    )
+    conn.execute("ANALYZE triples")
+
+    def plan_buffers(keys: list[str]) -> int:
+        app_ids = AppIdRange.spanning(keys)
+        params = {
+            "width": 2,
+            "location_attr": LOCATION_ID.attr_id,
+            "hash_attr": HASH.attr_id,
+            "last_modified_attr": LAST_MODIFIED.attr_id,
+            "first_app": app_ids.first,
+            "last_app": app_ids.last,
+        }
+        return sum(
+            _buffers(_analyzed(conn, sql.SQL(query), params))
+            for query in (reads._COVERAGE_BY_PARTITION, reads._ORPHANED_VALUES_BY_PARTITION)
+        )
+
+    files = sum(part.files for part in coverage.values())
+    every, one = plan_buffers(partition_keys(2)), plan_buffers([small_partition])
+    assert every <= 12 * files + 2 * 64, f"every partition's plan read {every} buffers for {files} files"
+    counted = _buffers(
+        _analyzed(
+            conn,
+            reads._FILE_COUNTS,
+            {
+                "hash_attr": HASH.attr_id,
+                "location_attr": LOCATION_ID.attr_id,
+                "first_app": EVERY_APP.first,
+                "last_app": EVERY_APP.last,
+            },
+        )
+    )
+    assert counted <= 6 * files + 64, f"the stats' count read {counted} buffers for {files} files"
+    small_files = coverage[small_partition].files
+    assert one <= 12 * small_files + 2 * 64, f"one partition's plan read {one} buffers for its {small_files} files"
+    # and sees the work of its partitions as the all-partition plan sees it
+    everything = backfill.plan(conn, partition_keys(2))
+    orphaned_partition = partition_of(orphaned_file)
+    assert orphaned_partition in everything.with_work
+    for key in (small_partition, orphaned_partition):
+        alone = backfill.plan(conn, [key])
+        assert alone.with_work == [key] and alone.files_to_do == reads.coverage_by_partition(conn, 2)[key].lacking_hash

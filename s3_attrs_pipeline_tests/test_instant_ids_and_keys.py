@@ -4,7 +4,13 @@ import uuid
 
 import pytest
 
-from s3_attrs_pipeline.instant.app_id_ranges import AppIdRange, partition_keys, partition_of_app
+from s3_attrs_pipeline.instant.app_id_ranges import (
+    EVERY_APP,
+    AppIdRange,
+    partition_keys,
+    partition_of_app,
+    sixteenths,
+)
 from s3_attrs_pipeline.instant.file_attrs import FILE_ID, HASH, LAST_MODIFIED, LOCATION_ID, json_text, value_md5
 from s3_attrs_pipeline.instant.object_keys import (
     InvalidLocationId,
@@ -131,3 +137,20 @@ def test_partition_keys_and_app_ranges():
         partition_keys(0)
     with pytest.raises(ValueError, match="lowercase hex"):
         AppIdRange.for_partition("3G")
+
+
+def test_a_runs_range_spans_its_keys_and_a_whole_database_count_is_sixteen_statements():
+    run = AppIdRange.spanning(["41", "3f", "40"])
+    assert (run.first, run.last) == (AppIdRange.for_partition("3f").first, AppIdRange.for_partition("41").last)
+    assert AppIdRange.spanning(["3f"]) == AppIdRange.for_partition("3f")
+    every = sixteenths(EVERY_APP)
+    assert [piece.key for piece in every] == list("0123456789abcdef")
+    assert every[0].first == EVERY_APP.first and every[-1].last == EVERY_APP.last
+    assert all(a.last.int + 1 == b.first.int for a, b in zip(every, every[1:], strict=False))
+    assert sixteenths(AppIdRange.for_partition("3f")) == [
+        AppIdRange("3", run.first, AppIdRange.for_partition("3f").last)
+    ]
+    assert [(p.first, p.last) for p in sixteenths(run)] == [
+        (run.first, AppIdRange.for_partition("3").last),
+        (AppIdRange.for_partition("4").first, run.last),
+    ]

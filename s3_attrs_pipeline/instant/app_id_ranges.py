@@ -35,6 +35,26 @@ class AppIdRange:
         padding = _UUID_HEX_DIGITS - len(key)
         return cls(key, uuid.UUID(key + "0" * padding), uuid.UUID(key + "f" * padding))
 
+    @classmethod
+    def spanning(cls, keys: list[str]) -> "AppIdRange":
+        """The apps of every partition from the first of `keys` to the last (in key order): what a
+        run over them reads, so that a one-partition run does not count the whole database."""
+        first, last = cls.for_partition(min(keys)), cls.for_partition(max(keys))
+        return cls(first.key if first == last else f"{first.key}..{last.key}", first.first, last.last)
+
+
+# Every app: what the whole-database counts (stats, the checks) read.
+EVERY_APP = AppIdRange("", uuid.UUID(int=0), uuid.UUID(int=2**128 - 1))
+
+
+def sixteenths(app_ids: AppIdRange) -> list[AppIdRange]:
+    """`app_ids` cut where the app id's first hex digit changes: at most a sixteenth of the apps each,
+    so that a count over the whole database is statements that each stay within a session's
+    statement timeout at ten times the size that one statement could count."""
+    first, last = _HEX_DIGITS.index(app_ids.first.hex[0]), _HEX_DIGITS.index(app_ids.last.hex[0])
+    pieces = [AppIdRange.for_partition(digit) for digit in _HEX_DIGITS[first : last + 1]]
+    return [AppIdRange(piece.key, max(piece.first, app_ids.first), min(piece.last, app_ids.last)) for piece in pieces]
+
 
 def partition_of_app(app_id: uuid.UUID, width: int) -> str:
     return app_id.hex[:width]

@@ -47,6 +47,7 @@ ON CONFLICT (k) DO UPDATE SET v = (
 _PARTITION_STATES = """
 SELECT substr(k, length(%(prefix)s) + 1), v FROM config WHERE starts_with(k, %(prefix)s)
 """
+_STATES_OF_PARTITIONS = "SELECT substr(k, length(%(prefix)s) + 1), v FROM config WHERE k = ANY(%(keys)s::text[])"
 
 # Taken before summing, so that two runs ending at once sum one after the other, the second seeing
 # the first's partition rows: under READ COMMITTED a statement sees what committed before it began.
@@ -165,6 +166,16 @@ def read_progress(conn: psycopg.Connection) -> dict:
         sources = list(states.values())
     totals = {key: sum(source.get(key, 0) for source in sources) for key in TOTAL_KEYS}
     return totals | {"completed": stored.get("completed", False), "partitions": states}
+
+
+def read_partition_progress(conn: psycopg.Connection, partition_keys: list[str]) -> dict:
+    """The state of these partitions only, shaped as `read_progress`'s answer (`partitions`): what a
+    run's plan reads, by the rows' keys, whatever else the table holds."""
+    params = {
+        "prefix": PARTITION_PROGRESS_KEY_PREFIX,
+        "keys": [PARTITION_PROGRESS_KEY_PREFIX + key for key in partition_keys],
+    }
+    return {"partitions": dict(conn.execute(_STATES_OF_PARTITIONS, params).fetchall())}
 
 
 def reset_progress(conn: psycopg.Connection) -> None:

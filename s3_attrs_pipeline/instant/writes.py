@@ -349,14 +349,16 @@ def refresh_listed_attrs(conn: psycopg.Connection, listed: ListedAttrs, *, lock:
 
 
 # The values of the app's entities that have no location-id: files deleted while their values were
-# written. One `ave` index range of the app per attr, a location-id probe per row.
+# written. One `ave` index range of the app per attr, a location-id probe per row through `ea_index`
+# (IS NOT DISTINCT FROM: see reads.LACKS_HASH).
 _REMOVE_ORPHANED_VALUES = """
 WITH removed AS (
   DELETE FROM triples t
   WHERE t.app_id = %(app_id)s AND t.attr_id = ANY(%(attr_ids)s::uuid[]) AND t.ave AND t.ea
-    AND NOT EXISTS (
-      SELECT 1 FROM triples l
-      WHERE l.app_id = t.app_id AND l.entity_id = t.entity_id AND l.attr_id = %(location_attr)s AND l.ea)
+    AND (SELECT 1 FROM triples l
+         WHERE l.app_id = t.app_id AND l.entity_id = t.entity_id AND l.attr_id IS NOT DISTINCT FROM %(location_attr)s
+           AND l.ea
+         LIMIT 1) IS NULL
   RETURNING t.entity_id
 )
 SELECT count(DISTINCT entity_id) FROM removed

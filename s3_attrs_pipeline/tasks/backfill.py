@@ -467,10 +467,10 @@ def plan(conn: psycopg.Connection, keys: list[str]) -> Plan:
     """Work: partitions never completed that have files, with files lacking hash beyond those known
     unfillable, or with values on files deleted meanwhile. A partition with no file at all is
     recorded completed here, in one transaction."""
-    width = len(keys[0])
-    coverage = reads.coverage_by_partition(conn, width)
-    orphaned = reads.orphaned_values_by_partition(conn, width)
-    state = progress_rows.read_progress(conn)
+    width, app_ids = len(keys[0]), AppIdRange.spanning(keys)
+    coverage = reads.coverage_by_partition(conn, width, app_ids)
+    orphaned = reads.orphaned_values_by_partition(conn, width, app_ids)
+    state = progress_rows.read_partition_progress(conn, keys)
     candidates = set(progress_rows.partitions_with_work(keys, coverage, state)) | set(orphaned)
     with_work = [key for key in keys if key in candidates and (key in coverage or key in orphaned)]
     never_done_empty = [key for key in keys if key in candidates and key not in coverage and key not in orphaned]

@@ -272,7 +272,7 @@ class _Reporter:
 
 def plan(conn: psycopg.Connection, keys: list[str]) -> Plan:
     """Work: partitions with files that have values."""
-    coverage = reads.coverage_by_partition(conn, len(keys[0]))
+    coverage = reads.coverage_by_partition(conn, len(keys[0]), AppIdRange.spanning(keys))
     with_work = [key for key in keys if key in coverage and coverage[key].with_hash]
     return Plan.of(keys, with_work, sum(coverage[key].with_hash for key in with_work))
 
