@@ -1,6 +1,7 @@
-"""How this code location defines its assets, for a deployment: how wide a partition is, and how
-often Dagster retries a failed step. Environment only, read when the definitions are loaded (by the
-UI's code server, a run's process, or a command), since they shape the definitions themselves."""
+"""How this code location defines its assets, for a deployment: how wide a partition is, how many
+partitions a backfill's run holds, and how often Dagster retries a failed step. Environment only,
+read when the definitions are loaded (by the UI's code server, a run's process, or a command), since
+they shape the definitions themselves."""
 
 import dataclasses
 from collections.abc import Mapping
@@ -18,6 +19,15 @@ class DeploymentSettings:
         env="S3_ATTRS_PARTITION_WIDTH",
         config=None,
     )
+    partitions_per_run: int = setting(
+        0,
+        help="Partitions per run of a backfill launched from the UI: 0 makes the "
+        "whole backfill one run, in one process (pod); N makes it ceil(partitions / N) runs that the run queue "
+        "launches as its limits allow, each a process (a pod on Kubernetes, a task on ECS). Each run costs a "
+        "process start and a code-location load (about 1 s here), its own plan and database connections.",
+        env="S3_ATTRS_PARTITIONS_PER_RUN",
+        config=None,
+    )
     step_retries: int = setting(
         2,
         help="How often Dagster retries a run's failed step by itself (30 s, then 60 s, with jitter), after a "
@@ -32,6 +42,10 @@ class DeploymentSettings:
             raise ValueError(
                 f"S3_ATTRS_PARTITION_WIDTH={self.partition_width}: the partition width must be 1 to "
                 f"{MAX_PARTITION_WIDTH} hex digits"
+            )
+        if self.partitions_per_run < 0:
+            raise ValueError(
+                f"S3_ATTRS_PARTITIONS_PER_RUN={self.partitions_per_run} must be 0 (one run) or a number of partitions"
             )
         if self.step_retries < 0:
             raise ValueError(f"S3_ATTRS_STEP_RETRIES={self.step_retries} must be 0 (never retry) or more")

@@ -55,3 +55,26 @@ def test_the_product_uses_only_public_dagster_apis():
         if "dagster._" in line or "dagster_graphql" in line
     ]
     assert private == []
+
+
+def test_a_backfill_is_one_run_unless_partitions_per_run_splits_it(monkeypatch):
+    from s3_attrs_pipeline_tests.helpers import code_location_assets
+
+    monkeypatch.delenv("S3_ATTRS_PARTITIONS_PER_RUN", raising=False)
+    assert all(asset.backfill_policy.max_partitions_per_run is None for asset in code_location_assets())
+    monkeypatch.setenv("S3_ATTRS_PARTITIONS_PER_RUN", "64")
+    assert all(asset.backfill_policy.max_partitions_per_run == 64 for asset in code_location_assets())
+    monkeypatch.setenv("S3_ATTRS_PARTITIONS_PER_RUN", "-1")
+    with pytest.raises(ValueError, match="S3_ATTRS_PARTITIONS_PER_RUN=-1"):
+        code_location_assets()
+    monkeypatch.setenv("S3_ATTRS_PARTITIONS_PER_RUN", "many")
+    with pytest.raises(ValueError, match="S3_ATTRS_PARTITIONS_PER_RUN"):
+        code_location_assets()
+
+
+@pytest.mark.daemon
+def test_dg_check_defs_passes_with_backfills_split_into_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("S3_ATTRS_PARTITIONS_PER_RUN", "64")
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    checked = _dg(["check", "defs"], tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

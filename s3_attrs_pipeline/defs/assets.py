@@ -34,7 +34,7 @@ def _step_retry_policy(retries: int) -> dg.RetryPolicy | None:
 
 def partitioned_assets(settings: deployment.DeploymentSettings) -> tuple[dg.AssetsDefinition, dg.AssetsDefinition]:
     """`files_s3_attrs` and `files_s3_attrs_refresh`, partitioned and retried as `settings` say."""
-    # A single-run backfill policy is what makes a UI backfill one run; Dagster marks the parameter beta.
+    # The backfill policy is what makes a UI backfill one run, or a few; Dagster marks the parameter beta.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=dg.BetaWarning, message="Parameter `backfill_policy`")
         return _partitioned_assets(settings)
@@ -43,9 +43,14 @@ def partitioned_assets(settings: deployment.DeploymentSettings) -> tuple[dg.Asse
 def _partitioned_assets(settings: deployment.DeploymentSettings) -> tuple[dg.AssetsDefinition, dg.AssetsDefinition]:
     shape = {
         "partitions_def": app_id_prefix_partitions(settings.partition_width),
-        # A backfill of many partitions is one run: its plan skips the partitions with nothing to do,
-        # and each partition is still materialized, or failed, on its own.
-        "backfill_policy": dg.BackfillPolicy.single_run(),
+        # A backfill of many partitions is one run, or runs of `partitions_per_run` each: a run's plan
+        # skips its partitions with nothing to do, and each partition is still materialized, or failed,
+        # on its own; the partitions' locks keep two runs off one partition.
+        "backfill_policy": (
+            dg.BackfillPolicy.multi_run(settings.partitions_per_run)
+            if settings.partitions_per_run
+            else dg.BackfillPolicy.single_run()
+        ),
         "output_required": False,
         "group_name": "instant_files",
         "kinds": {"postgres", "s3"},
