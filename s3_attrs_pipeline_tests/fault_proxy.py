@@ -12,7 +12,9 @@ with a body (GET, PUT, ...) the code comes from the XML body: "SlowDown", "Inter
 "AccessDenied".
 
 `s3_error` answers any status and code a rule names, e.g. S3's 400 ExpiredToken; `after_requests`
-lets a rule's first matching requests through, so credentials can "expire" mid-run.
+lets a rule's first matching requests through, so credentials can "expire" mid-run. `hold` keeps
+each matching request until `release_held()`, then forwards it: a test sees which requests are in
+progress at once (`held_paths()`), whatever the machine's speed.
 """
 
 import contextlib
@@ -42,6 +44,7 @@ FAULT_KINDS = (
     "reset",
     "stall",
     "malformed_headers",
+    "hold",
 )
 
 # (status, S3 error code, message) as S3 documents them.
@@ -121,6 +124,8 @@ class FaultProxy:
         self._counters: dict[str, int] = {"requests": 0, "forwarded": 0} | dict.fromkeys(FAULT_KINDS, 0)
         self._request_times: list[float] = []
         self._stopping = threading.Event()
+        self._released = threading.Event()
+        self._held: list[str] = []  # decoded paths of the requests a "hold" rule keeps right now
         self._server: http.server.ThreadingHTTPServer | None = None
         self._serve_thread: threading.Thread | None = None
         # Client connections being served, so stop() can wake handlers blocked on keep-alive reads.
@@ -189,6 +194,16 @@ class FaultProxy:
     def clear_rules(self) -> None:
         with self._lock:
             self._rules.clear()
+
+    def held_paths(self) -> list[str]:
+        """The decoded paths of the requests a "hold" rule is keeping, in arrival order."""
+        with self._lock:
+            return list(self._held)
+
+    def release_held(self) -> None:
+        """Forward every held request, and from now on let "hold" rules keep nothing (clear the rules
+        before holding again)."""
+        self._released.set()
 
     def stats(self) -> dict[str, int]:
         """Counters: "requests" received; "forwarded", answers that came from the upstream (delayed and
@@ -302,6 +317,17 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             self._send_s3_error(decision.fault.status, decision.fault.code, decision.fault.message)
         elif kind == "reset":
             self._reset_connection()
+        elif kind == "hold":
+            with proxy._lock:
+                proxy._held.append(decoded_path)
+            while not (proxy._released.wait(0.05) or proxy._stopping.is_set()):
+                pass
+            with proxy._lock:
+                proxy._held.remove(decoded_path)
+            if proxy._stopping.is_set():
+                self.close_connection = True
+            else:
+                self._forward(body, trailers, malformed_headers=False)
         elif kind == "stall":
             # Event.wait returns at once when stop() sets it, so a stall never holds up shutdown.
             proxy._stopping.wait(decision.fault.stall_s)

@@ -57,6 +57,17 @@ def head_values(s3_client, bucket: str, key: str) -> tuple[str, int]:
     return headers["etag"].strip('"'), int(last_modified.timestamp() * 1000)
 
 
+def assert_every_file_right(conn, s3_client, bucket, files) -> None:
+    """Every file whose object is in S3 has its object's ETag and Last-Modified, once; no other file has any."""
+    written = new_attr_triples(conn)
+    assert len(written) == sum(f.in_s3 for f in files)
+    for file in files:
+        if file.in_s3:
+            etag, last_modified = head_values(s3_client, bucket, file.key)
+            values = [v[0] for v in written[(file.app_id, file.entity_id)].values()]
+            assert sorted(values, key=str) == sorted([etag, last_modified], key=str)
+
+
 def wait_for(condition, what: str, timeout_s: float):
     """condition()'s first truthy value, polled every second; TimeoutError naming `what` after timeout_s."""
     deadline = time.monotonic() + timeout_s

@@ -240,6 +240,28 @@ def test_stop_returns_promptly_during_a_stall_and_with_idle_keep_alive_connectio
         socket.create_connection(address, timeout=1).close()
 
 
+def test_a_hold_keeps_requests_until_released_then_forwards_them(proxy, s3_client, ready_bucket):
+    s3_client.put_object(Bucket=ready_bucket, Key="held/object", Body=b"payload")
+    client = proxied_client(proxy)
+    proxy.add_rule(FaultRule("hold", key_pattern="/held/"))
+    answers = []
+    heads = [
+        threading.Thread(target=lambda: answers.append(client.head_object(Bucket=ready_bucket, Key="held/object")))
+        for _ in range(2)
+    ]
+    for head in heads:
+        head.start()
+    deadline = time.monotonic() + 10
+    while len(proxy.held_paths()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proxy.held_paths() == [f"/{ready_bucket}/held/object"] * 2 and answers == []
+    client.head_bucket(Bucket=ready_bucket)  # other requests pass
+    proxy.release_held()
+    for head in heads:
+        head.join(10)
+    assert [answer["ContentLength"] for answer in answers] == [7, 7] and proxy.held_paths() == []
+
+
 def test_malformed_headers_fault(proxy, s3_client, ready_bucket):
     s3_client.put_object(Bucket=ready_bucket, Key="object", Body=b"payload")
     client = proxied_client(proxy)
