@@ -108,6 +108,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-in-flight", type=int, default=32, help="S3Settings.max_in_flight of the pipeline")
     parser.add_argument("--ceiling-threads", type=int, default=32, help="threads of the boto3 ceiling loop")
     parser.add_argument("--partition-width", type=int, default=2, help="hex digits per partition (2: 256)")
+    parser.add_argument(
+        "--partitions-per-run",
+        type=int,
+        default=0,
+        help="ui-backfill: S3_ATTRS_PARTITIONS_PER_RUN, so the UI backfill is that many partitions a run (0: one run)",
+    )
     parser.add_argument("--missing-ratio", type=float, default=0.01, help="files whose object is missing")
     parser.add_argument("--prepopulated-ratio", type=float, default=0.02, help="files that already have hash")
     parser.add_argument("--seed", type=int, default=4)
@@ -684,10 +690,11 @@ def end_to_end_summary(results: list[dict], args: argparse.Namespace, data) -> l
         got = ui["partitions"]
         lines += [
             "",
-            "| UI backfill (dagster dev, all partitions) | launch → last partition status, s | "
+            "| UI backfill (dagster dev, all partitions) | runs | launch → last partition status, s | "
             "partitions materialized / failed / total | files written | files/s |",
-            "|---|---:|---:|---:|---:|",
-            f"| {world} ({shape}) | {ui['elapsed_s']:.1f}{' (time-capped)' if ui['capped'] else ''} | "
+            "|---|---:|---:|---:|---:|---:|",
+            f"| {world} ({shape}), partitions per run: {args.partitions_per_run or 'all'} | {ui.get('dagster_runs')} | "
+            f"{ui['elapsed_s']:.1f}{' (time-capped)' if ui['capped'] else ''} | "
             f"{got['materialized']} / {got['failed']} / {got['total']} | {ui['files']:,} | {_rate(ui):,.0f} |",
         ]
     lines += ["", "Floors:"]
@@ -739,10 +746,48 @@ def end_to_end_summary(results: list[dict], args: argparse.Namespace, data) -> l
     for row in (cli, ui):
         if row and row.get("config_writes") is not None:
             lines.append(_config_writes_floor(row, args))
+    if cli and cli.get("after_run"):
+        lines += _after_run_lines(cli)
     if caveats:
         lines.append(
             "- Not the issue's conditions (" + "; ".join(caveats) + "): the verdicts above are indicative only."
         )
+    return lines
+
+
+# Issue 21's floors at ≥ 1,000,000 files: a rerun with nothing to do, the checks, `s3-attrs stats`
+# (seconds), peak RSS (MiB), and the plan of one partition against every partition's (a share of buffers).
+AFTER_RUN_FLOORS = {"rerun_s": 4.0, "checks_s": 10.0, "stats_s": 5.0, "peak_rss_mib": 250.0, "plan_share": 0.01}
+
+
+def _after_run_lines(cli: dict) -> list[str]:
+    after = cli["after_run"]
+    share = after["plan_buffers_one"] / after["plan_buffers_every"] if after["plan_buffers_every"] else 0.0
+    peak = cli["tree"]["peak_rss_mib"]
+    figures = [
+        ("a rerun with nothing to do (`s3-attrs run`, process start to exit)", after["rerun_s"], "rerun_s", "s"),
+        (
+            "the four checks' database reads (`database_report`, process start to exit)",
+            after["checks_s"],
+            "checks_s",
+            "s",
+        ),
+        ("`s3-attrs stats`", after["stats_s"], "stats_s", "s"),
+        ("peak RSS of `s3-attrs run`", peak, "peak_rss_mib", "MiB"),
+    ]
+    lines = [
+        f"- After the run: rerun exit {after['rerun_exit']} ({after['rerun_report'].get('worked_partitions', '?')} "
+        f"partitions worked); the checks read {after['checked_files']:,} files, {after['remaining']:,} remaining, "
+        f"their queries {after['checks_queries_s']:.1f} s"
+    ]
+    for label, value, key, unit in figures:
+        verdict = "PASS" if value <= AFTER_RUN_FLOORS[key] else "FAIL"
+        lines.append(f"- {label}: {value:.1f} {unit} ≤ {AFTER_RUN_FLOORS[key]:g}: **{verdict}**")
+    verdict = "PASS" if share <= AFTER_RUN_FLOORS["plan_share"] else "FAIL"
+    lines.append(
+        f"- the plan of one partition reads {after['plan_buffers_one']:,} buffers, every partition's "
+        f"{after['plan_buffers_every']:,}: {share:.4f} ≤ {AFTER_RUN_FLOORS['plan_share']}: **{verdict}**"
+    )
     return lines
 
 
@@ -1211,6 +1256,7 @@ def main(argv: list[str] | None = None) -> int:
                 "batch_size": args.batch_size,
                 "max_in_flight": args.max_in_flight,
                 "partition_width": args.partition_width,
+                "partitions_per_run": args.partitions_per_run,
                 "threads": args.ceiling_threads,
                 "max_seconds": args.max_seconds,
                 "grace_seconds": 120.0,

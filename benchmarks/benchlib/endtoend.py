@@ -146,8 +146,8 @@ def _reap_orphans() -> None:
 def pipeline_env(cfg: dict, dagster_home: pathlib.Path) -> dict:
     """The environment an operator gives the pipeline: the database, the bucket, the S3 endpoint (through
     the delay proxy when there is one) and credentials, a DAGSTER_HOME. Inherited S3_ATTRS_* and
-    INSTANT_* settings are dropped so a run measures the defaults, except the partition width the
-    benchmark was given; PYTHONPATH puts this checkout first, so every process (the CLI, dagster dev's
+    INSTANT_* settings are dropped so a run measures the defaults, except the partition width and
+    partitions per run the benchmark was given; PYTHONPATH puts this checkout first, so every process (the CLI, dagster dev's
     code server, its run workers) runs the code the benchmark's header names."""
     env = {
         k: v
@@ -166,6 +166,7 @@ def pipeline_env(cfg: dict, dagster_home: pathlib.Path) -> dict:
             "AWS_EC2_METADATA_DISABLED": "true",
             "DAGSTER_HOME": str(dagster_home),
             "S3_ATTRS_PARTITION_WIDTH": str(cfg["partition_width"]),
+            "S3_ATTRS_PARTITIONS_PER_RUN": str(cfg.get("partitions_per_run", 0)),
             "PYTHONPATH": cfg["repo_root"]
             + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
         }
@@ -303,7 +304,10 @@ def cli_run(cfg: dict) -> dict:
     notes.append(f"{runs} Dagster runs")
     if exit_code != 0:
         notes.append("output ends: " + " / ".join(tree.log_tail(5).splitlines()))
-    return _base_result(cfg, written, elapsed, capped, cpu_before) | {
+    result = _base_result(cfg, written, elapsed, capped, cpu_before)
+    after = _after_the_run(cfg, env, work) if finished and exit_code == 0 else {}
+    return result | {
+        "after_run": after,
         "report": report,
         "exit_code": exit_code,
         "dagster_runs": runs,
@@ -312,6 +316,73 @@ def cli_run(cfg: dict) -> dict:
         "imported_from": imported,
         "output_tail": tree.log_tail(),
         "e2e_notes": notes,
+    }
+
+
+# What an operator runs after a backfill, each timed from process start to exit: the rerun that finds
+# nothing to do, `s3-attrs stats`, and the database side of the four checks (verification.database_report,
+# what the checks read; their S3 sample is apart). And the plan's reads for one partition against every
+# partition's (EXPLAIN buffers of the plan's two counts).
+_CHECKS = (
+    "import os, time, psycopg; from s3_attrs_pipeline.verification import database_report; "
+    "c = psycopg.connect(os.environ['INSTANT_DATABASE_URL'], autocommit=True); t = time.perf_counter(); "
+    "r = database_report(c, int(os.environ['S3_ATTRS_PARTITION_WIDTH'])); "
+    "print(f'{time.perf_counter() - t:.3f} {r.total_files} {r.remaining}')"
+)
+
+
+def _timed(command: list[str], cfg: dict, env: dict) -> tuple[float, subprocess.CompletedProcess]:
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=cfg["repo_root"], env=env, capture_output=True, text=True, timeout=1800)
+    return time.perf_counter() - started, done
+
+
+def _plan_buffers(database_url: str, keys: list[str]) -> int:
+    from s3_attrs_pipeline.instant import reads
+    from s3_attrs_pipeline.instant.app_id_ranges import AppIdRange
+    from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED, LOCATION_ID
+
+    app_ids = AppIdRange.spanning(keys)
+    params = {
+        "width": len(keys[0]),
+        "location_attr": LOCATION_ID.attr_id,
+        "hash_attr": HASH.attr_id,
+        "last_modified_attr": LAST_MODIFIED.attr_id,
+        "first_app": app_ids.first,
+        "last_app": app_ids.last,
+    }
+    total = 0
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for query in (reads._COVERAGE_BY_PARTITION, reads._ORPHANED_VALUES_BY_PARTITION):
+            plan = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + query, params).fetchone()[0][0]["Plan"]
+            total += plan["Shared Hit Blocks"] + plan["Shared Read Blocks"]
+    return total
+
+
+def _after_the_run(cfg: dict, env: dict, work: pathlib.Path) -> dict:
+    from s3_attrs_pipeline.instant.app_id_ranges import partition_keys
+
+    cli = [sys.executable, "-m", "s3_attrs_pipeline.cli"]
+    rerun_s, rerun = _timed([*cli, "run", "--quiet"], cfg, env)
+    (work / "rerun.log").write_text(rerun.stdout + rerun.stderr)
+    stats_s, stats = _timed([*cli, "stats", "--json"], cfg, env)
+    checks_s, checks = _timed([sys.executable, "-c", _CHECKS], cfg, env)
+    keys = partition_keys(cfg["partition_width"])
+    every, one = _plan_buffers(cfg["database_url"], keys), _plan_buffers(cfg["database_url"], [keys[len(keys) // 2]])
+    queries_s, files, remaining = (float(v) for v in checks.stdout.split()) if checks.returncode == 0 else (0, 0, 0)
+    return {
+        "rerun_s": rerun_s,
+        "rerun_exit": rerun.returncode,
+        "rerun_report": _parse_summary(rerun.stdout + rerun.stderr),
+        "stats_s": stats_s,
+        "stats_exit": stats.returncode,
+        "checks_s": checks_s,
+        "checks_queries_s": queries_s,
+        "checks_exit": checks.returncode,
+        "checked_files": int(files),
+        "remaining": int(remaining),
+        "plan_buffers_every": every,
+        "plan_buffers_one": one,
     }
 
 
