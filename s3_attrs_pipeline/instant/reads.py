@@ -147,22 +147,24 @@ def pending_files_at(conn: psycopg.Connection, app_id: uuid.UUID, location_ids: 
     return [PendingFile(*row) for row in conn.execute(_PENDING_AT_LOCATIONS, params).fetchall()]
 
 
-# Each file's values are found by one probe of the file's own entries (`ea_index`: app_id,
-# entity_id), as a subquery the planner runs per file: joined on the attr with `=`, a planner whose
-# statistics predate the backfill probes `triples_created_at_idx` (app_id, attr_id) or
-# `triples_app_id` instead, reading every `hash` triple of the app for each of its files (137 buffers
-# a file on a test world of 35,000 files: 18 s). Linear in the range's files whatever the statistics.
-_COVERAGE_BY_PARTITION = """
-SELECT left(l.app_id::text, %(width)s), count(*), count(*) FILTER (WHERE v.has_hash),
-       count(*) FILTER (WHERE v.has_last_modified), count(*) FILTER (WHERE v.has_hash AND v.has_last_modified)
-FROM triples l
-CROSS JOIN LATERAL (
-  SELECT bool_or(e.attr_id = %(hash_attr)s) AS has_hash,
-         bool_or(e.attr_id = %(last_modified_attr)s) AS has_last_modified
-  FROM triples e
-  WHERE e.app_id = l.app_id AND e.entity_id = l.entity_id AND e.ea
-) v
-WHERE l.attr_id = %(location_attr)s AND l.ea AND l.app_id BETWEEN %(first_app)s AND %(last_app)s
+# One pass over the range's `location-id`, `hash` and `lastModified` entries, grouped by entity:
+# no join, so no plan can compare each file with every value of its app (joined on the attr with
+# `=`, a planner whose statistics predate the backfill probed `triples_created_at_idx` (app_id,
+# attr_id) for each file, reading every `hash` triple of the app: 137 buffers a file on a test world
+# of 35,000 files, 18 s; probed per file through `ea_index` instead, 17M buffers at 1,000,000 files).
+# Read in `ea_index` order (app_id, entity_id, attr_id) the entities stream into the aggregate.
+_ENTITIES = """
+SELECT t.app_id, bool_or(t.attr_id = %(location_attr)s) AS located, bool_or(t.attr_id = %(hash_attr)s) AS has_hash,
+       bool_or(t.attr_id = %(last_modified_attr)s) AS has_last_modified
+FROM triples t
+WHERE t.ea AND t.app_id BETWEEN %(first_app)s AND %(last_app)s AND t.attr_id = ANY(%(attr_ids)s::uuid[])
+GROUP BY t.app_id, t.entity_id
+"""
+_COVERAGE_BY_PARTITION = f"""
+SELECT left(e.app_id::text, %(width)s), count(*), count(*) FILTER (WHERE e.has_hash),
+       count(*) FILTER (WHERE e.has_last_modified), count(*) FILTER (WHERE e.has_hash AND e.has_last_modified)
+FROM ({_ENTITIES}) e
+WHERE e.located
 GROUP BY 1
 """
 
@@ -196,6 +198,7 @@ def coverage_by_partition(
             "location_attr": LOCATION_ID.attr_id,
             "hash_attr": HASH.attr_id,
             "last_modified_attr": LAST_MODIFIED.attr_id,
+            "attr_ids": [LOCATION_ID.attr_id, HASH.attr_id, LAST_MODIFIED.attr_id],
         }
         rows = conn.execute(_COVERAGE_BY_PARTITION, params).fetchall()
         coverage |= {row[0]: PartitionCoverage(*row) for row in rows}
@@ -203,17 +206,12 @@ def coverage_by_partition(
 
 
 # Files whose `hash` outlived their `location-id` (deleted while their values were written; see
-# writes.py): an entity with no other attribute, which an app's queries would show as a file. The
-# location-id is probed per value through `ea_index`, as LACKS_HASH probes `hash`: as an anti join,
-# the planner may probe `triples_app_id`, every triple of the app for each value.
-_ORPHANED_VALUES_BY_PARTITION = """
-SELECT left(h.app_id::text, %(width)s), count(*)
-FROM triples h
-WHERE h.attr_id = %(hash_attr)s AND h.ea AND h.app_id BETWEEN %(first_app)s AND %(last_app)s
-  AND (SELECT 1 FROM triples l
-       WHERE l.app_id = h.app_id AND l.entity_id = h.entity_id AND l.attr_id IS NOT DISTINCT FROM %(location_attr)s
-         AND l.ea
-       LIMIT 1) IS NULL
+# writes.py): an entity with no other attribute, which an app's queries would show as a file. Found
+# in the same one pass over the entities as the coverage.
+_ORPHANED_VALUES_BY_PARTITION = f"""
+SELECT left(e.app_id::text, %(width)s), count(*)
+FROM ({_ENTITIES}) e
+WHERE e.has_hash AND NOT e.located
 GROUP BY 1
 """
 _APPS_WITH_ORPHANED_VALUES = """
@@ -240,6 +238,8 @@ def orphaned_values_by_partition(
             "width": width,
             "hash_attr": HASH.attr_id,
             "location_attr": LOCATION_ID.attr_id,
+            "last_modified_attr": LAST_MODIFIED.attr_id,
+            "attr_ids": [LOCATION_ID.attr_id, HASH.attr_id],
             "first_app": piece.first,
             "last_app": piece.last,
         }
@@ -332,14 +332,6 @@ def sample_populated_files(conn: psycopg.Connection, size: int, populated: int) 
     return [PopulatedFile(PendingFile(app_id, entity_id, location), h, m) for app_id, entity_id, location, h, m in rows]
 
 
-# `hash` probed per file, as LACKS_HASH does for a page.
-_FILE_COUNTS = sql.SQL("""
-SELECT count(*), count(*) FILTER (WHERE NOT {lacks_hash})
-FROM triples l
-WHERE l.attr_id = %(location_attr)s AND l.ea AND l.app_id BETWEEN %(first_app)s AND %(last_app)s
-""").format(lacks_hash=LACKS_HASH)
-
-
 @dataclasses.dataclass(frozen=True)
 class FileCount:
     files: int  # with a location-id
@@ -347,18 +339,9 @@ class FileCount:
 
 
 def count_files(conn: psycopg.Connection) -> FileCount:
-    """Every file of every app, and how many carry `hash`: a statement per sixteenth of the apps."""
-    files = with_hash = 0
-    for piece in sixteenths(EVERY_APP):
-        params = {
-            "hash_attr": HASH.attr_id,
-            "location_attr": LOCATION_ID.attr_id,
-            "first_app": piece.first,
-            "last_app": piece.last,
-        }
-        counted, populated = conn.execute(_FILE_COUNTS, params).fetchone()
-        files, with_hash = files + counted, with_hash + populated
-    return FileCount(files, with_hash)
+    """Every file of every app, and how many carry `hash` (the coverage of the whole database)."""
+    coverage = coverage_by_partition(conn, 1).values()
+    return FileCount(sum(part.files for part in coverage), sum(part.with_hash for part in coverage))
 
 
 # The queries `hash` and `lastModified` exist for, in the shape InstantDB gives them for one app:
