@@ -109,6 +109,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ceiling-threads", type=int, default=32, help="threads of the boto3 ceiling loop")
     parser.add_argument("--partition-width", type=int, default=2, help="hex digits per partition (2: 256)")
     parser.add_argument(
+        "--after-run",
+        action="store_true",
+        help="cli-run: then time a rerun with nothing to do, `s3-attrs stats` and the checks' reads, and the "
+        "plan's buffers per partition (their CPU counts in the row's server columns)",
+    )
+    parser.add_argument(
         "--partitions-per-run",
         type=int,
         default=0,
@@ -1257,6 +1263,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_in_flight": args.max_in_flight,
                 "partition_width": args.partition_width,
                 "partitions_per_run": args.partitions_per_run,
+                "after_run": args.after_run,
                 "threads": args.ceiling_threads,
                 "max_seconds": args.max_seconds,
                 "grace_seconds": 120.0,

@@ -305,7 +305,7 @@ def cli_run(cfg: dict) -> dict:
     if exit_code != 0:
         notes.append("output ends: " + " / ".join(tree.log_tail(5).splitlines()))
     result = _base_result(cfg, written, elapsed, capped, cpu_before)
-    after = _after_the_run(cfg, env, work) if finished and exit_code == 0 else {}
+    after = _after_the_run(cfg, env, work) if cfg.get("after_run") and finished and exit_code == 0 else {}
     return result | {
         "after_run": after,
         "report": report,
@@ -319,7 +319,8 @@ def cli_run(cfg: dict) -> dict:
     }
 
 
-# What an operator runs after a backfill, each timed from process start to exit: the rerun that finds
+# With --after-run, what an operator runs after a backfill, each timed from process start to exit
+# (their CPU then counts in the row's PostgreSQL and S3-server columns, not in files/s): the rerun that finds
 # nothing to do, `s3-attrs stats`, and the database side of the four checks (verification.database_report,
 # what the checks read; their S3 sample is apart). And the plan's reads for one partition against every
 # partition's (EXPLAIN buffers of the plan's two counts).
@@ -350,6 +351,7 @@ def _plan_buffers(database_url: str, keys: list[str]) -> int:
         "last_modified_attr": LAST_MODIFIED.attr_id,
         "first_app": app_ids.first,
         "last_app": app_ids.last,
+        "attr_ids": [LOCATION_ID.attr_id, HASH.attr_id, LAST_MODIFIED.attr_id],
     }
     total = 0
     with psycopg.connect(database_url, autocommit=True) as conn:
