@@ -1,7 +1,7 @@
 """The default run launcher (a process per run), able to tell run monitoring that a run's process is
 gone, as Kubernetes' and ECS's launchers tell it of a lost pod or task. Dagster's default launcher
-cannot, so a run killed on one machine stays STARTED: with this one, the tests run the repository's
-`dagster.yaml` (run monitoring, run retries) as a cluster would."""
+cannot: only the code server that started the run notices its process die (and a run whose code
+server died with it stays STARTED). With this one, run monitoring sees it too, as on a cluster."""
 
 import os
 import pathlib

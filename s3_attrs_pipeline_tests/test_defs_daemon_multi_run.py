@@ -1,8 +1,8 @@
 """A backfill spread over several runs, as on a cluster: the repository's dagster.yaml (PostgreSQL
 storage, the run queue, run monitoring and run retries) and a process per run, with
 S3_ATTRS_PARTITIONS_PER_RUN=64. "Materialize → All" becomes four runs that work at the same time;
-one run's process is killed mid-way; run monitoring marks that run failed, the run retry finishes
-its partitions, and every file is right."""
+one run's process is killed mid-way; the run is marked failed (by run monitoring, or first by the
+code server that started it), the run retry finishes its partitions, and every file is right."""
 
 import os
 import signal
@@ -114,10 +114,12 @@ def test_a_backfill_in_four_runs_works_them_at_once_and_finishes_a_lost_one(
         # ⌈256 / 64⌉ runs, each a contiguous quarter
         assert first_runs == [(every[i], every[i + PARTITIONS_PER_RUN - 1]) for i in range(0, 256, PARTITIONS_PER_RUN)]
         assert instance.get_run_by_id(lost.run_id).status == dg.DagsterRunStatus.FAILURE
-        failure = [
-            e.message for e in instance.all_logs(lost.run_id) if e.dagster_event and e.dagster_event.is_run_failure
-        ]
-        assert any("is gone" in (message or "") for message in failure), failure
+        # Whichever sees the lost process first marks the run failed: run monitoring, through the
+        # launcher ("the run's process N is gone"), or, on one machine, the code server that started it
+        # ("Run execution process for … was terminated by signal 9"); either way the run is retried.
+        messages = [event.message or "" for event in instance.all_logs(lost.run_id)]
+        lost_seen = (f"the run's process {pid} is gone", "was terminated by signal 9 (SIGKILL)")
+        assert any(seen in message for message in messages for seen in lost_seen), messages
         retries = [run for run in runs if run.tags.get(PARENT_RUN_ID_TAG) == lost.run_id]
         assert [run.status for run in retries] == [dg.DagsterRunStatus.SUCCESS], [run.status for run in retries]
         assert backfill.status.value == "COMPLETED_SUCCESS", backfill.status
