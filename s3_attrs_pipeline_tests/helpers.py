@@ -143,6 +143,18 @@ def launch(context, query, variables, field) -> str:
     return result["backfillId"]
 
 
+def launch_backfill(context, partition_keys: list[str], asset: str = "files_s3_attrs") -> str:
+    """What the UI's "Materialize…" dialog sends for the asset's partitions (every key by name); the
+    new backfill's id."""
+    params = {
+        "partitionNames": partition_keys,
+        "assetSelection": [{"path": [asset]}],
+        "fromFailure": False,
+        "tags": [{"key": "dagster/from_ui", "value": "true"}],
+    }
+    return launch(context, LAUNCH_BACKFILL, {"params": params}, "launchPartitionBackfill")
+
+
 def terminate(context, run_id: str) -> None:
     """The UI's Terminate of a run."""
     from dagster_graphql.test.utils import execute_dagster_graphql

@@ -23,9 +23,8 @@ from s3_attrs_pipeline.local import seed
 from s3_attrs_pipeline_tests.conftest import REPO_ROOT
 from s3_attrs_pipeline_tests.fault_proxy import FaultRule
 from s3_attrs_pipeline_tests.helpers import (
-    LAUNCH_BACKFILL,
     assert_every_file_right,
-    launch,
+    launch_backfill,
     new_attr_triples,
     partition_of,
     terminate,
@@ -78,19 +77,7 @@ def test_terminate_mid_partition_writes_nothing_once_the_run_shows_canceled(
         dg.DagsterInstance.get() as instance,
         define_out_of_process_context(str(REPO_ROOT / "workspace.yaml"), None, instance) as context,
     ):
-        backfill_id = launch(
-            context,
-            LAUNCH_BACKFILL,
-            {
-                "params": {
-                    "partitionNames": [key],
-                    "assetSelection": [{"path": ["files_s3_attrs"]}],
-                    "fromFailure": False,
-                    "tags": [{"key": "dagster/from_ui", "value": "true"}],
-                }
-            },
-            "launchPartitionBackfill",
-        )
+        backfill_id = launch_backfill(context, [key])
         wait_for(lambda: _written(conn) >= 100, "the run's first batches", timeout_s=240)
         [run] = instance.get_runs(filters=dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
         asked = time.monotonic()

@@ -13,7 +13,7 @@ from s3_attrs_pipeline.defs.checks import CHECK_KEYS
 from s3_attrs_pipeline.defs.partitions import RANGE_END_TAG, RANGE_START_TAG, app_id_prefix_partitions
 from s3_attrs_pipeline_tests.conftest import REPO_ROOT
 from s3_attrs_pipeline_tests.fault_proxy import FaultRule
-from s3_attrs_pipeline_tests.helpers import LAUNCH_BACKFILL, launch, partition_of, partitions_of, wait_for
+from s3_attrs_pipeline_tests.helpers import launch, launch_backfill, partition_of, partitions_of, wait_for
 
 FILES = dg.AssetKey("files_s3_attrs")
 REEXECUTE_BACKFILL = """
@@ -96,20 +96,7 @@ def test_ui_backfill_of_every_partition_works_only_where_there_is_work(conn, buc
         dg.DagsterInstance.get() as instance,
         define_out_of_process_context(str(REPO_ROOT / "workspace.yaml"), None, instance) as context,
     ):
-        first = launch(
-            context,
-            LAUNCH_BACKFILL,
-            # What "Materialize → All" sends for this asset: every key by name (it is in the asset job).
-            {
-                "params": {
-                    "partitionNames": every,
-                    "assetSelection": [{"path": ["files_s3_attrs"]}],
-                    "fromFailure": False,
-                    "tags": [{"key": "dagster/from_ui", "value": "true"}],
-                }
-            },
-            "launchPartitionBackfill",
-        )
+        first = launch_backfill(context, every)
         assert _wait(lambda: _finished_backfill(instance, first), "the first backfill").status == (
             BulkActionStatus.COMPLETED_FAILED
         )

@@ -18,9 +18,8 @@ from s3_attrs_pipeline.defs.partitions import RANGE_END_TAG, RANGE_START_TAG, ap
 from s3_attrs_pipeline_tests.conftest import REPO_ROOT
 from s3_attrs_pipeline_tests.fault_proxy import FaultRule
 from s3_attrs_pipeline_tests.helpers import (
-    LAUNCH_BACKFILL,
     assert_every_file_right,
-    launch,
+    launch_backfill,
     partitions_of,
     start_fast_daemon,
     stop_process,
@@ -75,19 +74,7 @@ def test_a_backfill_in_four_runs_works_them_at_once_and_finishes_a_lost_one(
         dg.DagsterInstance.get() as instance,
         define_out_of_process_context(str(REPO_ROOT / "workspace.yaml"), None, instance) as context,
     ):
-        backfill_id = launch(
-            context,
-            LAUNCH_BACKFILL,
-            {
-                "params": {
-                    "partitionNames": every,
-                    "assetSelection": [{"path": ["files_s3_attrs"]}],
-                    "fromFailure": False,
-                    "tags": [{"key": "dagster/from_ui", "value": "true"}],
-                }
-            },
-            "launchPartitionBackfill",
-        )
+        backfill_id = launch_backfill(context, every)
 
         def two_runs_in_progress() -> set[int] | None:
             quarters = _quarters_in_progress(fault_proxy.held_paths(), bucket)

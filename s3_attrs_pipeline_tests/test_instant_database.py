@@ -720,16 +720,7 @@ def test_a_plan_reads_its_partitions_files_once(conn, seeded_files, instant_sche
     conn.execute("ANALYZE triples")
 
     def plan_buffers(keys: list[str]) -> int:
-        app_ids = AppIdRange.spanning(keys)
-        params = {
-            "width": 2,
-            "location_attr": LOCATION_ID.attr_id,
-            "hash_attr": HASH.attr_id,
-            "last_modified_attr": LAST_MODIFIED.attr_id,
-            "first_app": app_ids.first,
-            "last_app": app_ids.last,
-            "attr_ids": [LOCATION_ID.attr_id, HASH.attr_id, LAST_MODIFIED.attr_id],
-        }
+        params = reads.entity_count_params(2, AppIdRange.spanning(keys))
         return sum(
             _buffers(_analyzed(conn, sql.SQL(query), params))
             for query in (reads._COVERAGE_BY_PARTITION, reads._ORPHANED_VALUES_BY_PARTITION)

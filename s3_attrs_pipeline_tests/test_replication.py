@@ -31,7 +31,12 @@ from s3_attrs_pipeline.tasks import backfill, refresh
 from s3_attrs_pipeline.tasks.control import RunControl
 from s3_attrs_pipeline.tasks.task import TaskSettings
 from s3_attrs_pipeline_tests.conftest import REPO_ROOT
-from s3_attrs_pipeline_tests.helpers import head_values, new_attr_triples, partition_of, partitions_of
+from s3_attrs_pipeline_tests.helpers import (
+    assert_every_file_right,
+    new_attr_triples,
+    partition_of,
+    partitions_of,
+)
 
 SLOT = "invalidator_test"
 # One app of 300 files: one partition, 6 write transactions of 50 files (~80-100 KB of WAL each).
@@ -235,16 +240,6 @@ def _read_the_slot_once_waited_for(worker, log: RecordingLog, conn, lags: list[i
     assert not worker.is_alive(), "the backfill did not end"
 
 
-def _assert_every_file_right(conn, s3_client, bucket, files) -> None:
-    written = new_attr_triples(conn)
-    assert len(written) == sum(f.in_s3 for f in files)
-    for file in files:
-        if file.in_s3:
-            etag, last_modified = head_values(s3_client, bucket, file.key)
-            values = [values[0] for values in written[(file.app_id, file.entity_id)].values()]
-            assert sorted(values, key=str) == sorted([etag, last_modified], key=str)
-
-
 @pytest.fixture
 def wal_at_writes(logical_conn):
     """Notes, in each write transaction of the pipeline, how far the slot lagged the WAL inserted when its
@@ -312,7 +307,7 @@ def test_the_backfill_waits_for_a_lagging_slot_and_resumes_once_it_is_read(
     assert f"waiting for replication: slot {slot} (inactive: nothing reads it) is " in waiting
     assert waiting.endswith(" MB behind (limit 0.25 MB)")
     assert log.said("info", "replication caught up after ")
-    _assert_every_file_right(logical_conn, s3_client, bucket, files)
+    assert_every_file_right(logical_conn, s3_client, bucket, files)
     # One partition: each write transaction began right after a measurement that found the slot within
     # its limit; so did every write, whatever the size of the one before it.
     began_at, _ = _write_transactions(logical_conn)
@@ -377,7 +372,7 @@ def test_with_partitions_worked_at_once_the_slot_lags_the_limit_plus_one_transac
     if "error" in outcome:
         raise outcome["error"]
     assert [o.ended for o in outcome["report"]] == [range_run.Ended.SUCCEEDED] * len(keys)
-    _assert_every_file_right(logical_conn, s3_client, bucket, files)
+    assert_every_file_right(logical_conn, s3_client, bucket, files)
     assert heard.waits and max(lags) > limit_bytes  # the gate held the run
     began_at, most_per_transaction = _write_transactions(logical_conn)
     bound = limit_bytes + (len(keys) - 1) * most_per_transaction + SERVER_OWN_WAL
@@ -394,7 +389,7 @@ def test_a_slot_ignored_or_not_watched_is_never_waited_for(
     report = _run_backfill(logical_db, bucket, s3_endpoint, key, TaskSettings(replication=limits), log)
     assert report.replication_wait_s == 0 and not log.said("info", "waiting for replication")
     assert _slot_lag(logical_conn) > 10 * limits.max_lag_mb * 1024 * 1024
-    _assert_every_file_right(logical_conn, s3_client, bucket, files)
+    assert_every_file_right(logical_conn, s3_client, bucket, files)
 
 
 def _replay_lag_s(conn) -> float:
@@ -430,7 +425,7 @@ def test_the_backfill_waits_for_a_replica_that_replays_behind(
     assert waiting.startswith(f"waiting for replication: replica {STANDBY} replays ")
     assert waiting.endswith("s behind (limit 0.5s)")
     assert outcome["report"].replication_wait_s > 0.3
-    _assert_every_file_right(logical_conn, s3_client, bucket, files)
+    assert_every_file_right(logical_conn, s3_client, bucket, files)
 
 
 def test_the_refresh_waits_for_a_lagging_slot_too(
@@ -457,7 +452,7 @@ def test_the_refresh_waits_for_a_lagging_slot_too(
         raise outcome["error"]
     assert outcome["report"].counts.refreshed == len(changed)
     assert outcome["report"].replication_wait_s > 0 and log.said("info", "waiting for replication: slot")
-    _assert_every_file_right(logical_conn, s3_client, bucket, files)
+    assert_every_file_right(logical_conn, s3_client, bucket, files)
 
 
 def _least_privileged_role(conn, role: str) -> None:
@@ -497,7 +492,7 @@ def test_a_replica_the_role_cannot_see_is_warned_of_once_and_the_slots_still_wat
         ]
     # The slot, which every role may read, was still watched: the backfill waited for it.
     assert outcome["report"].replication_wait_s > 0
-    _assert_every_file_right(logical_conn, s3_client, bucket, files)
+    assert_every_file_right(logical_conn, s3_client, bucket, files)
 
 
 def test_a_hidden_replica_is_warned_of_once_per_run_not_per_partition(
@@ -514,7 +509,7 @@ def test_a_hidden_replica_is_warned_of_once_per_run_not_per_partition(
         )
     assert [o.ended for o in outcomes] == [range_run.Ended.SUCCEEDED] * len(keys)
     assert len(log.said("warning", "cannot see how far 1 streaming replica(s) lag")) == 1
-    _assert_every_file_right(logical_conn, s3_client, bucket, files)
+    assert_every_file_right(logical_conn, s3_client, bucket, files)
 
 
 @pytest.mark.daemon

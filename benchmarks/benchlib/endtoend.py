@@ -341,18 +341,8 @@ def _timed(command: list[str], cfg: dict, env: dict) -> tuple[float, subprocess.
 def _plan_buffers(database_url: str, keys: list[str]) -> int:
     from s3_attrs_pipeline.instant import reads
     from s3_attrs_pipeline.instant.app_id_ranges import AppIdRange
-    from s3_attrs_pipeline.instant.file_attrs import HASH, LAST_MODIFIED, LOCATION_ID
 
-    app_ids = AppIdRange.spanning(keys)
-    params = {
-        "width": len(keys[0]),
-        "location_attr": LOCATION_ID.attr_id,
-        "hash_attr": HASH.attr_id,
-        "last_modified_attr": LAST_MODIFIED.attr_id,
-        "first_app": app_ids.first,
-        "last_app": app_ids.last,
-        "attr_ids": [LOCATION_ID.attr_id, HASH.attr_id, LAST_MODIFIED.attr_id],
-    }
+    params = reads.entity_count_params(len(keys[0]), AppIdRange.spanning(keys))
     total = 0
     with psycopg.connect(database_url, autocommit=True) as conn:
         for query in (reads._COVERAGE_BY_PARTITION, reads._ORPHANED_VALUES_BY_PARTITION):

@@ -184,25 +184,36 @@ class PartitionCoverage:
         return self.files - self.with_hash
 
 
+def entity_count_params(width: int, app_ids: AppIdRange) -> dict:
+    """The parameters of a count over the range's entities (_COVERAGE_BY_PARTITION,
+    _ORPHANED_VALUES_BY_PARTITION): also what an EXPLAIN of them takes."""
+    return {
+        "width": width,
+        "first_app": app_ids.first,
+        "last_app": app_ids.last,
+        "location_attr": LOCATION_ID.attr_id,
+        "hash_attr": HASH.attr_id,
+        "last_modified_attr": LAST_MODIFIED.attr_id,
+        "attr_ids": [LOCATION_ID.attr_id, HASH.attr_id, LAST_MODIFIED.attr_id],
+    }
+
+
+def _rows_by_sixteenth(conn: psycopg.Connection, query: str, width: int, app_ids: AppIdRange) -> list[tuple]:
+    """`query`'s rows over the range, a statement per sixteenth of the apps."""
+    return [
+        row
+        for piece in sixteenths(app_ids)
+        for row in conn.execute(query, entity_count_params(width, piece)).fetchall()
+    ]
+
+
 def coverage_by_partition(
     conn: psycopg.Connection, width: int, app_ids: AppIdRange = EVERY_APP
 ) -> dict[str, PartitionCoverage]:
     """Coverage of every partition of the range that has files, keyed by partition (the app id's first
     `width` hex digits); a statement per sixteenth of the apps."""
-    coverage = {}
-    for piece in sixteenths(app_ids):
-        params = {
-            "width": width,
-            "first_app": piece.first,
-            "last_app": piece.last,
-            "location_attr": LOCATION_ID.attr_id,
-            "hash_attr": HASH.attr_id,
-            "last_modified_attr": LAST_MODIFIED.attr_id,
-            "attr_ids": [LOCATION_ID.attr_id, HASH.attr_id, LAST_MODIFIED.attr_id],
-        }
-        rows = conn.execute(_COVERAGE_BY_PARTITION, params).fetchall()
-        coverage |= {row[0]: PartitionCoverage(*row) for row in rows}
-    return coverage
+    rows = _rows_by_sixteenth(conn, _COVERAGE_BY_PARTITION, width, app_ids)
+    return {row[0]: PartitionCoverage(*row) for row in rows}
 
 
 # Files whose `hash` outlived their `location-id` (deleted while their values were written; see
@@ -232,19 +243,7 @@ def orphaned_values_by_partition(
 ) -> dict[str, int]:
     """Files of the range with `hash` but no `location-id`, by partition (only those that have any); a
     statement per sixteenth of the apps."""
-    orphaned = {}
-    for piece in sixteenths(app_ids):
-        params = {
-            "width": width,
-            "hash_attr": HASH.attr_id,
-            "location_attr": LOCATION_ID.attr_id,
-            "last_modified_attr": LAST_MODIFIED.attr_id,
-            "attr_ids": [LOCATION_ID.attr_id, HASH.attr_id],
-            "first_app": piece.first,
-            "last_app": piece.last,
-        }
-        orphaned |= dict(conn.execute(_ORPHANED_VALUES_BY_PARTITION, params).fetchall())
-    return orphaned
+    return dict(_rows_by_sixteenth(conn, _ORPHANED_VALUES_BY_PARTITION, width, app_ids))
 
 
 def apps_with_orphaned_values(conn: psycopg.Connection, app_ids: AppIdRange) -> dict[uuid.UUID, int]:
