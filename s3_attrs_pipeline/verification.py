@@ -95,7 +95,8 @@ class VerificationReport:
 
 def database_report(conn: psycopg.Connection, partition_width: int) -> VerificationReport:
     """Everything the database alone can tell: coverage, gaps by partition, malformed triples."""
-    coverage = reads.coverage_by_partition(conn, partition_width)
+    counts = reads.entity_counts_by_partition(conn, partition_width)
+    coverage = counts.coverage
     state = progress_rows.read_progress(conn)
     report = VerificationReport()
     for key in partition_keys(partition_width):
@@ -118,7 +119,7 @@ def database_report(conn: psycopg.Connection, partition_width: int) -> Verificat
                 PartitionGap(key, part.files, part.with_hash, part.lacking_hash, missing, invalid, gap)
             )
     report.only_one = report.with_hash + report.with_last_modified - 2 * report.with_both
-    report.orphaned_values_by_partition = reads.orphaned_values_by_partition(conn, partition_width)
+    report.orphaned_values_by_partition = counts.orphaned_values
     report.orphaned_values = sum(report.orphaned_values_by_partition.values())
     report.malformed = reads.malformed_new_triples(conn)
     report.app_query_plans = reads.app_query_plans(conn)

@@ -99,9 +99,36 @@ def test_run_skips_partitions_with_nothing_new(conn, bucket, seeded_files, dagst
     capsys.readouterr()
 
     assert cli.main(["run", "--quiet"]) == 0
-    assert f"0 of {len(dagster_runs.all_partition_keys())} partitions have work" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"0 of {len(dagster_runs.all_partition_keys())} partitions have work" in out
     assert all_triples(conn) == before
     assert progress_rows.read_progress(conn)["total-processed"] == state["total-processed"]
+    # Every partition shows materialized and none has work: no run, which would only materialize them again.
+    assert "no run launched" in out
+    assert len(dagster_runs.dagster_instance().get_runs()) == 1
+
+
+def test_a_rerun_is_a_run_when_a_partition_has_work_again_or_every_partition_is_asked_for(
+    conn, bucket, seeded_files, dagster_home, capsys
+):
+    assert cli.main(["run", "--quiet"]) == 0
+    instance = dagster_runs.dagster_instance()
+    done = next(f for f in seeded_files if f.in_s3)
+    conn.execute(  # as if the file were uploaded anew without values
+        "DELETE FROM triples WHERE app_id = %s AND entity_id = %s AND attr_id = ANY(%s)",
+        (done.app_id, done.entity_id, list(NEW_ATTR_IDS)),
+    )
+    capsys.readouterr()
+
+    assert cli.main(["run", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "no run launched" not in out and "1 of 256 partitions have work" in out
+    assert len(instance.get_runs()) == 2
+    assert (done.app_id, done.entity_id) in new_attr_triples(conn)
+
+    assert cli.main(["run", "--quiet", "--all"]) == 0
+    assert "no run launched" not in capsys.readouterr().out
+    assert len(instance.get_runs()) == 3
 
 
 def test_verbose_shows_the_problem_files(conn, bucket, seeded_files, dagster_home, capsys):

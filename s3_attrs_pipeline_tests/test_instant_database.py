@@ -486,7 +486,7 @@ def test_a_delete_that_reaches_the_file_first_leaves_the_write_to_try_again_and_
         deleter.commit()
         writing.join(30)
     assert outcomes == [writes.WriteOutcome(written=0, already_populated=0, vanished=1)]
-    assert reads.orphaned_values_by_partition(conn, 2) == {}
+    assert reads.entity_counts_by_partition(conn, 2).orphaned_values == {}
 
 
 @BOTH_SCHEMAS
@@ -512,7 +512,7 @@ def test_a_delete_that_meets_the_write_waits_for_it_and_what_it_misses_is_healed
     assert not deleting.is_alive()
     # The delete's snapshot predates the new triples: they outlive the file. The checks see them.
     assert (file.app_id, file.entity_id) in new_attr_triples(conn)
-    assert reads.orphaned_values_by_partition(conn, 2) == {key: 1}
+    assert reads.entity_counts_by_partition(conn, 2).orphaned_values == {key: 1}
     report = verification.database_report(conn, 2)
     assert report.orphaned_values == 1 and not report.consistent and key in report.partitions_to_heal
 
@@ -524,7 +524,7 @@ def test_a_delete_that_meets_the_write_waits_for_it_and_what_it_misses_is_healed
     assert report.counts.orphaned_values_removed == 1
     assert progress_rows.read_progress(conn)["partitions"][key]["orphaned-values-removed"] == 1
     assert (file.app_id, file.entity_id) not in new_attr_triples(conn)
-    assert reads.orphaned_values_by_partition(conn, 2) == {}
+    assert reads.entity_counts_by_partition(conn, 2).orphaned_values == {}
     assert verification.database_report(conn, 2).orphaned_values == 0
     after = conn.execute("SELECT count(*) FROM transactions WHERE app_id = %s", (file.app_id,)).fetchone()[0]
     assert after > transactions
@@ -551,7 +551,7 @@ def test_values_left_on_a_deleted_file_are_kept_and_warned_of_when_the_role_may_
     restricted = instant_db_url.replace("postgresql://postgres", f"postgresql://{role}", 1)
     with connection.connect(restricted) as pipeline, ObjectStore(S3Settings(bucket, endpoint_url=s3_endpoint)) as store:
         backfill.backfill_partition(pipeline, store, key, TaskSettings(), LOG)
-    assert reads.orphaned_values_by_partition(conn, 2) == {key: 1}
+    assert reads.entity_counts_by_partition(conn, 2).orphaned_values == {key: 1}
     assert "the role may not delete triples, so they stay" in caplog.text
     assert "docs/postgres-grants-heal.sql" in caplog.text
 
@@ -623,7 +623,7 @@ def test_a_write_meeting_a_delete_of_several_files_in_progress_waits_for_nothing
         deleter.commit()
         writing.join(30)
     assert errors == [] and outcomes == [writes.WriteOutcome(written=0, already_populated=0, vanished=2)]
-    assert reads.orphaned_values_by_partition(conn, 2) == {}
+    assert reads.entity_counts_by_partition(conn, 2).orphaned_values == {}
 
 
 def _statistics_from_before_the_backfill(conn, partition_key: str) -> uuid.UUID:
@@ -708,7 +708,8 @@ def test_a_listed_page_probes_each_listed_key_alone(conn, seeded_files, instant_
 @BOTH_SCHEMAS
 def test_a_plan_reads_its_partitions_files_once(conn, seeded_files, instant_schema):
     # A run counts only the apps of its partitions (a one-partition rerun does not count every file),
-    # in one pass over their entries: never comparing each file with every value of its app.
+    # in one pass over their entries: never comparing each file with every value of its app, and
+    # finding the orphaned values in the same pass as the coverage.
     big_app = _statistics_from_before_the_backfill(conn, partition_of(seeded_files[0]))
     coverage = reads.coverage_by_partition(conn, 2)
     small_partition = next(key for key in sorted(coverage) if key != big_app.hex[:2])
@@ -721,20 +722,17 @@ def test_a_plan_reads_its_partitions_files_once(conn, seeded_files, instant_sche
 
     def plan_buffers(keys: list[str]) -> int:
         params = reads.entity_count_params(2, AppIdRange.spanning(keys))
-        return sum(
-            _buffers(_analyzed(conn, sql.SQL(query), params))
-            for query in (reads._COVERAGE_BY_PARTITION, reads._ORPHANED_VALUES_BY_PARTITION)
-        )
+        return _buffers(_analyzed(conn, sql.SQL(reads._ENTITY_COUNTS_BY_PARTITION), params))
 
     every, one = plan_buffers(partition_keys(2)), plan_buffers([small_partition])
-    # Each of the two counts is one pass over the table or over `ea_index`, not a probe per file.
+    # One pass over the table or over `ea_index`, not a probe per file.
     table_pages, index_pages = conn.execute(
         "SELECT pg_relation_size('triples') / 8192, pg_relation_size('ea_index') / 8192"
     ).fetchone()
     one_pass = table_pages + index_pages
-    assert every <= 2 * one_pass + 2 * 64, f"every partition's plan read {every} buffers, a pass {one_pass}"
+    assert every <= one_pass + 64, f"every partition's plan read {every} buffers, a pass {one_pass}"
     small_files = coverage[small_partition].files
-    assert one <= 12 * small_files + 2 * 64, f"one partition's plan read {one} buffers for its {small_files} files"
+    assert one <= 6 * small_files + 64, f"one partition's plan read {one} buffers for its {small_files} files"
     # and sees the work of its partitions as the all-partition plan sees it
     everything = backfill.plan(conn, partition_keys(2))
     orphaned_partition = partition_of(orphaned_file)

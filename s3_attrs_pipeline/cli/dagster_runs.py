@@ -80,9 +80,8 @@ def materialize_range(
 ) -> RangeRun:
     """One run of `asset_name` over the partitions from the first of `partition_keys` to the last, as a
     backfill launched from the UI runs them, in this process."""
-    assets = {asset.key.to_user_string(): asset for asset in partitioned_assets(deployment.current(environ))}
     result = dg.materialize(
-        [assets[asset_name]],
+        [_assets(environ)[asset_name]],
         instance=instance,
         resources=resources_from_env() | {"run_progress": dg.ResourceDefinition.hardcoded_resource(listener)},
         run_config=dg.RunConfig(
@@ -95,6 +94,19 @@ def materialize_range(
     if result.success:
         return RangeRun(result.run_id, True, None)
     return RangeRun(result.run_id, False, _failure(result), interrupted=_interrupted(result))
+
+
+def _assets(environ: Mapping[str, str]) -> dict[str, dg.AssetsDefinition]:
+    return {asset.key.to_user_string(): asset for asset in partitioned_assets(deployment.current(environ))}
+
+
+def shown_materialized(
+    instance: dg.DagsterInstance, partition_keys: Sequence[str], environ: Mapping[str, str], *, asset_name: str
+) -> bool:
+    """Whether each of `partition_keys` shows `asset_name` materialized (not failed since, nor in progress)."""
+    asset = _assets(environ)[asset_name]
+    status = instance.get_status_by_partition(asset.key, list(partition_keys), asset.partitions_def) or {}
+    return all(status.get(key) is dg.AssetPartitionStatus.MATERIALIZED for key in partition_keys)
 
 
 def all_partition_keys(environ: Mapping[str, str] | None = None) -> list[str]:

@@ -160,11 +160,14 @@ FROM triples t
 WHERE t.ea AND t.app_id BETWEEN %(first_app)s AND %(last_app)s AND t.attr_id = ANY(%(attr_ids)s::uuid[])
 GROUP BY t.app_id, t.entity_id
 """
-_COVERAGE_BY_PARTITION = f"""
-SELECT left(e.app_id::text, %(width)s), count(*), count(*) FILTER (WHERE e.has_hash),
-       count(*) FILTER (WHERE e.has_last_modified), count(*) FILTER (WHERE e.has_hash AND e.has_last_modified)
+# Both counts of a partition come from the one pass: its files' coverage, and its orphaned values
+# (entities with `hash` but no `location-id`).
+_ENTITY_COUNTS_BY_PARTITION = f"""
+SELECT left(e.app_id::text, %(width)s), count(*) FILTER (WHERE e.located),
+       count(*) FILTER (WHERE e.located AND e.has_hash), count(*) FILTER (WHERE e.located AND e.has_last_modified),
+       count(*) FILTER (WHERE e.located AND e.has_hash AND e.has_last_modified),
+       count(*) FILTER (WHERE e.has_hash AND NOT e.located)
 FROM ({_ENTITIES}) e
-WHERE e.located
 GROUP BY 1
 """
 
@@ -185,8 +188,8 @@ class PartitionCoverage:
 
 
 def entity_count_params(width: int, app_ids: AppIdRange) -> dict:
-    """The parameters of a count over the range's entities (_COVERAGE_BY_PARTITION,
-    _ORPHANED_VALUES_BY_PARTITION): also what an EXPLAIN of them takes."""
+    """The parameters of a count over the range's entities (_ENTITY_COUNTS_BY_PARTITION): also what an
+    EXPLAIN of it takes."""
     return {
         "width": width,
         "first_app": app_ids.first,
@@ -207,24 +210,37 @@ def _rows_by_sixteenth(conn: psycopg.Connection, query: str, width: int, app_ids
     ]
 
 
+@dataclasses.dataclass(frozen=True)
+class EntityCounts:
+    """A range's files by partition (those with any), and its files whose `hash` outlived their
+    `location-id` (deleted while their values were written; see writes.py), an entity an app's
+    queries would show as a file, by partition (those with any)."""
+
+    coverage: dict[str, PartitionCoverage]
+    orphaned_values: dict[str, int]
+
+
+def entity_counts_by_partition(conn: psycopg.Connection, width: int, app_ids: AppIdRange = EVERY_APP) -> EntityCounts:
+    """The coverage and orphaned values of every partition of the range (keyed by the app id's first
+    `width` hex digits), in one pass over its entries: a statement per sixteenth of the apps."""
+    counts = EntityCounts({}, {})
+    for key, files, with_hash, with_last_modified, with_both, orphaned in _rows_by_sixteenth(
+        conn, _ENTITY_COUNTS_BY_PARTITION, width, app_ids
+    ):
+        if files:
+            counts.coverage[key] = PartitionCoverage(key, files, with_hash, with_last_modified, with_both)
+        if orphaned:
+            counts.orphaned_values[key] = orphaned
+    return counts
+
+
 def coverage_by_partition(
     conn: psycopg.Connection, width: int, app_ids: AppIdRange = EVERY_APP
 ) -> dict[str, PartitionCoverage]:
-    """Coverage of every partition of the range that has files, keyed by partition (the app id's first
-    `width` hex digits); a statement per sixteenth of the apps."""
-    rows = _rows_by_sixteenth(conn, _COVERAGE_BY_PARTITION, width, app_ids)
-    return {row[0]: PartitionCoverage(*row) for row in rows}
+    """Coverage of every partition of the range that has files (see entity_counts_by_partition)."""
+    return entity_counts_by_partition(conn, width, app_ids).coverage
 
 
-# Files whose `hash` outlived their `location-id` (deleted while their values were written; see
-# writes.py): an entity with no other attribute, which an app's queries would show as a file. Found
-# in the same one pass over the entities as the coverage.
-_ORPHANED_VALUES_BY_PARTITION = f"""
-SELECT left(e.app_id::text, %(width)s), count(*)
-FROM ({_ENTITIES}) e
-WHERE e.has_hash AND NOT e.located
-GROUP BY 1
-"""
 _APPS_WITH_ORPHANED_VALUES = """
 SELECT t.app_id, count(DISTINCT t.entity_id)
 FROM triples t
@@ -236,14 +252,6 @@ WHERE t.attr_id = ANY(%(attr_ids)s::uuid[]) AND t.ave AND t.ea AND t.app_id BETW
 GROUP BY t.app_id
 ORDER BY t.app_id
 """
-
-
-def orphaned_values_by_partition(
-    conn: psycopg.Connection, width: int, app_ids: AppIdRange = EVERY_APP
-) -> dict[str, int]:
-    """Files of the range with `hash` but no `location-id`, by partition (only those that have any); a
-    statement per sixteenth of the apps."""
-    return dict(_rows_by_sixteenth(conn, _ORPHANED_VALUES_BY_PARTITION, width, app_ids))
 
 
 def apps_with_orphaned_values(conn: psycopg.Connection, app_ids: AppIdRange) -> dict[uuid.UUID, int]:
@@ -290,7 +298,7 @@ def malformed_new_triples(conn: psycopg.Connection) -> MalformedTriples:
 
 # Block sampling keeps this cheap on a table of any size; `percent` is chosen by the caller so that
 # the sample holds enough populated files. Each sampled file's other values are probed through its own
-# entries (`ea_index`), as in _COVERAGE_BY_PARTITION.
+# entries (`ea_index`), as in _ENTITIES.
 _SAMPLE_POPULATED = """
 SELECT h.app_id, h.entity_id, l.value::text, h.value #>> '{}', m.value
 FROM triples h TABLESAMPLE SYSTEM (%(percent)s)

@@ -468,8 +468,8 @@ def plan(conn: psycopg.Connection, keys: list[str]) -> Plan:
     unfillable, or with values on files deleted meanwhile. A partition with no file at all is
     recorded completed here, in one transaction."""
     width, app_ids = len(keys[0]), AppIdRange.spanning(keys)
-    coverage = reads.coverage_by_partition(conn, width, app_ids)
-    orphaned = reads.orphaned_values_by_partition(conn, width, app_ids)
+    counts = reads.entity_counts_by_partition(conn, width, app_ids)
+    coverage, orphaned = counts.coverage, counts.orphaned_values
     state = progress_rows.read_partition_progress(conn, keys)
     candidates = set(progress_rows.partitions_with_work(keys, coverage, state)) | set(orphaned)
     with_work = [key for key in keys if key in candidates and (key in coverage or key in orphaned)]
