@@ -9,6 +9,7 @@ schema of today; a test of the write or read path also runs on its schema at mig
 import itertools
 import os
 import pathlib
+import sys
 
 import boto3
 import psycopg
@@ -168,3 +169,25 @@ def daemon(dagster_home, fault_proxy, instant_db_url):
     process = start_fast_daemon(REPO_ROOT / "workspace.yaml", dagster_home / "daemon.log")
     yield process
     stop_process(process)
+
+
+@pytest.fixture
+def webserver(dagster_home) -> str:
+    """The URL of `dagster-webserver -w workspace.yaml` on a free port, once it answers."""
+    from s3_attrs_pipeline_tests.helpers import answers, start_process, stop_process, wait_until_started
+
+    port = s3_server.free_port()
+    webserver_bin = pathlib.Path(sys.executable).with_name("dagster-webserver")
+    process = start_process(
+        [str(webserver_bin), "-w", str(REPO_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+        dagster_home / "webserver.log",
+        REPO_ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_started(
+            lambda: answers(f"{url}/server_info"), process, dagster_home / "webserver.log", "dagster-webserver"
+        )
+        yield url
+    finally:
+        stop_process(process)

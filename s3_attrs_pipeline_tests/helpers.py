@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 
 from s3_attrs_pipeline.instant.app_id_ranges import partition_of_app
@@ -100,6 +101,27 @@ def start_process(args: list[str], log: pathlib.Path, cwd: pathlib.Path) -> subp
 def start_fast_daemon(workspace: pathlib.Path, log: pathlib.Path) -> subprocess.Popen:
     """`dagster-daemon run` whose daemons loop every second instead of every 30 s."""
     return start_process([sys.executable, "-c", _FAST_DAEMON, "run", "-w", str(workspace)], log, workspace.parent)
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until_started(
+    condition, process: subprocess.Popen, log: pathlib.Path, what: str, timeout_s: float = 90
+) -> None:
+    """Until condition() holds; an error with the end of the process's log if it exits or times out."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if process.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited; its log ends:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f}s for {what}; its log ends:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
 
 
 def stop_process(process: subprocess.Popen) -> None:

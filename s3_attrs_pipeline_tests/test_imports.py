@@ -99,6 +99,7 @@ def test_below_the_dagster_wiring_nothing_imports_dagster():
 
 def test_the_readme_names_every_declared_setting_with_its_default():
     """The README's table of settings is the user's view of the declarations: none is left out."""
+    from s3_attrs_pipeline.cli.daemon_backfill import BackfillSettings
     from s3_attrs_pipeline.deployment import DeploymentSettings
     from s3_attrs_pipeline.instant.connection import SessionLimits
     from s3_attrs_pipeline.instant.replication import ReplicationLimits
@@ -118,6 +119,7 @@ def test_the_readme_names_every_declared_setting_with_its_default():
         S3Settings,
         SessionLimits,
         DeploymentSettings,
+        BackfillSettings,
     ):
         for setting in declared(settings_class):
             if setting.name in ("bucket", "endpoint_url", "region_name", "connect_timeout_s"):

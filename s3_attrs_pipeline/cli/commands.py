@@ -6,6 +6,7 @@ import concurrent.futures
 import enum
 import json
 import sys
+import time
 from collections.abc import Mapping
 
 import psycopg
@@ -18,7 +19,7 @@ from s3_attrs_pipeline.instant.connection import DatabaseUrlError, connect, vali
 from s3_attrs_pipeline.instant.replication import ReplicationLimits
 from s3_attrs_pipeline.runs.range_run import RangeSettings
 from s3_attrs_pipeline.s3.store import validate_bucket_name
-from s3_attrs_pipeline.settings import Declared, declared
+from s3_attrs_pipeline.settings import Declared, declared, resolve
 from s3_attrs_pipeline.tasks.task import PartitionTask, Plan, TaskSettings, first_line
 
 EXIT_FAILED = 1
@@ -41,6 +42,9 @@ REFRESH_SUMMARY_COUNTS = ("checked", "unchanged", "refreshed", "missing", "faile
 class SetupError(Exception):
     """The environment does not say where the database or bucket is."""
 
+
+FOLLOW_POLL_S = 2.0  # how often `backfill --wait` asks the webserver
+FOLLOW_LINE_EVERY_S = 10.0  # at most, off a terminal
 
 # A run's plan reads every file of its range (a second of the database's CPU at 1,000,000 files): the
 # CLI's own plan, which finds whether a run is due at all, reads the two halves of the range at once.
@@ -233,6 +237,85 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     return _materialize(args, "files_s3_attrs_refresh", REFRESH, RefreshCounts, REFRESH_SUMMARY_COUNTS)
 
 
+def cmd_backfill(args: argparse.Namespace) -> int:
+    """Launch the daemon backfill the UI launches; with --wait, follow it to its end."""
+    from s3_attrs_pipeline.cli import daemon_backfill
+
+    environ = environment.read()
+    keys = _partition_keys(args, environ)
+    given = {s.given_as: getattr(args, s.name) for s in declared(daemon_backfill.BackfillSettings)}
+    try:
+        webserver = resolve(daemon_backfill.BackfillSettings, given, environ).webserver_url
+    except ValueError as error:
+        raise SetupError(str(error)) from None
+    asset_name = "files_s3_attrs_refresh" if args.refresh else "files_s3_attrs"
+    try:
+        backfill_id = daemon_backfill.launch(webserver, asset_name, keys, {"s3-attrs/launched-by": "cli"})
+        print(
+            f"backfill {backfill_id} of {asset_name} ({len(keys)} partitions) launched: "
+            f"{daemon_backfill.backfill_page(webserver, backfill_id)}",
+            flush=True,
+        )
+        if not args.wait:
+            return 0
+        return _follow(webserver, backfill_id, asset_name, keys, environ)
+    except daemon_backfill.WebserverError as error:
+        print(f"s3-attrs: {error}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _files_processed(environ: Mapping[str, str], keys: list[str]) -> int | None:
+    """Files the partitions' rows count processed over every run; None without the database's URL."""
+    if not environ.get(environment.DATABASE_URL):
+        return None
+    with connect(_database_url(environ)) as conn:
+        return progress_rows.processed_files(conn, keys)
+
+
+def _follow(webserver: str, backfill_id: str, asset_name: str, keys: list[str], environ: Mapping[str, str]) -> int:
+    """Poll the backfill until it ends: a status line (redrawn on a terminal, else when it changes, at
+    most every FOLLOW_LINE_EVERY_S), then how it ended; the exit status."""
+    from s3_attrs_pipeline.cli import daemon_backfill
+
+    # The refresh keeps no partition rows: its files show in its runs' logs only.
+    files_before = _files_processed(environ, keys) if asset_name == "files_s3_attrs" else None
+    live, started, shown, shown_at = sys.stdout.isatty(), time.monotonic(), "", 0.0
+    try:
+        while True:
+            now = daemon_backfill.progress(webserver, backfill_id)
+            files = None if files_before is None else _files_processed(environ, keys) - files_before
+            line = (
+                f"backfill {backfill_id} · {now.shown_status} · partitions {now.materialized}/{now.targeted} "
+                f"materialized, {now.in_progress} in progress, {now.failed} failed"
+                + ("" if files is None else f" · files {files:,}")
+                + f" · {time.monotonic() - started:.0f}s"
+            )
+            if live:
+                print("\r\033[K" + line, end="", flush=True)
+            elif line.split(" · ")[:-1] != shown.split(" · ")[:-1] and (
+                now.ended or time.monotonic() - shown_at >= FOLLOW_LINE_EVERY_S
+            ):
+                print(line, flush=True)
+                shown, shown_at = line, time.monotonic()
+            if now.ended:
+                break
+            time.sleep(FOLLOW_POLL_S)
+    except KeyboardInterrupt:
+        print(
+            f"\nstopped following backfill {backfill_id}; it goes on: "
+            f"{daemon_backfill.backfill_page(webserver, backfill_id)}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    if live:
+        print()
+    failed = daemon_backfill.failed_partitions(webserver, asset_name, keys) if now.failed else []
+    print(f"backfill {backfill_id} ended: {now.shown_status}, after {time.monotonic() - started:.0f}s")
+    if failed:
+        print(f"failed partitions (rerun with --partition; their runs' logs say why): {' '.join(failed)}")
+    return 0 if now.succeeded else EXIT_FAILED
+
+
 def cmd_reset(args: argparse.Namespace) -> int:
     url = _database_url(environment.read())
     rows = f"config rows {progress_rows.PROGRESS_CONFIG_KEY!r} and {progress_rows.PARTITION_PROGRESS_KEY_PREFIX}*"
@@ -327,6 +410,20 @@ def build_parser() -> argparse.ArgumentParser:
             "--verbose", action="store_true", help="also the run's log on stderr, with every problem file it names"
         )
         command.set_defaults(handler=handler)
+
+    backfill = commands.add_parser(
+        "backfill",
+        help="launch the backfill the UI launches (the daemon plans it; runs as dagster.yaml launches them), "
+        "through the Dagster webserver; prints its id and page",
+    )
+    backfill.add_argument("--partition", action="append", metavar="KEY", help="a partition key, e.g. 3f; repeatable")
+    backfill.add_argument("--refresh", action="store_true", help="backfill files_s3_attrs_refresh instead")
+    backfill.add_argument("--wait", action="store_true", help="follow it to its end; exit 1 unless it succeeded")
+    from s3_attrs_pipeline.cli.daemon_backfill import BackfillSettings
+
+    for setting in declared(BackfillSettings):
+        _add_option(backfill, setting)
+    backfill.set_defaults(handler=cmd_backfill)
 
     for name, handler, text in (
         ("reset", cmd_reset, "clear the progress state in the config row"),

@@ -178,6 +178,12 @@ def read_partition_progress(conn: psycopg.Connection, partition_keys: list[str])
     return {"partitions": dict(conn.execute(_STATES_OF_PARTITIONS, params).fetchall())}
 
 
+def processed_files(conn: psycopg.Connection, partition_keys: list[str]) -> int:
+    """Files these partitions' rows count processed, over every run."""
+    states = read_partition_progress(conn, partition_keys)["partitions"].values()
+    return sum(state.get(f"total-{config_key('processed')}", 0) for state in states)
+
+
 def reset_progress(conn: psycopg.Connection) -> None:
     conn.execute(
         "DELETE FROM config WHERE k = %(key)s OR starts_with(k, %(prefix)s)",

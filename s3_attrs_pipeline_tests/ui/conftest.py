@@ -5,20 +5,14 @@ only under `make test-ui`, which installs both and sets S3_ATTRS_UI_TESTS=1.
 """
 
 import os
-import pathlib
 import shutil
-import subprocess
-import sys
-import time
-import urllib.request
 
 import dagster as dg
 import pytest
 from dagster._daemon.controller import all_daemons_live
 
-from s3_attrs_pipeline.local import s3_server
 from s3_attrs_pipeline_tests.conftest import REPO_ROOT
-from s3_attrs_pipeline_tests.helpers import start_fast_daemon, start_process, stop_process
+from s3_attrs_pipeline_tests.helpers import start_fast_daemon, stop_process, wait_until_started
 
 if os.environ.get("S3_ATTRS_UI_TESTS") != "1":
     collect_ignore_glob = ["test_*.py"]
@@ -37,24 +31,6 @@ CHROMIUM_ARGS = [
 SCREENSHOT_DIR = REPO_ROOT / ".ui-screenshots"
 
 
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-def _wait_until(condition, process: subprocess.Popen, log: pathlib.Path, what: str, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if process.poll() is not None:
-            raise RuntimeError(f"{what}: the process exited; its log ends:\n{log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout_s:.0f}s for {what}; its log ends:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-
-
 @pytest.fixture
 def services(instant_db_url, bucket, seeded_files, dagster_home):
     """InstantDB with the seeded files, the bucket, and a PostgreSQL-backed DAGSTER_HOME, all in os.environ,
@@ -68,30 +44,10 @@ def daemon(services, dagster_home):
     try:
         # Until every daemon has sent a heartbeat, the UI warns that the backfill daemon is not running.
         with dg.DagsterInstance.get() as instance:
-            _wait_until(
+            wait_until_started(
                 lambda: all_daemons_live(instance), process, dagster_home / "daemon.log", "the daemons' heartbeats"
             )
         yield process
-    finally:
-        stop_process(process)
-
-
-@pytest.fixture
-def webserver(services, dagster_home) -> str:
-    """The URL of `dagster-webserver -w workspace.yaml` on a free port, once it answers."""
-    port = s3_server.free_port()
-    webserver_bin = pathlib.Path(sys.executable).with_name("dagster-webserver")
-    process = start_process(
-        [str(webserver_bin), "-w", str(REPO_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
-        dagster_home / "webserver.log",
-        REPO_ROOT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until(
-            lambda: _answers(f"{url}/server_info"), process, dagster_home / "webserver.log", "dagster-webserver"
-        )
-        yield url
     finally:
         stop_process(process)
 
