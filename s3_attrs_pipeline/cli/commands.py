@@ -4,6 +4,7 @@ made from the settings' declarations (settings.py), as the runs' Dagster config 
 import argparse
 import concurrent.futures
 import enum
+import getpass
 import json
 import sys
 import time
@@ -316,6 +317,50 @@ def _follow(webserver: str, backfill_id: str, asset_name: str, keys: list[str], 
     return 0 if now.succeeded else EXIT_FAILED
 
 
+def _operator_name(args: argparse.Namespace) -> str:
+    return args.by or getpass.getuser()
+
+
+def _set_control(args: argparse.Namespace, **changes) -> int:
+    """Write the operator's control row; print it and when runs obey it."""
+    from s3_attrs_pipeline.instant import operator_control
+    from s3_attrs_pipeline.tasks.operator_gate import CONTROL_POLL_S
+
+    with connect(_database_url(environment.read())) as conn:
+        try:
+            control = operator_control.set_control(conn, set_by=_operator_name(args), reason=args.reason, **changes)
+        except ValueError as error:
+            raise SetupError(str(error)) from None
+    obeyed = "hold within {}s (their requests on the wire are answered)" if control.paused else "follow within {}s"
+    print(f"{control.describe()}\nrunning backfills and refreshes {obeyed.format(f'{CONTROL_POLL_S:g}')}")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    return _set_control(args, paused=True)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    return _set_control(args, paused=False)
+
+
+def cmd_throttle(args: argparse.Namespace) -> int:
+    from s3_attrs_pipeline.instant import operator_control
+
+    if args.rps is None and args.parallel is None:
+        raise SetupError("throttle needs --rps or --parallel (0 lifts a limit)")
+    return _set_control(args, **operator_control.changes(max_rps=args.rps, partitions_at_once=args.parallel))
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    from s3_attrs_pipeline.instant import operator_control
+
+    with connect(_database_url(environment.read())) as conn:
+        control = operator_control.read_control(conn)
+    print(json.dumps(control.as_row()) if args.json else control.describe())
+    return 0
+
+
 def cmd_reset(args: argparse.Namespace) -> int:
     url = _database_url(environment.read())
     rows = f"config rows {progress_rows.PROGRESS_CONFIG_KEY!r} and {progress_rows.PARTITION_PROGRESS_KEY_PREFIX}*"
@@ -426,6 +471,28 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.set_defaults(handler=cmd_backfill)
 
     for name, handler, text in (
+        ("pause", cmd_pause, "hold every running backfill and refresh (no transaction, no S3 request) until resume"),
+        ("resume", cmd_resume, "let paused backfills and refreshes go on"),
+        ("throttle", cmd_throttle, "cap S3 requests per second and partitions at once of every running run"),
+    ):
+        command = commands.add_parser(name, help=text)
+        if name == "throttle":
+            command.add_argument(
+                "--rps", type=_number(float), help="S3 requests per second per run at most; 0 lifts it"
+            )
+            command.add_argument(
+                "--parallel",
+                type=_number(int),
+                help="partitions at once per run at most (as partitions end); 0 lifts it",
+            )
+        command.add_argument("--reason", help="why, shown in the runs' logs and by `s3-attrs control`")
+        command.add_argument("--by", help="who (default: this user's login name)")
+        command.set_defaults(handler=handler)
+    control = commands.add_parser("control", help="show the pause and the limits every run obeys")
+    control.add_argument("--json", action="store_true", help="print one JSON object")
+    control.set_defaults(handler=cmd_control)
+
+    for name, handler, text in (
         ("reset", cmd_reset, "clear the progress state in the config row"),
         ("rollback", cmd_rollback, "delete every hash and lastModified triple and clear the progress state"),
     ):
@@ -438,6 +505,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--stop", action="store_true", help="stop the demo's background services")
     demo.set_defaults(handler=cmd_demo)
     return parser
+
+
+def _number(kind: type):
+    """An option's value of `kind`, argparse naming the option when it is not one."""
+
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _add_option(command: argparse.ArgumentParser, setting: Declared) -> None:

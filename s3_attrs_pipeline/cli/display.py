@@ -51,6 +51,9 @@ class ProgressDisplay:
         self.failed_files = 0
         self.waiting_for: str | None = None
         self._waiting_since = 0.0
+        self.paused_by: str | None = None  # the operator's pause, in words
+        self._paused_since = 0.0
+        self.paused_s = 0.0
         self.stop_reason: str | None = None
 
     # The Listener
@@ -69,6 +72,17 @@ class ProgressDisplay:
             f"{len(plan.with_work)} of {plan.partition_count} partitions have work ({plan.files_to_do:,} files); "
             f"{len(plan.without_work)} have nothing to do"
         )
+        self._draw(force=True)
+
+    def paused(self, text: str | None) -> None:
+        if text is not None and self.paused_by is None:
+            self._paused_since = time.monotonic()
+        if text is None and self.paused_by is not None:
+            self.paused_s += time.monotonic() - self._paused_since
+            self._say("resumed")
+        self.paused_by = text
+        if text is not None:
+            self._say(text)
         self._draw(force=True)
 
     def files_done(self, files: int, failed: int) -> None:
@@ -117,7 +131,9 @@ class ProgressDisplay:
         rate = self.done_files / elapsed
         remaining = max(self.total_files - self.done_files, 0)
         eta = f"ETA {_duration(remaining / rate)}" if rate > 0 and remaining else "ETA -"
-        if self.waiting_for is not None:
+        if self.paused_by is not None:
+            eta = f"{self.paused_by} ({_duration(time.monotonic() - self._paused_since)})"
+        elif self.waiting_for is not None:
             since = _duration(time.monotonic() - self._waiting_since)
             eta = f"waiting for replication ({since}): {self.waiting_for}"
         elif self.stop_reason is not None:
@@ -167,6 +183,7 @@ class ProgressDisplay:
             ),
             *((name, f"{getattr(self.totals, name):,}") for name in self._summary),
             ("replication wait", f"{self.replication_wait_s:.1f}s"),
+            *([("paused", f"{self.paused_s:.1f}s")] if self.paused_s else []),
             ("failure threshold", settings.threshold_text()),
             # The status line's count of files done: the same files as `processed` above.
             (

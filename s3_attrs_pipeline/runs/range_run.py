@@ -22,9 +22,11 @@ from typing import Protocol
 import psycopg
 
 from s3_attrs_pipeline.instant.catalog import CatalogMismatch
+from s3_attrs_pipeline.instant.operator_control import OperatorControl
 from s3_attrs_pipeline.s3.store import ObjectStore, S3AccessError, StoreStopped
 from s3_attrs_pipeline.settings import setting
 from s3_attrs_pipeline.tasks.control import RunControl, Stopped
+from s3_attrs_pipeline.tasks.operator_gate import CONTROL_POLL_S
 from s3_attrs_pipeline.tasks.task import (
     Log,
     PartitionFailed,
@@ -136,6 +138,7 @@ class Listener(Protocol):
     def files_done(self, files: int, failed: int) -> None: ...
     def partition_done(self, outcome: PartitionOutcome) -> None: ...
     def waiting(self, text: str | None) -> None: ...  # what the run waits for (replication); None: no longer
+    def paused(self, text: str | None) -> None: ...  # the operator's pause that holds the run; None: resumed
     def stopping(self, reason: str) -> None: ...
 
 
@@ -150,6 +153,9 @@ class NoListener:
         pass
 
     def waiting(self, text: str | None) -> None:
+        pass
+
+    def paused(self, text: str | None) -> None:
         pass
 
     def stopping(self, reason: str) -> None:
@@ -213,13 +219,18 @@ class RangeWorkers:
             settings.replication,
             _QueuedLog(self._events, infos=True),
             on_waiting=lambda text: self._events.put(("waiting", text)),
+            on_paused=lambda text: self._events.put(("paused", text)),
         )
         self.control.on_stop(store.stop)
+        self.control.operator.on_change(lambda control: _obey(store, control))
         self.control.on_stop(lambda: self._events.put(("stopping",)))
         self._work = (task, connect, store, settings)
         self._threshold = _FailureThreshold(range_settings)
+        if keys:  # the operator's control as it is, before a worker takes a partition
+            with connect() as conn:
+                self.control.operator.refresh(conn)
         self._threads = [
-            threading.Thread(target=self._worker, name=f"partition-worker-{n}", daemon=True)
+            threading.Thread(target=self._worker, args=(n,), name=f"partition-worker-{n}", daemon=True)
             for n in range(min(range_settings.partitions_at_once, len(keys)))
         ]
         self._finished_keys: set[str] = set()
@@ -253,7 +264,7 @@ class RangeWorkers:
         for thread in self._threads:
             thread.join()
 
-    def _worker(self) -> None:
+    def _worker(self, number: int) -> None:
         task, connect, store, settings = self._work
         events, log, control = self._events, _QueuedLog(self._events), self.control
 
@@ -273,7 +284,7 @@ class RangeWorkers:
                         conn = connection.enter_context(connect())
                     return conn
 
-                while not control.stopping:
+                while not control.stopping and self._may_start(number):
                     try:
                         key = self._todo.get_nowait()
                     except queue.Empty:
@@ -291,6 +302,19 @@ class RangeWorkers:
             events.put(("worker_failed", error))
         finally:
             events.put(("worker_done",))
+
+    def _may_start(self, number: int) -> bool:
+        """Before worker `number` takes a partition: wait while the operator allows fewer partitions at
+        once than this worker's number (a lowered limit takes effect as partitions end; the other
+        workers' gates read the control). False when there is nothing left to take, or the run stops."""
+        while not self.control.operator.allows(number):
+            if self._todo.empty():
+                return False
+            try:
+                self.control.sleep(CONTROL_POLL_S)
+            except Stopped:
+                return False
+        return True
 
     def _leave(self) -> bool:
         """A worker takes no more partitions: whether it is the run's last."""
@@ -332,6 +356,8 @@ class RangeWorkers:
         elif kind == "waiting":
             self._waiting_for = event[1]
             self._listener.waiting(event[1])
+        elif kind == "paused":
+            self._listener.paused(event[1])
         elif kind == "stopping":
             self._listener.stopping(self.control.stop_reason)
         elif kind == "outcome":
@@ -379,11 +405,18 @@ class RangeWorkers:
         )
 
 
+def _obey(store: ObjectStore, control: OperatorControl) -> None:
+    """The operator's control, in the run's store: its ceiling, and no request sent while paused."""
+    store.rate_limiter.set_ceiling(control.max_rps)
+    store.rate_limiter.hold(control.paused)
+
+
 def _work_one(
     task: PartitionTask, conn, store, key: str, settings: TaskSettings, log: Log, on_files, control: RunControl
 ) -> PartitionOutcome:
     report = task.new_report(key)
     try:
+        control.operator.before_work(conn)  # a paused run starts no partition: not one S3 request
         task.work(conn, store, key, settings, log, on_files=on_files, report=report, control=control)
     except PartitionFailed as failed:
         return PartitionOutcome(key, report, Ended.FAILED, str(failed))

@@ -340,9 +340,8 @@ class ObjectStore:
         answers and network faults propagate; StoreStopped once the store is stopped."""
         retries = throttled = 0
         while True:
-            if self._stopped.is_set():
+            if self._stopped.is_set() or not self.rate_limiter.acquire(self._stopped):
                 raise StoreStopped("the store was stopped: its run is stopping")
-            self.rate_limiter.acquire()
             with self._requests_sent_lock:
                 self.requests_sent += 1
             try:

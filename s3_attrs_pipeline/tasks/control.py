@@ -1,5 +1,6 @@
 """What every partition a run works at once obeys: the run's stop, the pause of its commits while the
-run hands events to Dagster, and the replication gate. No Dagster here.
+run hands events to Dagster, the operator's control (pause, ceilings) and the replication gate. No
+Dagster here.
 
 A run stops when it is told to (the UI's Terminate, Ctrl-C, SIGTERM) or when one partition meets a
 wall the others would meet too (S3 refusing the credentials, the failure threshold). Every wait of a
@@ -25,6 +26,7 @@ from typing import Protocol, TypeVar
 import psycopg
 
 from s3_attrs_pipeline.instant.replication import Log, ReplicationGate, ReplicationLimits
+from s3_attrs_pipeline.tasks.operator_gate import OperatorGate
 
 STOP_POLL_S = 0.2  # how often a waiting worker looks at the stop
 TOTALS_INTERVAL_S = 1.0  # a run sums the progress totals at most this often as its partitions end
@@ -52,6 +54,7 @@ class RunControl:
         log: Log,
         *,
         on_waiting: Callable[[str | None], None] = lambda text: None,
+        on_paused: Callable[[str | None], None] = lambda text: None,
     ):
         self._stop = threading.Event()
         self.stop_reason: str | None = None
@@ -61,6 +64,7 @@ class RunControl:
         self._committing = 0
         self._totals_at = -TOTALS_INTERVAL_S
         self.replication = ReplicationGate(replication, log, sleep=self.sleep, on_waiting=on_waiting)
+        self.operator = OperatorGate(log, sleep=self.sleep, on_waiting=on_paused)
 
     # The stop
 
@@ -119,21 +123,24 @@ class RunControl:
 
     @contextlib.contextmanager
     def write(self, conn: psycopg.Connection) -> Iterator[float]:
-        """One write transaction of a partition: first a wait for replication (outside it), whose
-        seconds it yields; then the caller's statements, committed only if the run is not stopping
-        (else rolled back, raising Stopped) and not while the step hands events to Dagster."""
+        """One write transaction of a partition: first a wait while the operator's pause holds, and
+        one for replication (outside it), whose seconds it yields; then the caller's statements,
+        committed only if the run is not stopping (else rolled back, raising Stopped) and not while the
+        step hands events to Dagster."""
         self.check()
+        self.operator.before_work(conn)
         waited = self.replication.before_write(conn)
         with self._transaction(conn, while_stopping=False):
             yield waited
 
     @contextlib.contextmanager
     def bookkeeping(self, conn: psycopg.Connection) -> Iterator[None]:
-        """A transaction that records where a partition got to: after a wait for replication unless
-        the run is stopping (a stop must not wait on a slot), and committed also while the run stops
-        (it records the stop), but never while the step hands events to Dagster."""
+        """A transaction that records where a partition got to: after the operator's pause and a wait
+        for replication unless the run is stopping (a stop must not wait on either), and committed also
+        while the run stops (it records the stop), but never while the step hands events to Dagster."""
         try:
             if not self.stopping:
+                self.operator.before_work(conn)
                 self.replication.before_write(conn)
         except Stopped:
             pass  # the run stopped during the wait: record where the partition got to all the same
