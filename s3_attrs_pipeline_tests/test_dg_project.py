@@ -40,7 +40,11 @@ def test_dg_check_defs_passes_and_lists_the_asset_with_its_checks(tmp_path):
         ("files_s3_attrs", "consistency"),
         ("files_s3_attrs", "well_formed"),
     ]
-    assert [sensor["name"] for sensor in definitions["sensors"]] == ["verify_after_backfill"]
+    assert sorted(sensor["name"] for sensor in definitions["sensors"]) == [
+        "alert_on_failed_run",
+        "verify_after_backfill",
+    ]
+    assert "operator_control" in [job["name"] for job in definitions["jobs"]]
     assert sorted(schedule["name"] for schedule in definitions["schedules"]) == [
         "daily_reverification",
         "weekly_refresh",

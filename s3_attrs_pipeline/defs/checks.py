@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import dagster as dg
 from pydantic import Field
 
-from s3_attrs_pipeline import deployment, environment
+from s3_attrs_pipeline import alerts, deployment, environment
 from s3_attrs_pipeline.defs.assets import FILES_S3_ATTRS
 from s3_attrs_pipeline.defs.metadata import numbers, table
 from s3_attrs_pipeline.defs.resources import FileBucketResource, InstantDatabaseResource
@@ -157,7 +157,19 @@ def verify_files_s3_attrs(
         f"{report.sample_size}: {report.sample_hash_mismatches} hash and {report.sample_last_modified_mismatches} "
         f"lastModified mismatches, {report.sample_missing_now} missing now"
     )
-    yield from _check_results(report)
+    results = _check_results(report)
+    yield from results
+    # After the results are stored: a webhook that refuses the alert fails the step, and the checks stand.
+    webhook = alerts.webhook_url(environment.read())
+    failed = [result.check_name for result in results if not result.passed]
+    if webhook and failed:
+        alerts.post(
+            webhook,
+            f"s3-attrs: checks of files_s3_attrs failed: {', '.join(failed)} (run {run.run_id}); "
+            f"{report.remaining} files remaining in {len(report.partitions_with_gaps)} partitions, "
+            f"{report.sample_hash_mismatches + report.sample_last_modified_mismatches} sample mismatches, "
+            f"{report.orphaned_values} orphaned values",
+        )
 
 
 CHECK_KEYS = [spec.key for spec in CHECK_SPECS]
