@@ -138,6 +138,9 @@ def dagster_home(tmp_path, pg_server_url, monkeypatch):
     dagster_runs._instance.cache_clear()
     yield home
     dagster_runs._instance.cache_clear()
+    from s3_attrs_pipeline_tests.helpers import stop_processes_naming
+
+    stop_processes_naming(str(home))
     postgres.drop_database(pg_server_url, name)
 
 

@@ -1,5 +1,6 @@
 """Queries and S3 look-ups the end-to-end tests assert with, and the Dagster daemon they start."""
 
+import contextlib
 import email.utils
 import os
 import pathlib
@@ -103,6 +104,28 @@ def start_fast_daemon(workspace: pathlib.Path, log: pathlib.Path) -> subprocess.
     return start_process([sys.executable, "-c", _FAST_DAEMON, "run", "-w", str(workspace)], log, workspace.parent)
 
 
+def stop_processes_naming(text: str) -> list[int]:
+    """Stop every process whose command line names `text` (a test's DAGSTER_HOME): the code servers a
+    webserver, a daemon or a GraphQL context started and left behind when it was stopped (they run
+    in process groups of their own). SIGTERM, then SIGKILL after 10 s; the pids it stopped."""
+    found = []
+    for cmdline in pathlib.Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:  # it ended meanwhile
+            continue
+    found = [pid for pid in found if pid != os.getpid()]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(pathlib.Path(f"/proc/{pid}").exists() for pid in found):
+            time.sleep(0.1)
+    return found
+
+
 def answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2):
@@ -136,15 +159,6 @@ def stop_process(process: subprocess.Popen) -> None:
         process.wait()
 
 
-# What the UI sends for "Materialize → Launch backfill".
-LAUNCH_BACKFILL = """
-mutation($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message stack }
-  }
-}"""
 # What the UI sends for a run's "Terminate".
 TERMINATE_RUN = """
 mutation($runId: String!) {
@@ -168,12 +182,9 @@ def launch(context, query, variables, field) -> str:
 def launch_backfill(context, partition_keys: list[str], asset: str = "files_s3_attrs") -> str:
     """What the UI's "Materialize…" dialog sends for the asset's partitions (every key by name); the
     new backfill's id."""
-    params = {
-        "partitionNames": partition_keys,
-        "assetSelection": [{"path": [asset]}],
-        "fromFailure": False,
-        "tags": [{"key": "dagster/from_ui", "value": "true"}],
-    }
+    from s3_attrs_pipeline.cli.daemon_backfill import LAUNCH_BACKFILL, backfill_params
+
+    params = backfill_params(asset, partition_keys, {"dagster/from_ui": "true"})
     return launch(context, LAUNCH_BACKFILL, {"params": params}, "launchPartitionBackfill")
 
 

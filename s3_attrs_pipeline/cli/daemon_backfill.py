@@ -133,14 +133,19 @@ def _answer(data: dict, field: str, expected: str, webserver_url: str) -> dict:
     return result
 
 
-def launch(webserver_url: str, asset_name: str, partition_keys: list[str], tags: dict[str, str]) -> str:
-    """A backfill of `asset_name`'s partitions, as the UI launches it; its id."""
-    params = {
+def backfill_params(asset_name: str, partition_keys: list[str], tags: dict[str, str]) -> dict:
+    """LAUNCH_BACKFILL's parameters: what the UI's "Materialize…" dialog sends (every key by name)."""
+    return {
         "partitionNames": partition_keys,
         "assetSelection": [{"path": [asset_name]}],
         "fromFailure": False,
         "tags": [{"key": key, "value": value} for key, value in tags.items()],
     }
+
+
+def launch(webserver_url: str, asset_name: str, partition_keys: list[str], tags: dict[str, str]) -> str:
+    """A backfill of `asset_name`'s partitions, as the UI launches it; its id."""
+    params = backfill_params(asset_name, partition_keys, tags)
     data = _graphql(webserver_url, LAUNCH_BACKFILL, {"params": params})
     return _answer(data, "launchPartitionBackfill", "LaunchBackfillSuccess", webserver_url)["backfillId"]
 

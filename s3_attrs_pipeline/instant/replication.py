@@ -171,9 +171,9 @@ class ReplicationGate:
     interval of a measurement that found the lag within the limit.
 
     `sleep(seconds)` is how the gate waits between measurements: the run's, which ends the wait
-    (raising) when the run is told to stop. `on_waiting(text)` hears what it waits for as the wait
-    begins and again every WAITING_LOG_INTERVAL_S, and `on_waiting(None)` when it ends; the same
-    lines go to `log`. One query per pass while the lag is fine (0.2-0.4 ms with a local server).
+    (raising) when the run is told to stop. `on_waiting(text)` hears what lags as the wait begins and
+    again every WAITING_LOG_INTERVAL_S, and `on_waiting(None)` when it ends; `log` hears the same in
+    whole sentences. One query per pass while the lag is fine (0.2-0.4 ms with a local server).
     """
 
     def __init__(
@@ -220,7 +220,7 @@ class ReplicationGate:
     def _wait(self, conn: psycopg.Connection, behind: list[str]) -> None:
         self._waits += 1
         started = last_said = time.monotonic()
-        self._say(f"waiting for replication: {'; '.join(behind)}")
+        self._say("waiting for replication: ", behind)
         delay = self._limits.poll_initial_s
         try:
             while behind:
@@ -230,16 +230,17 @@ class ReplicationGate:
                 now = time.monotonic()
                 if behind and now - last_said >= WAITING_LOG_INTERVAL_S:
                     last_said = now
-                    self._say(f"still waiting for replication after {now - started:.0f}s: {'; '.join(behind)}")
+                    self._say(f"still waiting for replication after {now - started:.0f}s: ", behind)
         finally:
             waited = time.monotonic() - started
             self.waited_s += waited
             self._on_waiting(None)
         self._log.info(f"replication caught up after {waited:.1f}s of waiting; writing again")
 
-    def _say(self, text: str) -> None:
-        self._log.info(text)
-        self._on_waiting(text)
+    def _say(self, prefix: str, behind: list[str]) -> None:
+        """The log says it whole; the waiting hears what lags (the CLI says it waits for replication)."""
+        self._log.info(prefix + "; ".join(behind))
+        self._on_waiting("; ".join(behind))
 
     def _behind(self, conn: psycopg.Connection) -> list[str]:
         """What lags past its limit, in words; empty when nothing does (or nothing can be watched)."""
