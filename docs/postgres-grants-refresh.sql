@@ -13,6 +13,11 @@ GRANT SELECT, INSERT ON attrs, idents, triples TO :role;
 -- limit it to the two attrs' rows; the refresh's statement only ever names them.
 GRANT UPDATE (value, value_md5) ON triples TO :role;
 
+-- The operator's control (s3-attrs pause, throttle): the row `s3-attrs-control`, read every few
+-- seconds. Without it the refresh fails at its start ("permission denied for table config"), rather
+-- than run on unpaused.
+GRANT SELECT ON config TO :role;
+
 -- live_updates queries/entities: the `transactions` row of each write transaction.
 GRANT INSERT ON transactions TO :role;
 

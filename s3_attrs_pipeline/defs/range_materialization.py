@@ -154,6 +154,8 @@ def _say_how_it_ended(context, task: PartitionTask, ended: list[PartitionOutcome
         )
     if control.replication.waited_s:
         context.log.info(f"the {task.name} waited {control.replication.waited_s:.1f}s in all for replication")
+    if control.operator.paused_s:
+        context.log.info(f"the {task.name} was paused {control.operator.paused_s:.1f}s in all (s3-attrs pause)")
 
 
 def _failure(

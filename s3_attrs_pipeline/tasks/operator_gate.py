@@ -1,9 +1,9 @@
 """A run's side of the operator's control row (instant/operator_control.py): read at most every
 CONTROL_POLL_S by whichever partition passes the gate, before each write transaction and before a
-partition starts. While the row says paused, every partition waits at the gate: outside any
-transaction, and, since a partition sends its HEADs only as its writes go on, with no S3 request
-once the requests already handed to the store are answered. A change of the ceiling or of the
-partitions at once is passed on to whoever asked to hear of it (the run's store, its workers).
+partition starts. While the row says paused, every partition waits at the gate, outside any
+transaction, and the run's store (told by `on_change`, as of a new ceiling) sends no request once
+those on the wire are answered. A lower partitions-at-once holds the run's workers above it
+(range_run) as their partitions end.
 """
 
 import threading
